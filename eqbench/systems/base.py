@@ -1,0 +1,153 @@
+"""The ParticleSystem abstraction: an invariant pair-potential energy on N particles in D dims.
+
+A system knows its energy ``u(x)`` in units of kT (SPEC §1), its force ``-∇u``, the Laplacian
+``Δu`` (for the configurational temperature check of SPEC §2), its symmetries (S1-S3 of paper
+§5) and the recipe for its reference data (paper C.4, SPEC §3). It does not load data, plot or
+log: those live in :mod:`eqbench.data` and the tasks.
+
+All derivatives are analytic (pair potentials make that cheap); tests check them against
+autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+from eqbench.geometry import pair_vectors, remove_com
+
+__all__ = ["DataProtocol", "ParticleSystem", "SYMMETRIES"]
+
+#: The symmetry names a system or a model may claim (paper §5, S1-S3; reflections are part of O(D)).
+SYMMETRIES = ("permutation", "rotation", "reflection", "translation")
+
+
+@dataclass(frozen=True)
+class DataProtocol:
+    """How the reference data of a system is generated (paper C.4, SPEC §3).
+
+    ``stride`` must be at least the integrated autocorrelation time of the energy; the data
+    diagnostics measure that time and flag a stride that is too short.
+    """
+
+    step_size: float
+    burn_in: int
+    stride: int
+    n_chains: int
+    n_train: int = 10_000
+    n_test: int = 10_000
+    train_seed: int = 1
+    test_seed: int = 2
+    init_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class ParticleSystem(ABC):
+    """N identical particles in D dimensions with a pair-potential energy.
+
+    ``u(x) = pair_multiplicity * Σ_{i<j} f(d_ij) + u_ext(x)``; ``pair_multiplicity`` is 1 when the
+    sum runs over unordered pairs and 2 for the ordered-pair convention (SPEC §2, LJ-13).
+    """
+
+    name: str
+    n_particles: int
+    n_dims: int
+    data_protocol: DataProtocol
+    pair_multiplicity: float = 1.0
+    symmetries: tuple[str, ...] = field(default=SYMMETRIES)
+
+    # ----------------------------------------------------------------- shape helpers
+    @property
+    def dim(self) -> int:
+        """Number of Cartesian coordinates, ``N * D``."""
+        return self.n_particles * self.n_dims
+
+    @property
+    def n_dof(self) -> int:
+        """Dimension of the CoM-free subspace U, ``(N - 1) * D`` (paper A.3)."""
+        return (self.n_particles - 1) * self.n_dims
+
+    @property
+    def event_shape(self) -> tuple[int, int]:
+        return (self.n_particles, self.n_dims)
+
+    def check_shape(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected shape when ``x`` does not end in ``[N, D]``."""
+        if x.ndim < 2 or tuple(x.shape[-2:]) != self.event_shape:
+            raise ValueError(
+                f"{self.name} expects configurations of shape [..., {self.n_particles}, {self.n_dims}], "
+                f"got {list(x.shape)}"
+            )
+
+    # ----------------------------------------------------------------- the potential
+    @abstractmethod
+    def pair_potential(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(f(d), f'(d), f''(d))`` of the pair potential for distances ``d``."""
+
+    def external_energy(self, x: torch.Tensor) -> torch.Tensor:
+        """Energy of a one-body term (none by default)."""
+        return x.new_zeros(x.shape[:-2])
+
+    def external_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def external_laplacian(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[:-2])
+
+    # ----------------------------------------------------------------- public physics
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """Reduced energy ``u(x)`` in kT, shape ``x.shape[:-2]``."""
+        self.check_shape(x)
+        r, _, _ = pair_vectors(x)
+        d = torch.linalg.vector_norm(r, dim=-1)
+        f, _, _ = self.pair_potential(d)
+        return self.pair_multiplicity * f.sum(-1) + self.external_energy(x)
+
+    def gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """``∇u(x)``, same shape as ``x``."""
+        self.check_shape(x)
+        r, i, j = pair_vectors(x)
+        d = torch.linalg.vector_norm(r, dim=-1)
+        _, df, _ = self.pair_potential(d)
+        g_pair = (self.pair_multiplicity * df / d).unsqueeze(-1) * r  # ∂/∂x_i of the (i, j) term
+        grad = torch.zeros_like(x)
+        grad.index_add_(-2, i, g_pair)
+        grad.index_add_(-2, j, -g_pair)
+        return grad + self.external_gradient(x)
+
+    def force(self, x: torch.Tensor) -> torch.Tensor:
+        """Force ``-∇u(x)``."""
+        return -self.gradient(x)
+
+    def laplacian(self, x: torch.Tensor) -> torch.Tensor:
+        """``Δu(x)``: each pair adds ``2 (f'' + (D - 1) f'/d)`` (its Hessian trace over both particles)."""
+        self.check_shape(x)
+        d = torch.linalg.vector_norm(pair_vectors(x)[0], dim=-1)
+        _, df, d2f = self.pair_potential(d)
+        per_pair = 2.0 * (d2f + (self.n_dims - 1) * df / d)
+        return self.pair_multiplicity * per_pair.sum(-1) + self.external_laplacian(x)
+
+    def configurational_temperature(self, x: torch.Tensor) -> float:
+        """``⟨|∇u|²⟩ / ⟨Δu⟩`` over samples ``x``: 1 for exact samples of ``exp(-u)`` (SPEC §2)."""
+        grad_sq = self.gradient(x).pow(2).sum(dim=(-2, -1))
+        return float(grad_sq.mean() / self.laplacian(x).mean())
+
+    # ----------------------------------------------------------------- sampling helpers
+    def initial_configurations(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """CoM-free starting points for MCMC chains: isotropic Gaussian of the protocol's scale."""
+        x = self.data_protocol.init_scale * torch.randn(
+            n, self.n_particles, self.n_dims, generator=generator, dtype=torch.float64
+        )
+        return remove_com(x)
+
+    def prior_log_normaliser(self) -> float:
+        """``0.5 (N-1) D log 2π``: the Gaussian constant every NLL includes (SPEC §1)."""
+        return 0.5 * self.n_dof * math.log(2.0 * math.pi)
+
+    # ----------------------------------------------------------------- documentation
+    @abstractmethod
+    def describe(self) -> str:
+        """Human-readable statement of the energy and its conventions."""
