@@ -47,7 +47,8 @@ def pair_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     Returns ``(r, i, j)`` with ``r`` of shape ``[..., n_pairs, n_dims]``.
     """
     i, j = pair_indices(x.shape[-2], x.device)
-    return x[..., i, :] - x[..., j, :], i, j
+    # index_select is several times faster than advanced indexing on CPU for this gather.
+    return x.index_select(-2, i) - x.index_select(-2, j), i, j
 
 
 def pairwise_distances(x: torch.Tensor) -> torch.Tensor:

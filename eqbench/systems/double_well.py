@@ -16,10 +16,12 @@ from eqbench.systems.base import DataProtocol, ParticleSystem
 
 __all__ = ["DoubleWell", "make_dw2", "make_dw4"]
 
-#: Paper C.4: Gaussian proposal step 0.5, 1,000 burn-in steps (SPEC §3: at least that). The
-#: energy autocorrelation time at this step is ~95 steps (SPEC §3); the stride of 250 leaves
-#: a margin of more than two autocorrelation times between stored samples of one chain.
-DW_PROTOCOL = DataProtocol(step_size=0.5, burn_in=2_000, stride=250, n_chains=500, init_scale=2.0)
+#: Paper C.4: Gaussian proposal step 0.5, 1,000 burn-in steps (SPEC §3: at least that; 2,000
+#: here, the mean energy has settled after ~1,000 from the Gaussian starts). Measured at this
+#: step: energy autocorrelation time ~190 steps, but the mean pair distance (hops between the
+#: five minima) decorrelates only after ~1,000-1,300 steps; the stride of 2,500 exceeds both.
+#: At stride 250 about 1 % of stored rows were repeats (chains resting in the narrowest minima).
+DW_PROTOCOL = DataProtocol(step_size=0.5, burn_in=2_000, stride=2_500, n_chains=500, init_scale=2.0)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ class LennardJones(ParticleSystem):
 
     def pair_potential(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         k = self.epsilon / self.tau
-        q6 = (self.rm / d) ** 6
+        q2 = (self.rm / d).square()
+        q6 = q2 * q2 * q2
         q12 = q6 * q6
         f = k * (q12 - 2.0 * q6)
         df = k * (-12.0 * q12 + 12.0 * q6) / d

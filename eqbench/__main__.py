@@ -1,0 +1,3 @@
+from eqbench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""The public Python API (DESIGN "Public Python API"); the CLI is a thin layer over it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eqbench import catalog  # noqa: F401  (registers the built-ins)
+from eqbench.data import external, store
+from eqbench.errors import ConfigError
+from eqbench.flows.base import Flow
+from eqbench.records import CellResult
+from eqbench.registry import MODELS, SYSTEMS, TASKS, Entry
+from eqbench.systems.base import ParticleSystem
+
+__all__ = [
+    "get_system",
+    "load_data",
+    "build_model",
+    "run",
+    "list_systems",
+    "list_models",
+    "list_tasks",
+    "resolve_device",
+]
+
+DATA_SOURCES = ("eqbench", "community")
+
+
+def get_system(name: str | ParticleSystem) -> ParticleSystem:
+    """A registered system by name (``dw2``, ``dw4``, ``lj13``, or a plugin's)."""
+    if isinstance(name, ParticleSystem):
+        return name
+    return SYSTEMS.get(name)()
+
+
+def load_data(
+    system: str | ParticleSystem,
+    split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    *,
+    source: str = "eqbench",
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    regenerate: store.Regenerate = "auto",
+    progress: bool | None = None,
+) -> torch.Tensor:
+    """CoM-free configurations ``[n, N, D]`` of a split.
+
+    ``source="eqbench"`` (default) uses eqbench's own MCMC data (generated and cached on first
+    use; splits ``train`` = the training pool, ``test``); ``n`` rows are drawn from the split
+    with a permutation seeded by ``seed`` (``n=None``: the whole split). ``source="community"``
+    loads the public DEM/EFM files (see ``eqbench data --source community``).
+    """
+    system = get_system(system)
+    if source == "eqbench":
+        pool, _ = store.load_pool(system, split, regenerate=regenerate, progress=progress)
+    elif source == "community":
+        pool = external.load_reference(system, split)
+    else:
+        raise ConfigError(f"unknown data source {source!r}; valid: {', '.join(DATA_SOURCES)}")
+    rows = store.subset(pool, n, seed)
+    return torch.from_numpy(np.ascontiguousarray(rows)).to(device=device, dtype=dtype)
+
+
+def build_model(name: str, system: str | ParticleSystem, config: Mapping[str, Any] | None = None) -> Flow:
+    """Build a registered model (or a ``"module:attr"`` builder) for a system."""
+    builder = MODELS.get(name)
+    return builder(get_system(system), dict(config or {}))
+
+
+def resolve_device(device: str) -> str:
+    """Validate a ``--device`` string: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; valid: cpu, auto")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}; valid: cpu, cuda, cuda:N, auto")
+    return str(parsed)
+
+
+def run(
+    task: str,
+    model: str,
+    system: str,
+    profile: str = "smoke",
+    *,
+    seed: int | None = None,
+    device: str = "cpu",
+    overrides: Mapping[str, Any] | None = None,
+    results_dir: str | Path = "results",
+    rerun: bool = False,
+    progress: bool | None = None,
+) -> list[CellResult]:
+    """Run a task profile for one model and system; see :func:`eqbench.runner.run`."""
+    from eqbench import runner
+
+    return runner.run(task, model, system, profile, seed=seed, device=resolve_device(device),
+                      overrides=overrides, results_dir=results_dir, rerun=rerun, progress=progress)
+
+
+def list_systems() -> list[Entry]:
+    return SYSTEMS.entries()
+
+
+def list_models() -> list[Entry]:
+    return MODELS.entries()
+
+
+def list_tasks() -> list[Entry]:
+    return TASKS.entries()

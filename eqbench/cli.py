@@ -1,0 +1,261 @@
+"""Command line: ``python -m eqbench {list,describe,data,run,collect}``.
+
+A thin layer over :mod:`eqbench.api`. Invalid input (an unknown name, a malformed ``--set``, a
+corrupt data file) prints one line naming what is wrong and what is valid, and exits with 2;
+``list`` and ``describe`` of systems/tasks work without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eqbench import catalog  # noqa: F401  (registers the built-ins)
+from eqbench.errors import EqbenchError, UnknownNameError
+from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
+
+EXAMPLES = """\
+examples:
+  python -m eqbench list                                  # systems, models, tasks and their origin
+  python -m eqbench describe lj13                         # energy and conventions of a system
+  python -m eqbench data dw4 lj13                         # generate/verify reference data, print diagnostics
+  python -m eqbench data dw4 --source community           # diagnostics of the public DEM/EFM files
+  python -m eqbench run --task test-nll --model gaussian --system dw4 --profile smoke
+  python -m eqbench run --task test-nll --model gaussian --system lj13 --set n_train=[10,1000]
+  python -m eqbench collect                               # results/cells/* -> results/results.csv
+"""
+
+KINDS: dict[str, Registry[Any]] = {"systems": SYSTEMS, "models": MODELS, "tasks": TASKS}
+
+
+def _print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for k, row in enumerate(cells):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------------------------------- list
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else list(KINDS)
+    for index, kind in enumerate(kinds):
+        if index:
+            print()
+        print(f"{kind}:")
+        rows = [(e.name, e.origin, e.description) for e in KINDS[kind].entries()]
+        _print_table(rows, ("name", "origin", "description"))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ describe
+def cmd_describe(args: argparse.Namespace) -> int:
+    name = args.name
+    found = False
+    if name in SYSTEMS:
+        from eqbench.api import get_system
+
+        print(get_system(name).describe())
+        found = True
+    if name in TASKS:
+        task = TASKS.get(name)
+        print(f"task {name}: {task.summary}\n")
+        print(textwrap.dedent(type(task).__doc__ or "").strip() or (sys.modules[type(task).__module__].__doc__ or ""))
+        print("\nprofiles:")
+        for profile, params in task.profiles().items():
+            print(f"  {profile}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        found = True
+    if name in MODELS:
+        entry = MODELS.entry(name)
+        builder = MODELS.get(name)
+        module = sys.modules.get(getattr(builder, "__module__", ""), None)
+        print(f"model {name} ({entry.origin}, {entry.target}): {entry.description}\n")
+        print(textwrap.dedent((module.__doc__ if module else None) or builder.__doc__ or "").strip())
+        found = True
+    if not found:
+        raise UnknownNameError("system, model or task", name, [*SYSTEMS.names(), *MODELS.names(), *TASKS.names()])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- data
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _print_eqbench_diagnostics(name: str, split: str, d: dict[str, Any]) -> None:
+    checks = d.get("checks", {})
+    failed = [k for k, ok in checks.items() if not ok]
+    print(f"{name} {split}: {d['n_samples']} samples  ({'all checks pass' if not failed else 'FAILED: ' + ', '.join(failed)})")
+    rows = [
+        ("acceptance", _fmt(d["acceptance"])),
+        ("configurational temperature", f"{d['configurational_temperature']:.4f} ± "
+                                        f"{d['configurational_temperature_stderr']:.4f}  (must be 1 ± 0.03)"),
+        ("mean energy", f"{d['energy_mean']:.4f} ± {d['energy_stderr']:.4f}  (kT, ± s.e. over chains)"),
+        ("autocorrelation time", f"energy {d['autocorrelation_time']:.1f}, mean distance "
+                                 f"{d['autocorrelation_time_mean_distance']:.1f} steps  (stride "
+                                 f"{d['protocol']['stride']} = {d['stride_over_autocorrelation']:.1f}x the larger)"),
+        ("energy drift (2nd - 1st half)", f"{d['energy_drift_z']:.2f} s.e."),
+        ("duplicate rows", f"{d['duplicate_rows']}  (dropped while generating: {d['duplicate_rows_dropped']})"),
+        ("chains x burn-in, step", f"{d['protocol']['n_chains']} x {d['protocol']['burn_in']}, {d['protocol']['step_size']}"),
+        ("seed", d["seed"]),
+        ("generation wall time", f"{d['wall_s']:.1f} s"),
+        ("sha256", d.get("sha256", "")[:16] + "..."),
+        ("file", d.get("path", "")),
+    ]
+    for key, value in rows:
+        print(f"  {key:<31} {value}")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from eqbench.api import get_system
+    from eqbench.data import diagnostics as diag
+    from eqbench.data import external, store
+
+    systems = args.systems or SYSTEMS.names()
+    exit_code = 0
+    report: dict[str, Any] = {}
+    for name in systems:
+        system = get_system(name)
+        if args.source == "community":
+            result = external.reference_report(system) if external.reference_splits(system) else None
+            if result is None:
+                print(f"{name}: no community reference data")
+                continue
+            report[name] = result
+            if not args.json:
+                print(f"{name} community data ({result['source']}):")
+                for split, d in result["splits"].items():
+                    print(f"  {split}: {d['n_samples']} rows, {d['unique_rows']} unique ({d['duplicate_rows']} repeated), "
+                          f"max |CoM| before removal {d['max_abs_com_before_removal']:.3g}, "
+                          f"T_conf {d['configurational_temperature']:.4f}, "
+                          f"<u> {d['energy_mean']:.4f} ± {d['energy_stderr_naive']:.4f} (naive s.e.)")
+                for pair, count in result["overlap_rows"].items():
+                    print(f"  overlap {pair}: {count} rows")
+            continue
+        arrays = {}
+        for split in store.SPLITS:
+            if args.verify:
+                state, detail = store.verify_dataset(system, split)
+                print(f"{name} {split}: {state} ({detail})")
+                exit_code = exit_code or (0 if state == "ok" else 2)
+                continue
+            path, d = store.ensure_dataset(system, split, regenerate="always" if args.regenerate else "auto")
+            report.setdefault(name, {})[split] = d
+            arrays[split] = store.load_pool(system, split)[0]
+            if not args.json:
+                _print_eqbench_diagnostics(name, split, d)
+        if len(arrays) == 2:
+            overlap = diag.count_overlapping_rows(arrays["train"], arrays["test"])
+            report[name]["train_test_overlap_rows"] = overlap
+            if not args.json:
+                print(f"{name} train/test overlap: {overlap} rows\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return exit_code
+
+
+# ----------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from eqbench.api import run
+    from eqbench.config import parse_overrides
+    from eqbench.records import CellStore
+
+    overrides = parse_overrides(args.set or [])
+    results = run(args.task, args.model, args.system, args.profile, seed=args.seed, device=args.device,
+                  overrides=overrides, results_dir=args.results, rerun=args.rerun)
+    rows = []
+    failed = 0
+    for cell in results:
+        params = cell.config.get("params", {})
+        if cell.status != "ok":
+            failed += 1
+            rows.append((cell.cell_id, params.get("n_train", ""), cell.config["seed"], "FAILED", "", cell.reason))
+            continue
+        for r in cell.records:
+            rows.append((cell.cell_id, r.n_train if r.n_train is not None else "", r.seed, r.metric, _fmt(r.value), r.unit))
+    _print_table(rows, ("cell", "n_train", "seed", "metric", "value", "unit"))
+    table = CellStore(args.results).collect()
+    print(f"\n{len(results)} cells ({failed} failed); all results: {Path(args.results) / 'results.csv'} ({len(table)} rows)")
+    return 1 if failed else 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from eqbench.records import CellStore
+
+    out = Path(args.out) if args.out else None
+    table = CellStore(args.results).collect(out)
+    failed = table[table["status"] == "failed"]
+    print(f"{len(table)} records from {table['cell_id'].nunique()} cells -> {out or Path(args.results) / 'results.csv'}")
+    for _, row in failed.iterrows():
+        print(f"  failed cell {row['cell_id']} ({row['task']}, {row['model']}, {row['system']}): {row['reason']}")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eqbench",
+        description="Benchmark equivariant flows on many-particle Boltzmann densities "
+                    "(Köhler, Klein & Noé, ICML 2020).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("list", help="list registered systems, models and tasks with their origin")
+    p.add_argument("kind", nargs="?", choices=list(KINDS), help="only this kind")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("describe", help="describe a system (energy, conventions), model or task (profiles)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("data", help="generate or verify reference data and print its diagnostics",
+                       description="Generate (once, cached in $EQBENCH_CACHE or ~/.cache/eqbench) and check "
+                                   "the MCMC reference data of SPEC §3, or inspect the community data files.")
+    p.add_argument("systems", nargs="*", metavar="SYSTEM", help="systems (default: all)")
+    p.add_argument("--source", choices=("eqbench", "community"), default="eqbench",
+                   help="eqbench's own MCMC data (default) or the public DEM/EFM files")
+    p.add_argument("--regenerate", action="store_true", help="regenerate even if a verified copy is cached")
+    p.add_argument("--verify", action="store_true", help="only check the cached files' checksums (exit 2 if not ok)")
+    p.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("run", help="run a task for one model on one system",
+                       description="Run every cell of a task profile; finished cells are skipped, each cell "
+                                   "is written atomically to RESULTS/cells/ and collected into RESULTS/results.csv.")
+    p.add_argument("--task", required=True, help="task id (see `list tasks`)")
+    p.add_argument("--model", required=True, help="model id (see `list models`) or a module:builder path")
+    p.add_argument("--system", required=True, help="system id (see `list systems`)")
+    p.add_argument("--profile", default="smoke", help="smoke (seconds), quick (minutes) or paper (full protocol)")
+    p.add_argument("--seed", type=int, default=None, help="run only this seed (default: the profile's seeds)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a profile setting (TOML value), e.g. --set n_train=[10,100]; repeatable")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("collect", help="concatenate the per-cell records into one long CSV")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--out", default=None, help="output CSV (default: RESULTS/results.csv)")
+    p.set_defaults(func=cmd_collect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EqbenchError as exc:
+        print(f"eqbench: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,449 @@
+"""Results store: one record per measured value, one file per cell, one long table at the end.
+
+Why this shape (DESIGN "One run, as data flows", steps 5-6):
+
+* Long format (one row per value, numeric ``value`` column, metric names that carry their
+  meaning) so plots and reports group and filter instead of parsing wide, formatted tables.
+* One JSON file per cell, named by a hash of the cell's canonical config, written atomically
+  (temp file in the same directory, fsync, ``os.replace``): a sweep killed at any moment leaves
+  only whole files, a rerun skips cells that are done, and workers never share a file.
+* Provenance (git sha, library versions, device, threads, host) travels with every row, so a
+  number in ``results.csv`` can always be traced back to the code and machine that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform as _platform
+import re
+import socket
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pandas is only needed by collect(); keep `import eqbench.records` light
+    import pandas
+
+__all__ = [
+    "RECORD_COLUMNS",
+    "PROVENANCE_KEYS",
+    "CELL_FAILED",
+    "Record",
+    "CellResult",
+    "CellStore",
+    "provenance",
+    "canonical_json",
+    "cell_id",
+    "now_iso",
+]
+
+#: Keys returned by :func:`provenance`, in column order.
+PROVENANCE_KEYS: tuple[str, ...] = (
+    "git_sha",
+    "eqbench_version",
+    "torch_version",
+    "python_version",
+    "numpy_version",
+    "device",
+    "threads",
+    "hostname",
+    "platform",
+)
+
+#: Columns of the collected long table, in order.
+RECORD_COLUMNS: tuple[str, ...] = (
+    (
+        "cell_id",
+        "task",
+        "system",
+        "model",
+        "variant",
+        "n_train",
+        "seed",
+        "metric",
+        "value",
+        "unit",
+        "step",
+    )
+    + ("profile", "status", "reason", "duration_s")
+    + PROVENANCE_KEYS
+    + ("started_at", "config_json")
+)
+
+#: Metric of the single row a failed cell contributes, so failures stay visible in the table.
+CELL_FAILED = "cell_failed"
+
+_STATUSES = ("ok", "failed")
+_SORT_KEYS = ["task", "system", "model", "variant", "n_train", "seed", "metric", "step"]
+_INT_COLUMNS = ("n_train", "seed", "step", "threads")
+_FLOAT_COLUMNS = ("value", "duration_s")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One measured value; ``metric`` names its meaning (``nll_test``, ``ess_fraction``).
+
+    ``value`` is coerced to ``float`` (NaN allowed: a diverged run is a result, not an error) and
+    the integer fields to ``int``, so numpy/torch scalars from a task never reach the JSON layer.
+    """
+
+    task: str
+    system: str
+    model: str
+    metric: str
+    value: float
+    unit: str = ""
+    variant: str = ""
+    n_train: int | None = None
+    seed: int | None = None
+    step: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.metric:
+            raise ValueError("Record.metric must be a non-empty name such as 'nll_test'")
+        object.__setattr__(self, "value", float(self.value))
+        for name in ("n_train", "seed", "step"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, int(v))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Record:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored so newer files stay readable."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class CellResult:
+    """Everything one cell (one task x system x model x config) produced, as stored on disk.
+
+    ``status`` is ``"ok"`` or ``"failed"``; a failed cell keeps its ``reason`` (one line) and
+    whatever records it had, and is rerun by the next sweep.
+    """
+
+    task: str
+    cell_id: str
+    config: dict[str, Any]
+    status: str
+    reason: str = ""
+    started_at: str = ""
+    duration_s: float = math.nan
+    provenance: dict[str, Any] = field(default_factory=dict)
+    records: list[Record] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "cell_id": self.cell_id,
+            "config": self.config,
+            "status": self.status,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "provenance": self.provenance,
+            "records": [r.to_dict() for r in self.records],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CellResult:
+        """Inverse of :meth:`to_dict`; raises KeyError/TypeError/ValueError if malformed."""
+        status = data["status"]
+        if status not in _STATUSES:
+            raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
+        duration = data.get("duration_s")
+        return cls(
+            task=str(data["task"]),
+            cell_id=str(data["cell_id"]),
+            config=dict(data["config"]),
+            status=status,
+            reason=str(data.get("reason") or ""),
+            started_at=str(data.get("started_at") or ""),
+            duration_s=math.nan if duration is None else float(duration),
+            provenance=dict(data.get("provenance") or {}),
+            records=[Record.from_dict(r) for r in data.get("records") or []],
+        )
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _git_sha() -> str:
+    """Sha of the checkout that holds the eqbench package, ``-dirty`` if tracked files changed.
+
+    Asked with cwd = the package directory (never the caller's working directory), and only
+    trusted when git actually tracks that directory: an installed copy inside some unrelated
+    repository (a venv under a project) must report ``unknown``, not that project's sha.
+    """
+    pkg = Path(__file__).resolve().parent
+    sha = _git(["rev-parse", "HEAD"], pkg)
+    if not sha or not _git(["ls-files", "--", "."], pkg):
+        return "unknown"
+    dirty = _git(["status", "--porcelain", "--untracked-files=no"], pkg)
+    return f"{sha}-dirty" if dirty else sha
+
+
+def _eqbench_version() -> str:
+    try:
+        return importlib.metadata.version("eqbench")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def provenance(device: str = "cpu") -> dict[str, Any]:
+    """Where and with what a cell ran: the keys of :data:`PROVENANCE_KEYS`.
+
+    torch and numpy are imported here, not at module import, so the CLI's listing commands stay
+    fast; by the time a cell is recorded they are loaded anyway.
+    """
+    import numpy
+    import torch
+
+    return {
+        "git_sha": _git_sha(),
+        "eqbench_version": _eqbench_version(),
+        "torch_version": str(torch.__version__),
+        "python_version": _platform.python_version(),
+        "numpy_version": str(numpy.__version__),
+        "device": str(device),
+        "threads": int(torch.get_num_threads()),
+        "hostname": socket.gethostname(),
+        "platform": _platform.platform(),
+    }
+
+
+def now_iso() -> str:
+    """Current UTC time as ISO 8601 with offset, for ``CellResult.started_at``."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- cell identity ------------------------------------------------------------------------------
+
+
+def _json_default(obj: Any) -> Any:
+    """Make the few non-JSON types that configs realistically hold canonical, refuse the rest."""
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    item = getattr(obj, "item", None)
+    if callable(item) and getattr(obj, "shape", None) == ():  # numpy / torch scalars
+        return item()
+    raise TypeError(f"cannot serialise {type(obj).__name__} in a config or record: {obj!r}")
+
+
+def canonical_json(obj: Any) -> str:
+    """One fixed text per value: sorted keys, no whitespace, floats as shortest round-trip repr.
+
+    Why: the cell id is a hash of this text, so it must not depend on dict order or formatting.
+    ``1`` and ``1.0`` stay different on purpose (an int seed is not a float).
+    """
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    )
+
+
+def cell_id(config: Mapping[str, Any]) -> str:
+    """First 16 hex chars of sha256 of :func:`canonical_json` of the config (64 bits: ample)."""
+    return hashlib.sha256(canonical_json(dict(config)).encode("utf-8")).hexdigest()[:16]
+
+
+# -- the store ----------------------------------------------------------------------------------
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
+_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable; best effort, not every platform can open a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory + fsync + ``os.replace``.
+
+    Readers see the old file or the new one, never a prefix. A killed writer leaves only a
+    dot-prefixed ``*.tmp`` file, which every reader ignores.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8"
+    )
+    try:
+        with tmp:
+            tmp.write(text)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp.name, path)
+    except BaseException:
+        Path(tmp.name).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class CellStore:
+    """Per-cell result files under ``root/cells/<task>/<cell_id>.json`` and their collection."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+
+    def __repr__(self) -> str:
+        return f"CellStore({str(self.root)!r})"
+
+    def path(self, task: str, cell_id: str) -> Path:
+        """Where a cell lives. The task directory name is sanitised (a task given as a
+        ``module:attr`` path must not create odd directories); the JSON inside keeps the real name.
+        """
+        if not _SAFE_ID.fullmatch(cell_id):
+            raise ValueError(f"cell_id must match [A-Za-z0-9_-]+, got {cell_id!r}")
+        task_dir = _UNSAFE_CHARS.sub("_", task).strip(".")
+        if not task_dir:
+            raise ValueError(f"task name {task!r} cannot be used as a directory name")
+        return self.cells_dir / task_dir / f"{cell_id}.json"
+
+    def write(self, cell: CellResult) -> Path:
+        """Atomically write ``cell`` over any earlier result of the same cell; return its path."""
+        if cell.status not in _STATUSES:
+            raise ValueError(f"status must be one of {_STATUSES}, got {cell.status!r}")
+        path = self.path(cell.task, cell.cell_id)
+        text = json.dumps(cell.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
+        _atomic_write_text(path, text)
+        return path
+
+    def _load(self, path: Path) -> CellResult | None:
+        """Parse one file; anything unreadable is reported and treated as absent, so the cell
+        is simply rerun (and atomically overwritten) instead of crashing a sweep or a collect.
+        """
+        try:
+            with path.open(encoding="utf-8") as fh:
+                return CellResult.from_dict(json.load(fh))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            warnings.warn(
+                f"ignoring unreadable cell file {path} ({type(exc).__name__}: {exc}); "
+                "it will be rerun",
+                stacklevel=3,
+            )
+            return None
+
+    def read(self, task: str, cell_id: str) -> CellResult | None:
+        """The stored cell, or ``None`` if it is missing or unreadable (with a warning)."""
+        return self._load(self.path(task, cell_id))
+
+    def is_done(self, task: str, cell_id: str) -> bool:
+        """True only for a readable cell with status ``"ok"``: failed cells are retried."""
+        cell = self.read(task, cell_id)
+        return cell is not None and cell.status == "ok"
+
+    def iter_cells(self) -> Iterator[CellResult]:
+        """Every readable cell, in sorted path order; temp files and broken files are skipped."""
+        if not self.cells_dir.is_dir():
+            return
+        for path in sorted(self.cells_dir.glob("*/*.json")):
+            if path.name.startswith("."):
+                continue
+            cell = self._load(path)
+            if cell is not None:
+                yield cell
+
+    def collect(self, out: Path | str | None = None) -> pandas.DataFrame:
+        """Concatenate all cells into one long table with exactly :data:`RECORD_COLUMNS`.
+
+        A failed cell contributes a single ``cell_failed`` row (value NaN, with its reason) and
+        none of its partial records, so failures are visible but never mistaken for results.
+        Rows are sorted deterministically and the CSV (default ``root/results.csv``) is written
+        atomically, so a report never reads a half-written table.
+        """
+        import pandas as pd
+
+        rows = [row for cell in self.iter_cells() for row in _rows(cell)]
+        df = pd.DataFrame(rows, columns=list(RECORD_COLUMNS))
+        for col in _INT_COLUMNS:
+            df[col] = pd.array(df[col].tolist(), dtype="Int64")
+        for col in _FLOAT_COLUMNS:
+            df[col] = df[col].astype("float64")
+        df = df.sort_values(_SORT_KEYS, kind="mergesort", na_position="last").reset_index(drop=True)
+        out_path = self.root / "results.csv" if out is None else Path(out)
+        _atomic_write_text(out_path, df.to_csv(index=False))
+        return df
+
+
+def _opt_int(value: Any) -> int | None:
+    """Config values copied into integer columns; anything non-integral becomes missing."""
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _rows(cell: CellResult) -> list[dict[str, Any]]:
+    """Flatten one cell into table rows, copying cell-level fields onto every row."""
+    prov = cell.provenance
+    common: dict[str, Any] = {
+        "cell_id": cell.cell_id,
+        "task": cell.task,
+        "profile": str(cell.config.get("profile", "")),
+        "status": cell.status,
+        "reason": cell.reason,
+        "duration_s": cell.duration_s,
+        **{key: prov.get(key) for key in PROVENANCE_KEYS},
+        "started_at": cell.started_at,
+        "config_json": canonical_json(cell.config),
+    }
+    if cell.status != "ok":
+        cfg = cell.config
+        return [
+            {
+                **common,
+                "system": str(cfg.get("system", "")),
+                "model": str(cfg.get("model", "")),
+                "variant": str(cfg.get("variant", "")),
+                "n_train": _opt_int(cfg.get("n_train")),
+                "seed": _opt_int(cfg.get("seed")),
+                "metric": CELL_FAILED,
+                "value": math.nan,
+                "unit": "",
+                "step": None,
+            }
+        ]
+    return [
+        {**common, **{k: v for k, v in r.to_dict().items() if k != "task"}} for r in cell.records
+    ]
