@@ -31,13 +31,13 @@ from eqbench.systems.base import ParticleSystem
 
 __all__ = [
     "MinimizationResult",
-    "minimize",
     "hessian",
     "hessians",
-    "zero_mode_basis",
-    "projected_hessian_eigenvalues",
     "is_minimum",
+    "minimize",
+    "projected_hessian_eigenvalues",
     "sorted_distance_signature",
+    "zero_mode_basis",
 ]
 
 
@@ -46,7 +46,7 @@ class MinimizationResult:
     """Outcome of :func:`minimize` for a batch of ``B`` configurations.
 
     ``converged[b]`` is True when ``grad_norm[b] < gtol``; unconverged rows are still returned
-    (at the lowest energy reached) so callers can count them (SPEC §5).
+    (at their last accepted position) so callers can count them (SPEC §5).
     """
 
     x: torch.Tensor  #: minimised, CoM-free positions ``[B, N, D]``
@@ -65,14 +65,21 @@ class MinimizationResult:
         return int((~self.converged).sum())
 
 
-def _energy_and_gradient(system: ParticleSystem, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _energy_and_gradient(
+    system: ParticleSystem, flat: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Energy and analytic gradient for flat ``[k, N*D]`` coordinates."""
     x = flat.reshape(-1, system.n_particles, system.n_dims)
     return system.energy(x), system.gradient(x).reshape(flat.shape)
 
 
 def _lbfgs_direction(
-    g: torch.Tensor, s: torch.Tensor, y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, order: list[int]
+    g: torch.Tensor,
+    s: torch.Tensor,
+    y: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    order: list[int],
 ) -> torch.Tensor:
     """Two-loop recursion (Nocedal & Wright, Alg. 7.4), vectorised over the batch.
 
@@ -113,7 +120,8 @@ def minimize(
     ``u(x + t d) <= u(x) + c1 t ∇u·d`` holds. Close to a minimum, energy differences fall below
     float64 resolution before the gradient reaches ``gtol``; there a step is also accepted when
     the energy has not risen beyond rounding and the directional derivative shows the step did
-    not overshoot (the "approximate Wolfe" test of Hager & Zhang, 2005). A failed line search
+    not overshoot (the "approximate Wolfe" test of Hager & Zhang, 2005), so the energy may rise
+    by at most 1e-12 (1 + |u|) in such a step. A failed line search
     clears the L-BFGS memory (the next step is steepest descent); a failed steepest-descent line
     search stops that configuration, which then stays unconverged.
 
@@ -127,7 +135,9 @@ def minimize(
             f"minimize expects a batch of shape [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}"
         )
     if max_steps < 0 or gtol <= 0 or memory < 1 or max_displacement <= 0:
-        raise ValueError("minimize needs max_steps >= 0, gtol > 0, memory >= 1, max_displacement > 0")
+        raise ValueError(
+            "minimize needs max_steps >= 0, gtol > 0, memory >= 1, max_displacement > 0"
+        )
     x = x.detach()
     batch, n_coord = x.shape[0], system.dim
     pos = remove_com(x).reshape(batch, n_coord).clone()
@@ -136,7 +146,7 @@ def minimize(
     if not torch.isfinite(energy).all():
         raise ValueError("minimize: non-finite energy at some starting configurations")
     gnorm = grad.norm(dim=-1)
-    steps = torch.zeros(batch, dtype=torch.long)
+    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
 
     # Working state is kept compact (only rows still running); finished rows are written back
     # to ``pos/energy/grad/steps`` once, which avoids a gather and scatter of the L-BFGS memory
@@ -148,7 +158,7 @@ def minimize(
     y_c = x.new_zeros(k, memory, n_coord)
     rho_c = x.new_zeros(k, memory)  # 1 / (s·y); 0 marks an empty or rejected slot
     gamma_c = x.new_ones(k)  # initial inverse-Hessian scale s·y / y·y of the newest pair
-    steps_c = torch.zeros(k, dtype=torch.long)
+    steps_c = torch.zeros(k, dtype=torch.long, device=x.device)
     slot = 0  # ring-buffer pointer shared by all rows: each running row stores (or rejects) one pair per step
     # Approximate-Wolfe slack: energies are resolved only to about this relative precision.
     rounding = 1e-12
@@ -171,8 +181,8 @@ def minimize(
             t = torch.clamp(max_displacement / move, max=1.0)
 
             new_p, new_e, new_g = p_c.clone(), e_c.clone(), g_c.clone()
-            accepted = torch.zeros(k, dtype=torch.bool)
-            pi = torch.arange(k)
+            accepted = torch.zeros(k, dtype=torch.bool, device=x.device)
+            pi = torch.arange(k, device=x.device)
             for _ in range(max_backtracks):
                 trial = p_c[pi] + t[pi].unsqueeze(-1) * d[pi]
                 e_t, g_t = _energy_and_gradient(system, trial)
@@ -215,10 +225,21 @@ def minimize(
             done = (g_c.norm(dim=-1) < gtol) | stalled
             if done.any():
                 di = idx[done]
-                pos[di], energy[di], grad[di], steps[di] = p_c[done], e_c[done], g_c[done], steps_c[done]
+                pos[di], energy[di], grad[di], steps[di] = (
+                    p_c[done],
+                    e_c[done],
+                    g_c[done],
+                    steps_c[done],
+                )
                 keep = ~done
                 idx, p_c, e_c, g_c = idx[keep], p_c[keep], e_c[keep], g_c[keep]
-                s_c, y_c, rho_c, gamma_c, steps_c = s_c[keep], y_c[keep], rho_c[keep], gamma_c[keep], steps_c[keep]
+                s_c, y_c, rho_c, gamma_c, steps_c = (
+                    s_c[keep],
+                    y_c[keep],
+                    rho_c[keep],
+                    gamma_c[keep],
+                    steps_c[keep],
+                )
                 k = idx.numel()
 
     # Rows still running after max_steps keep their last (lowest-energy) position, unconverged.
@@ -244,7 +265,9 @@ def hessian(system: ParticleSystem, x: torch.Tensor) -> torch.Tensor:
     """
     system.check_shape(x)
     if x.ndim != 2:
-        raise ValueError(f"hessian expects one configuration [{system.n_particles}, {system.n_dims}], got {list(x.shape)}")
+        raise ValueError(
+            f"hessian expects one configuration [{system.n_particles}, {system.n_dims}], got {list(x.shape)}"
+        )
     flat = x.detach().reshape(-1)
     return torch.autograd.functional.hessian(_energy_of_flat(system), flat)
 
@@ -259,7 +282,9 @@ def hessians(system: ParticleSystem, x: torch.Tensor) -> torch.Tensor:
     """
     system.check_shape(x)
     if x.ndim != 3:
-        raise ValueError(f"hessians expects [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}")
+        raise ValueError(
+            f"hessians expects [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}"
+        )
     batch, n_coord = x.shape[0], system.dim
     with torch.enable_grad():
         flat = x.detach().reshape(batch, n_coord).clone().requires_grad_(True)
@@ -318,7 +343,9 @@ def zero_mode_basis(system: ParticleSystem, x: torch.Tensor) -> torch.Tensor:
     return u[0, :, : int(rank[0])]
 
 
-def _projected_eigenvalues_batch(system: ParticleSystem, x: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+def _projected_eigenvalues_batch(
+    system: ParticleSystem, x: torch.Tensor, h: torch.Tensor
+) -> list[torch.Tensor]:
     """Per-row ascending eigenvalues of ``h`` on the complement of the zero modes of ``x``.
 
     The complement is spanned by the eigenvectors of the projector ``I - Q Qᵀ`` with eigenvalue
@@ -349,7 +376,9 @@ def projected_hessian_eigenvalues(
     configuration ``[N, D]`` (``h``: its Hessian, computed by :func:`hessian` when omitted)."""
     system.check_shape(x)
     if x.ndim != 2:
-        raise ValueError(f"expects one configuration [{system.n_particles}, {system.n_dims}], got {list(x.shape)}")
+        raise ValueError(
+            f"expects one configuration [{system.n_particles}, {system.n_dims}], got {list(x.shape)}"
+        )
     if h is None:
         h = hessian(system, x)
     return _projected_eigenvalues_batch(system, x.unsqueeze(0), h.unsqueeze(0))[0]
@@ -377,4 +406,3 @@ def sorted_distance_signature(x: torch.Tensor) -> torch.Tensor:
     """Sorted pairwise distances ``[..., N(N-1)/2]``: invariant to rotation, reflection,
     translation and permutation; the key on which §7.5 equates minima."""
     return torch.sort(pairwise_distances(x), dim=-1).values
-

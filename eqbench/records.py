@@ -24,12 +24,13 @@ import platform as _platform
 import re
 import socket
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from eqbench.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # pandas is only needed by collect(); keep `import eqbench.records` light
     import pandas
@@ -281,42 +282,6 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable; best effort, not every platform can open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + fsync + ``os.replace``.
-
-    Readers see the old file or the new one, never a prefix. A killed writer leaves only a
-    dot-prefixed ``*.tmp`` file, which every reader ignores.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False, encoding="utf-8"
-    )
-    try:
-        with tmp:
-            tmp.write(text)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
-    except BaseException:
-        Path(tmp.name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 class CellStore:
     """Per-cell result files under ``root/cells/<task>/<cell_id>.json`` and their collection."""
 
@@ -344,7 +309,7 @@ class CellStore:
             raise ValueError(f"status must be one of {_STATUSES}, got {cell.status!r}")
         path = self.path(cell.task, cell.cell_id)
         text = json.dumps(cell.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
         return path
 
     def _load(self, path: Path) -> CellResult | None:
@@ -402,7 +367,7 @@ class CellStore:
             df[col] = df[col].astype("float64")
         df = df.sort_values(_SORT_KEYS, kind="mergesort", na_position="last").reset_index(drop=True)
         out_path = self.root / "results.csv" if out is None else Path(out)
-        _atomic_write_text(out_path, df.to_csv(index=False))
+        atomic_write_text(out_path, df.to_csv(index=False))
         return df
 
 

@@ -7,7 +7,6 @@ number comes from.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from eqbench.atomic import atomic_save_npy, atomic_write_bytes
 from eqbench.data import diagnostics as diag
 from eqbench.data.mcmc import run_metropolis
 from eqbench.errors import ConfigError, DataError
@@ -96,24 +96,6 @@ def dataset_paths(system: ParticleSystem, split: str) -> tuple[Path, Path]:
     """``(array_path, diagnostics_path)`` of a data set in the cache."""
     stem = cache_dir() / "data" / dataset_key(system, split)
     return stem.with_suffix(".npy"), stem.with_suffix(".json")
-
-
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        tmp.write(payload)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        np.save(tmp, array)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
 
 
 @contextlib.contextmanager
@@ -292,10 +274,10 @@ def ensure_dataset(
         if state == "corrupt":
             warnings.warn(f"{system.name} {split} reference data is corrupt ({detail}); regenerating", stacklevel=2)
         samples, diagnostics = generate_dataset(system, split, progress=progress)
-        _atomic_save_npy(array_path, samples)
+        atomic_save_npy(array_path, samples)
         diagnostics["sha256"] = diag.sha256_file(array_path)
         diagnostics["path"] = str(array_path)
-        _atomic_write_bytes(meta_path, (json.dumps(diagnostics, indent=2) + "\n").encode())
+        atomic_write_bytes(meta_path, (json.dumps(diagnostics, indent=2) + "\n").encode())
     failed = [name for name, ok in diagnostics["checks"].items() if not ok]
     if failed:
         warnings.warn(f"{system.name} {split} reference data fails checks: {', '.join(failed)}", stacklevel=2)
