@@ -15,6 +15,7 @@ import os
 import statistics
 import timeit
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
@@ -36,24 +37,46 @@ def _configurations(name: str, n: int):
     return system, x
 
 
-def _median_seconds(func: Callable[[], object], repeat: int = 7, min_run_s: float = 0.02) -> float:
-    """Median time of one call of ``func`` over ``repeat`` runs of at least ``min_run_s`` each."""
-    timer = timeit.Timer(func)
+def _calibrated_number(timer: timeit.Timer, min_run_s: float) -> int:
+    """Smallest power of two of calls that takes at least ``min_run_s``."""
     number = 1
     while timer.timeit(number) < min_run_s:
         number *= 2
-    return statistics.median(t / number for t in timer.repeat(repeat=repeat, number=number))
+    return number
+
+
+def _median_time_ratio(
+    numerator: Callable[[], object],
+    denominator: Callable[[], object],
+    repeat: int = 7,
+    min_run_s: float = 0.02,
+) -> float:
+    """Median over ``repeat`` rounds of (time per call of ``numerator``) / (same of ``denominator``).
+
+    The two are timed back to back within each round, so load from other processes that comes
+    and goes between rounds affects both sides of a ratio alike instead of skewing one of them.
+    """
+    timers = (timeit.Timer(numerator), timeit.Timer(denominator))
+    numbers = [_calibrated_number(timer, min_run_s) for timer in timers]
+    ratios = []
+    for _ in range(repeat):
+        top, bottom = (timer.timeit(number) / number for timer, number in zip(timers, numbers))
+        ratios.append(top / bottom)
+    return statistics.median(ratios)
 
 
 class TimeEnergy:
     """Batched energy and force of a system (the cost unit of MCMC and of reverse-KL training)."""
 
     params = (SYSTEMS, [64, 1000])
-    param_names = ["system", "batch"]
+    param_names: ClassVar[list[str]] = ["system", "batch"]
 
     def setup(self, name: str, batch: int) -> None:
         _set_threads()
         self.system, self.x = _configurations(name, batch)
+        # The first calls pay one-time allocations; keep them out of `asv run --quick`.
+        self.system.energy(self.x)
+        self.system.force(self.x)
 
     def time_energy(self, name: str, batch: int) -> None:
         self.system.energy(self.x)
@@ -66,7 +89,7 @@ class TimeMetropolis:
     """One Metropolis step of many chains at the system's reference step size (paper C.4)."""
 
     params = (SYSTEMS, [100, 1000])
-    param_names = ["system", "n_chains"]
+    param_names: ClassVar[list[str]] = ["system", "n_chains"]
 
     def setup(self, name: str, n_chains: int) -> None:
         _set_threads()
@@ -87,7 +110,7 @@ class TrackMetropolisOverhead:
     """
 
     params = (SYSTEMS, [100, 1000])
-    param_names = ["system", "n_chains"]
+    param_names: ClassVar[list[str]] = ["system", "n_chains"]
     unit = "ratio"
     number = 1
     repeat = 1
@@ -107,4 +130,4 @@ class TrackMetropolisOverhead:
         def energy() -> None:
             self.system.energy(self.x)
 
-        return _median_seconds(step) / _median_seconds(energy)
+        return _median_time_ratio(step, energy)

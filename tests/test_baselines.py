@@ -14,15 +14,32 @@ import pytest
 
 CSV = Path(__file__).resolve().parents[1] / "baselines" / "published.csv"
 
-COLUMNS = ["source", "table", "system", "model", "metric", "value", "error", "unit", "convention", "note"]
+COLUMNS = [
+    "source",
+    "table",
+    "system",
+    "model",
+    "metric",
+    "value",
+    "error",
+    "unit",
+    "convention",
+    "note",
+]
 KEY = ["source", "table", "system", "model", "metric"]
 SOURCES = {"kohler2020", "midgley2023"}
 SYSTEMS = {"dw2", "dw4", "lj13"}
 # eqbench model ids, Table 1's reference rows, "system" for properties of the energy surface,
 # and the peer's model (seed 003), which eqbench does not implement.
 MODELS = {
-    "kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp",
-    "training-set", "mcmc-short", "mcmc-long",
+    "kernel-flow",
+    "gradient-flow",
+    "schnet-flow",
+    "node",
+    "real-nvp",
+    "training-set",
+    "mcmc-short",
+    "mcmc-long",
     "system",
     "se3-augmented-coupling-flow",
 }
@@ -33,12 +50,19 @@ def table() -> pd.DataFrame:
     return pd.read_csv(CSV)
 
 
-def lookup(table: pd.DataFrame, source: str, tab: str, system: str, model: str, metric: str) -> pd.Series:
+def lookup(
+    table: pd.DataFrame, source: str, tab: str, system: str, model: str, metric: str
+) -> pd.Series:
     rows = table[
-        (table.source == source) & (table.table == tab) & (table.system == system)
-        & (table.model == model) & (table.metric == metric)
+        (table.source == source)
+        & (table.table == tab)
+        & (table.system == system)
+        & (table.model == model)
+        & (table.metric == metric)
     ]
-    assert len(rows) == 1, f"expected one row for {(source, tab, system, model, metric)}, got {len(rows)}"
+    assert len(rows) == 1, (
+        f"expected one row for {(source, tab, system, model, metric)}, got {len(rows)}"
+    )
     return rows.iloc[0]
 
 
@@ -53,7 +77,9 @@ def test_keys_unique_and_complete(table: pd.DataFrame) -> None:
 
 
 def test_values_numeric(table: pd.DataFrame) -> None:
-    assert pd.api.types.is_float_dtype(table["value"]) or pd.api.types.is_integer_dtype(table["value"])
+    assert pd.api.types.is_float_dtype(table["value"]) or pd.api.types.is_integer_dtype(
+        table["value"]
+    )
     assert table["value"].map(math.isfinite).all()
     assert pd.api.types.is_float_dtype(table["error"])
     errors = table["error"].dropna()
@@ -73,11 +99,19 @@ def test_every_row_states_its_convention(table: pd.DataFrame) -> None:
 
 
 def test_table2_spot_checks(table: pd.DataFrame) -> None:
-    row = lookup(table, "kohler2020", "Table 2", "lj13", "kernel-flow", "train_time_10_iterations_s")
-    assert row.value == pytest.approx(0.498) and row.error == pytest.approx(0.010) and row.unit == "s"
-    row = lookup(table, "kohler2020", "Table 2", "lj13", "schnet-flow", "sample_time_10_iterations_s")
+    row = lookup(
+        table, "kohler2020", "Table 2", "lj13", "kernel-flow", "train_time_10_iterations_s"
+    )
+    assert (
+        row.value == pytest.approx(0.498) and row.error == pytest.approx(0.010) and row.unit == "s"
+    )
+    row = lookup(
+        table, "kohler2020", "Table 2", "lj13", "schnet-flow", "sample_time_10_iterations_s"
+    )
     assert row.value == pytest.approx(25.400) and row.error == pytest.approx(3.690)
-    row = lookup(table, "kohler2020", "Table 2", "dw4", "gradient-flow", "train_time_10_iterations_s")
+    row = lookup(
+        table, "kohler2020", "Table 2", "dw4", "gradient-flow", "train_time_10_iterations_s"
+    )
     assert row.value == pytest.approx(2.58) and row.error == pytest.approx(0.091)
     assert "ratios" in row.note
     assert (table[table.table == "Table 2"].shape[0]) == 12
@@ -94,15 +128,24 @@ def test_table1_spot_checks(table: pd.DataFrame) -> None:
     assert (row.value, row.error) == (pytest.approx(0.90), pytest.approx(0.30))
     training = t1[t1.model == "training-set"].set_index("metric")
     assert training["value"].to_dict() == {
-        "distinct_minima_-70_-60": 0, "distinct_minima_-80_-70": 7, "distinct_minima_-inf_-80": 0,
+        "distinct_minima_-70_-60": 0,
+        "distinct_minima_-80_-70": 7,
+        "distinct_minima_-inf_-80": 0,
     }
     assert training["error"].isna().all()
 
 
 def test_other_paper_numbers(table: pd.DataFrame) -> None:
-    assert lookup(table, "kohler2020", "§7.4", "dw4", "node", "loglik_train").value == pytest.approx(10.85)
-    assert lookup(table, "kohler2020", "§7.4", "dw4", "node", "loglik_test").value == pytest.approx(11.40)
-    assert lookup(table, "kohler2020", "§7.5", "dw4", "kernel-flow", "distinct_minima_found").value == 5
+    assert lookup(
+        table, "kohler2020", "§7.4", "dw4", "node", "loglik_train"
+    ).value == pytest.approx(10.85)
+    assert lookup(table, "kohler2020", "§7.4", "dw4", "node", "loglik_test").value == pytest.approx(
+        11.40
+    )
+    assert (
+        lookup(table, "kohler2020", "§7.5", "dw4", "kernel-flow", "distinct_minima_found").value
+        == 5
+    )
     assert lookup(table, "kohler2020", "§7.5", "dw4", "node", "distinct_minima_found").value == 1
     counts = {
         ("C.1", "kernel-flow"): (620, 620),
@@ -114,8 +157,10 @@ def test_other_paper_numbers(table: pd.DataFrame) -> None:
     for (tab, model), (dw4, lj13) in counts.items():
         assert lookup(table, "kohler2020", tab, "dw4", model, "n_parameters").value == dw4
         assert lookup(table, "kohler2020", tab, "lj13", model, "n_parameters").value == lj13
-    minima = [lookup(table, "kohler2020", "SPEC §2", "dw4", "system", f"minimum_energy_{k}").value
-              for k in range(1, 6)]
+    minima = [
+        lookup(table, "kohler2020", "SPEC §2", "dw4", "system", f"minimum_energy_{k}").value
+        for k in range(1, 6)
+    ]
     assert minima == pytest.approx([-25.79, -25.31, -24.35, -23.47, -21.07])
     row = lookup(table, "kohler2020", "Fig. 7", "lj13", "system", "global_minimum_energy")
     assert row.value == pytest.approx(-83.09) and "ordered-pair" in row.convention

@@ -102,23 +102,35 @@ def test_dw4_energies_agree_with_community_data():
 
 @pytest.mark.skipif(external.reference_data_dir() is None, reason="community reference data not available")
 def test_lj13_energies_agree_with_community_data():
-    """eqbench's LJ-13 energies (ordered-pair convention) vs the DEM/EFM LJ-13 val+test files.
+    """eqbench's LJ-13 energies (ordered-pair convention) vs the DEM/EFM LJ-13 val and test files.
 
     Those files follow the ordered-pair energy (their configurational temperature is 1 with it,
     0.5 with the single count), so agreement checks the convention and the sampler at once.
-    Mean within 3 combined standard errors (theirs naive: the files carry no chain structure);
-    KS below the α = 0.001 critical value.
+
+    The two community files disagree with each other more than independent samples would
+    (measured: mean energies -43.00 vs -43.13, KS 0.022 at p = 0.02; their rows carry no chain
+    structure to estimate correlations from). A reference cannot check us more tightly than it
+    agrees with itself, so each tolerance is the statistical one (3 combined standard errors
+    for the mean, the α = 0.001 critical value for KS) plus the files' own val/test discrepancy
+    in the same statistic, computed here from the files.
     """
     system = eqbench.get_system("lj13")
     ours, d = _pool("lj13", "test")
-    theirs = np.concatenate([external.load_reference(system, "val"), external.load_reference(system, "test")])
+    val = external.load_reference(system, "val")
+    test = external.load_reference(system, "test")
     e_ours = system.energy(torch.from_numpy(ours)).numpy()
-    e_theirs = system.energy(torch.from_numpy(theirs)).numpy()
+    e_val = system.energy(torch.from_numpy(val)).numpy()
+    e_test = system.energy(torch.from_numpy(test)).numpy()
+    e_theirs = np.concatenate([e_val, e_test])
     se_theirs = e_theirs.std() / math.sqrt(len(e_theirs))
-    assert abs(e_ours.mean() - e_theirs.mean()) < 3 * math.hypot(d["energy_stderr"], se_theirs)
-    assert stats.ks_2samp(e_ours, e_theirs).statistic < _ks_critical(len(e_ours), len(e_theirs))
+    own_mean_spread = abs(e_val.mean() - e_test.mean())
+    own_ks = stats.ks_2samp(e_val, e_test).statistic
+    assert abs(e_ours.mean() - e_theirs.mean()) < 3 * math.hypot(d["energy_stderr"], se_theirs) + own_mean_spread
+    ks = stats.ks_2samp(e_ours, e_theirs).statistic
+    assert ks < _ks_critical(len(e_ours), len(e_theirs)) + own_ks, ks
     # The single-count energy would put the community data at temperature ~0.5: guard the convention.
-    assert abs(system.configurational_temperature(torch.from_numpy(theirs)) - 1.0) < 0.03
+    both = torch.from_numpy(np.concatenate([val, test]))
+    assert abs(system.configurational_temperature(both) - 1.0) < store.TEMPERATURE_TOLERANCE
 
 
 # ------------------------------------------------------------------------------------ the sampler
