@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,8 +12,9 @@ from eqbench import catalog  # noqa: F401  (registers the built-ins)
 from eqbench.data import external, store
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
-from eqbench.records import CellResult
+from eqbench.devices import resolve_device
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Entry
+from eqbench.runner import run
 from eqbench.systems.base import ParticleSystem
 
 __all__ = [
@@ -72,41 +72,6 @@ def build_model(name: str, system: str | ParticleSystem, config: Mapping[str, An
     """Build a registered model (or a ``"module:attr"`` builder) for a system."""
     builder = MODELS.get(name)
     return builder(get_system(system), dict(config or {}))
-
-
-def resolve_device(device: str) -> str:
-    """Validate a ``--device`` string: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (CUDA when present)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {device!r}; valid: cpu, cuda, cuda:N, auto") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available here; valid: cpu, auto")
-    if parsed.type not in ("cpu", "cuda"):
-        raise ConfigError(f"unsupported device {device!r}; valid: cpu, cuda, cuda:N, auto")
-    return str(parsed)
-
-
-def run(
-    task: str,
-    model: str,
-    system: str,
-    profile: str = "smoke",
-    *,
-    seed: int | None = None,
-    device: str = "cpu",
-    overrides: Mapping[str, Any] | None = None,
-    results_dir: str | Path = "results",
-    rerun: bool = False,
-    progress: bool | None = None,
-) -> list[CellResult]:
-    """Run a task profile for one model and system; see :func:`eqbench.runner.run`."""
-    from eqbench import runner
-
-    return runner.run(task, model, system, profile, seed=seed, device=resolve_device(device),
-                      overrides=overrides, results_dir=results_dir, rerun=rerun, progress=progress)
 
 
 def list_systems() -> list[Entry]:

@@ -12,13 +12,12 @@ import itertools
 import os
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from eqbench.errors import ConfigError
 
-__all__ = ["PROFILES", "RunConfig", "tasks_dir", "load_profiles", "parse_overrides", "apply_overrides", "expand_grid"]
+__all__ = ["PROFILES", "tasks_dir", "load_profiles", "parse_overrides", "apply_overrides", "expand_grid"]
 
 PROFILES = ("smoke", "quick", "paper")
 
@@ -80,25 +79,3 @@ def expand_grid(params: Mapping[str, Any], axes: Sequence[str]) -> list[dict[str
         value = params.get(axis)
         values.append(list(value) if isinstance(value, (list, tuple)) else [value])
     return [dict(params, **dict(zip(axes, point))) for point in itertools.product(*values)]
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything that identifies one cell: its hash is the cell id (see :mod:`eqbench.records`)."""
-
-    task: str
-    model: str
-    system: str
-    profile: str
-    seed: int
-    params: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task": self.task,
-            "model": self.model,
-            "system": self.system,
-            "profile": self.profile,
-            "seed": self.seed,
-            "params": dict(self.params),
-        }

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eqbench.config import apply_overrides, expand_grid
+from eqbench.devices import resolve_device
 from eqbench.errors import ConfigError, EqbenchError
 from eqbench.records import CellResult, CellStore, Record, cell_id, now_iso, provenance
 from eqbench.registry import MODELS, SYSTEMS, TASKS
@@ -118,7 +119,12 @@ def run(
     rerun: bool = False,
     progress: bool | None = None,
 ) -> list[CellResult]:
-    """Run every cell of a task profile; finished cells (same config hash, status ok) are skipped."""
+    """Run every cell of a task profile for one model and system.
+
+    Finished cells (same config hash, status ok) are read back instead of rerun. ``device`` is
+    ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; it is provenance, not part of the cell id.
+    """
+    device = resolve_device(device)
     plans = plan_cells(task, model, system, profile, seed=seed, overrides=overrides)
     store = CellStore(results_dir)
     results = []
