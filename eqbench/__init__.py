@@ -16,6 +16,8 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+from eqbench import catalog as _catalog  # noqa: E402,F401  (registers the built-ins; imports no torch)
+
 _API = ("get_system", "load_data", "build_model", "run", "list_systems", "list_models", "list_tasks")
 
 __all__ = [*_API, "__version__"]
