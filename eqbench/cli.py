@@ -187,6 +187,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_timing(args: argparse.Namespace) -> int:
+    import torch
+
+    from eqbench.api import build_model, get_system, load_data
+    from eqbench.timing import stable_malloc, time_model, time_velocity_divergence
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    malloc = stable_malloc()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, stable malloc: {malloc}, "
+          f"batch {args.batch}, medians of {args.repeats}")
+    rows, by_key = [], {}
+    for system_name in args.systems:
+        system = get_system(system_name)
+        data = load_data(system, "train", n=1000, seed=0, dtype=torch.float32)
+        for model in args.models:
+            timing = time_model(model, system, data=data, batch=args.batch, n_samples=args.samples,
+                                repeats=args.repeats, budget_s=args.budget)
+            by_key[(model, system_name)] = timing
+            rows.append(timing)
+    table = []
+    for t in rows:
+        ref = by_key.get(("kernel-flow", t.system))
+        ratio = f"{t.train_iteration_s / ref.train_iteration_s:.2f}" if ref else ""
+        many = f"{t.sample_many_s:.2f}" if t.sample_many_s is not None else "-"
+        table.append((t.model, t.system, t.n_parameters, f"{t.train_iteration_s:.4f}", ratio,
+                      f"{t.sample_batch_s:.4f}", many, t.note))
+    print()
+    _print_table(table, ("model", "system", "params", "train iter s", "/ kernel-flow", f"sample {args.batch} s",
+                         f"sample {args.samples} s (exact weights)", "note"))
+    if "kernel-flow" in args.models:
+        print("\nvelocity and divergence, batch", args.batch, "(seconds per evaluation):")
+        div_rows = []
+        for system_name in args.systems:
+            system = get_system(system_name)
+            flow = build_model("kernel-flow", system)
+            x = load_data(system, "train", n=args.batch, seed=1, dtype=torch.float32)
+            v = time_velocity_divergence(flow, x, None, repeats=args.repeats * 4)
+            closed = time_velocity_divergence(flow, x, "closed-form", repeats=args.repeats * 4)
+            brute = time_velocity_divergence(flow, x, "brute-force", repeats=args.repeats)
+            hutch = time_velocity_divergence(flow, x, "hutchinson", repeats=args.repeats * 4)
+            div_rows.append((system_name, f"{v:.2e}", f"{closed:.2e}", f"{brute:.2e}", f"{hutch:.2e}",
+                             f"{closed / v:.2f}", f"{brute / closed:.1f}"))
+        _print_table(div_rows, ("system", "velocity", "closed form", "brute force", "hutchinson",
+                                "closed/velocity", "brute/closed"))
+    return 0
+
+
 def cmd_collect(args: argparse.Namespace) -> int:
     from eqbench.records import CellStore
 
@@ -243,6 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("timing", help="time training and sampling per model (paper Table 2) on this machine",
+                       description="Median wall times of one training iteration (DTO, batch 64), sampling with "
+                                   "exact log-weights, and the kernel flow's velocity/divergence; compare ratios.")
+    p.add_argument("--models", nargs="+", default=["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"])
+    p.add_argument("--systems", nargs="+", default=["dw4", "lj13"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--samples", type=int, default=10_000, help="samples drawn with exact log-weights")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget", type=float, default=120.0, help="skip timing the many-sample run beyond this (s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.set_defaults(func=cmd_timing)
 
     p = sub.add_parser("collect", help="concatenate the per-cell records into one long CSV")
     p.add_argument("--results", default="results", help="results directory (default: results)")
