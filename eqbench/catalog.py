@@ -16,15 +16,15 @@ SYSTEMS.register("lj13", "eqbench.systems.lennard_jones:make_lj13",
                  description="13 Lennard-Jones particles in 3-D + CoM oscillator, ordered-pair energy (paper §6)")
 
 MODELS.register("kernel-flow", "eqbench.flows.kernel_flow:build",
-                description="equivariant RBF kernel CNF, closed-form exact divergence (paper §5; 620 params)")
+                description="equivariant RBF kernel CNF, closed-form exact divergence (paper §5, C.1: 620 params)")
 MODELS.register("gradient-flow", "eqbench.flows.gradient_flow:build",
-                description="simple gradient flow v = ∇Φ, Φ = Σ MLP(RBF(d_ij)) (paper B.1; 5,377 params)")
+                description="simple gradient flow v = ∇Φ, Φ = Σ MLP(RBF(d_ij)) (paper B.1, C.2: 5,377 params)")
 MODELS.register("schnet-flow", "eqbench.flows.schnet_flow:build",
-                description="gradient flow of a SchNet-like invariant potential (paper B.1; 9,857 params)")
+                description="gradient flow of a SchNet-like invariant potential (paper B.1, C.2: 9,857 params)")
 MODELS.register("node", "eqbench.flows.node:build",
-                description="black-box neural ODE on flat coordinates, not equivariant (paper §7.3; 5,256 / 21,671)")
+                description="black-box neural ODE on flat coordinates, not equivariant (paper §7.3, C.3: 5,256 / 21,671 params)")
 MODELS.register("real-nvp", "eqbench.flows.real_nvp:build",
-                description="affine coupling flow with a Gaussian CoM (paper B.2, C.5), not equivariant")
+                description="affine coupling flow with a Gaussian CoM (paper B.2, C.5: 21,576 / 215,680 params), not equivariant")
 MODELS.register("gaussian", "eqbench.flows.gaussian:build",
                 description="isotropic CoM-free Gaussian, closed-form ML fit (1 parameter; baseline)")
 

@@ -22,6 +22,7 @@ from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
 EXAMPLES = """\
 examples:
   python -m eqbench list                                  # systems, models, tasks and their origin
+  python -m eqbench list models --params                  # with parameter counts as built
   python -m eqbench describe lj13                         # energy and conventions of a system
   python -m eqbench data dw4 lj13                         # generate/verify reference data, print diagnostics
   python -m eqbench data dw4 --source community           # diagnostics of the public DEM/EFM files
@@ -49,9 +50,26 @@ def cmd_list(args: argparse.Namespace) -> int:
         if index:
             print()
         print(f"{kind}:")
-        rows = [(e.name, e.origin, e.description) for e in KINDS[kind].entries()]
-        _print_table(rows, ("name", "origin", "description"))
+        if kind == "models" and args.params:
+            rows = [(e.name, e.origin, *_parameter_counts(e.name), e.description) for e in KINDS[kind].entries()]
+            _print_table(rows, ("name", "origin", "params dw4", "params lj13", "description"))
+        else:
+            rows = [(e.name, e.origin, e.description) for e in KINDS[kind].entries()]
+            _print_table(rows, ("name", "origin", "description"))
     return 0
+
+
+def _parameter_counts(model: str) -> list[str]:
+    """Trainable parameters of the model's default configuration on dw4 and lj13, as built."""
+    from eqbench.api import build_model
+
+    counts = []
+    for system in ("dw4", "lj13"):
+        try:
+            counts.append(f"{build_model(model, system).n_parameters:,}")
+        except Exception as exc:  # a broken plugin must not break the listing
+            counts.append(f"error: {type(exc).__name__}")
+    return counts
 
 
 # ------------------------------------------------------------------------------------ describe
@@ -260,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered systems, models and tasks with their origin")
     p.add_argument("kind", nargs="?", choices=list(KINDS), help="only this kind")
+    p.add_argument("--params", action="store_true",
+                   help="also build each model for dw4 and lj13 and show its parameter count (imports torch)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("describe", help="describe a system (energy, conventions), model or task (profiles)")
