@@ -23,3 +23,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_configure(config):
+    """One torch thread per test process: the suite's tensors are small, and two threads on a
+    2-core machine shared with anything else slow them down up to 10x (measured)."""
+    import torch
+
+    torch.set_num_threads(1)
