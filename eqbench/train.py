@@ -130,25 +130,25 @@ def fit(
         loss = (1.0 - lam) * nll + lam * kl
         if not torch.isfinite(loss):
             status = "failed"
-            reason = f"non-finite loss at iteration {iteration} (nll={float(nll):.4g}, kl={float(kl):.4g}, λ={lam:.3f})"
+            reason = f"non-finite loss at iteration {iteration} (nll={nll.item():.4g}, kl={kl.item():.4g}, λ={lam:.3f})"
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = _grad_norm(flow)
         if not math.isfinite(grad_norm):
-            status, reason = "failed", f"non-finite gradient at iteration {iteration} (loss={float(loss):.4g})"
+            status, reason = "failed", f"non-finite gradient at iteration {iteration} (loss={loss.item():.4g})"
             break
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(flow.parameters(), config.grad_clip)
         optimizer.step()
         done = iteration + 1
         if iteration % config.log_every == 0 or done == config.iterations:
-            entry = {"iteration": iteration, "loss": float(loss), "nll": float(nll), "kl": float(kl),
+            entry = {"iteration": iteration, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
                      "lambda": lam, "grad_norm": grad_norm,
                      "nfe": float(getattr(flow, "nfe", 0) - nfe_before),  # forward + backward, this iteration
                      "wall_s": time.perf_counter() - start}
             history.append(entry)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     flow.eval()
     return TrainResult(status, reason, done, time.perf_counter() - start, history, asdict(config))
