@@ -25,6 +25,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m eqbench data dw4 lj13
 	$(PY) -m eqbench run --task test-nll --model gaussian --system dw4 --profile quick --results $(RESULTS)
+	$(PY) -m eqbench run --task test-nll --model kernel-flow --system dw4 --profile quick --results $(RESULTS)
+	$(PY) -m eqbench run --task test-nll --model node --system dw4 --profile quick --results $(RESULTS)
 	$(PY) -m eqbench run --task test-nll --model gaussian --system lj13 --profile quick --results $(RESULTS)
 	$(PY) -m eqbench collect --results $(RESULTS)
 
