@@ -28,7 +28,7 @@ from eqbench.flows.base import Flow
 from eqbench.flows.divergence import METHODS, brute_force_divergence, hutchinson_divergence, rademacher_like
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["SolverConfig", "CNF", "CNF_OPTIONS", "pop_cnf_options", "reject_unknown"]
+__all__ = ["SolverConfig", "CNF", "CNF_OPTIONS", "DTYPES", "parse_dtype", "pop_cnf_options", "reject_unknown"]
 
 SOLVER_MODES = ("dto", "otd")
 
@@ -167,6 +167,20 @@ class CNF(Flow):
         """Switch DTO/OTD or the step count in place (``mode``, ``steps``, ``atol``, ``rtol``)."""
         self.solver = replace(self.solver, **changes)
         return self
+
+
+#: Values of the ``dtype`` setting every model builder accepts.
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def parse_dtype(value: object, model: str) -> torch.dtype:
+    """``"float32"`` / ``"float64"`` (or those torch dtypes) for a builder's ``dtype`` setting."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ConfigError(f"{model} setting dtype must be one of {', '.join(DTYPES)}; got {value!r}")
+    return DTYPES[name]
 
 
 #: Settings every CNF builder accepts besides its own hyperparameters.

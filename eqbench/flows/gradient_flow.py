@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from eqbench.errors import ConfigError
-from eqbench.flows.cnf import CNF, pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import CNF, parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.geometry import pair_vectors
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
@@ -188,7 +188,6 @@ class SimpleGradientFlow(GradientFlowBase):
         return self.pair_potential(d).sum(-1)
 
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _init_scale(config: dict, model: str) -> float:
@@ -196,16 +195,6 @@ def _init_scale(config: dict, model: str) -> float:
     if not scale > 0:
         raise ConfigError(f"{model} setting init_scale must be positive; got {scale}")
     return scale
-
-
-def _dtype(config: dict, model: str) -> torch.dtype:
-    value = config.pop("dtype", "float32")
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ConfigError(f"{model} setting dtype must be one of {', '.join(_DTYPES)}; got {value!r}")
-    return _DTYPES[name]
 
 
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SimpleGradientFlow:
@@ -220,7 +209,7 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Si
     rbf_placement(system.name)  # unsupported system: fail before anything else
     options = pop_cnf_options(config, train_divergence="hutchinson")
     init_scale = _init_scale(config, "gradient-flow")
-    dtype = _dtype(config, "gradient-flow")
+    dtype = parse_dtype(config.pop("dtype", "float32"), "gradient-flow")
     reject_unknown(config, "gradient-flow", ("init_scale", "dtype"))
     return SimpleGradientFlow(system, init_scale=init_scale, **options).to(dtype)
 

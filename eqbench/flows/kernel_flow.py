@@ -74,7 +74,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from eqbench.errors import ConfigError
-from eqbench.flows.cnf import CNF, SolverConfig, pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.geometry import pair_indices
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
@@ -84,8 +84,6 @@ __all__ = ["KERNEL_FLOW_OPTIONS", "SUPPORTED_SYSTEMS", "KernelFlow", "build", "d
 SUPPORTED_SYSTEMS = ("dw2", "dw4", "lj13")
 #: Settings of ``build`` besides the common CNF ones.
 KERNEL_FLOW_OPTIONS = ("n_distance_kernels", "n_time_kernels", "init_scale", "dtype")
-#: Values of the ``dtype`` setting.
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 #: Softmax entries are floored at exp(-_LOG_FLOOR) times the pair's largest entry (module docstring).
 _LOG_FLOOR = 60.0
@@ -461,11 +459,9 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Ke
         init_scale = float(config.pop("init_scale", 1e-3))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"kernel-flow: invalid setting ({exc})") from exc
-    dtype_name = str(config.pop("dtype", "float32"))
+    dtype = parse_dtype(config.pop("dtype", "float32"), "kernel-flow")
     reject_unknown(config, "kernel-flow", KERNEL_FLOW_OPTIONS)
-    if dtype_name not in DTYPES:
-        raise ConfigError(f"kernel-flow: unknown dtype {dtype_name!r}; valid: {', '.join(DTYPES)}")
     if not math.isfinite(init_scale) or init_scale < 0:
         raise ConfigError(f"kernel-flow: init_scale must be a finite number >= 0, got {init_scale}")
     kernels = default_kernels(system.name, n_distance, n_time)
-    return KernelFlow(system, init_scale=init_scale, dtype=DTYPES[dtype_name], **kernels, **options)
+    return KernelFlow(system, init_scale=init_scale, dtype=dtype, **kernels, **options)

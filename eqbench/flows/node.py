@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from eqbench.errors import ConfigError
-from eqbench.flows.cnf import CNF, SolverConfig, pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.systems.base import ParticleSystem
 
 __all__ = ["DEFAULT_HIDDEN", "NeuralODE", "build", "parse_dtype", "parse_hidden"]
@@ -60,7 +60,6 @@ __all__ = ["DEFAULT_HIDDEN", "NeuralODE", "build", "parse_dtype", "parse_hidden"
 #: Hidden widths of the paper (C.3), per supported system.
 DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {"dw2": (64, 64), "dw4": (64, 64), "lj13": (64, 128, 64)}
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class NeuralODE(CNF):
@@ -114,16 +113,6 @@ def parse_hidden(value: Any, model: str) -> tuple[int, ...]:
     if any(h < 1 or h != v for h, v in zip(widths, value)):
         raise ConfigError(f"{model} setting hidden must hold positive integers; got {value!r}")
     return widths
-
-
-def parse_dtype(value: Any, model: str) -> torch.dtype:
-    """``"float32"`` / ``"float64"`` (or the torch dtypes themselves)."""
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ConfigError(f"{model} setting dtype must be one of {', '.join(_DTYPES)}; got {value!r}")
-    return _DTYPES[name]
 
 
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> NeuralODE:

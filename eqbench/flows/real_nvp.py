@@ -90,7 +90,8 @@ from torch import nn
 
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
-from eqbench.flows.node import parse_dtype, parse_hidden
+from eqbench.flows.cnf import parse_dtype
+from eqbench.flows.node import parse_hidden
 from eqbench.geometry import remove_com
 from eqbench.systems.base import ParticleSystem
 

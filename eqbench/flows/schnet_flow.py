@@ -33,12 +33,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from eqbench.flows.cnf import pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.flows.gradient_flow import (
     DEFAULT_INIT_SCALE,
     N_RBF,
     GradientFlowBase,
-    _dtype,
     _init_scale,
     rbf_placement,
     shrink_,
@@ -98,6 +97,6 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Sc
     rbf_placement(system.name)  # unsupported system: fail before anything else
     options = pop_cnf_options(config, train_divergence="hutchinson")
     init_scale = _init_scale(config, "schnet-flow")
-    dtype = _dtype(config, "schnet-flow")
+    dtype = parse_dtype(config.pop("dtype", "float32"), "schnet-flow")
     reject_unknown(config, "schnet-flow", ("init_scale", "dtype"))
     return SchNetGradientFlow(system, init_scale=init_scale, **options).to(dtype)
