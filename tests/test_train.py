@@ -86,3 +86,14 @@ def test_bad_training_settings_are_rejected(bad):
 def test_ml_training_needs_data(dw4):
     with pytest.raises(ConfigError, match="needs training data"):
         fit(eqbench.build_model("gaussian", dw4), dw4, None, TrainConfig(iterations=2))
+
+
+def test_function_evaluations_are_counted_per_solve(dw4, train_data):
+    """DTO: 4 evaluations per RK4 step; OTD (dopri5): adaptive, at least 6 per accepted step."""
+    x = train_data[:8].double()
+    flow = eqbench.build_model("kernel-flow", dw4, {"steps": 10, "dtype": "float64"})
+    flow.log_prob(x)
+    assert flow.last_solve_nfe == 40
+    flow.with_solver(mode="otd")
+    flow.log_prob(x)
+    assert flow.last_solve_nfe >= 6

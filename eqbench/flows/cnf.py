@@ -89,6 +89,8 @@ class CNF(Flow):
         self.eval_divergence = eval_divergence
         #: Function evaluations since the last reset (forward and, for OTD, adjoint passes).
         self.nfe = 0
+        #: Function evaluations of the most recent solve's forward pass.
+        self.last_solve_nfe = 0
 
     # ------------------------------------------------------------------ to implement
     def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +149,7 @@ class CNF(Flow):
         noise = rademacher_like(x0) if method == "hutchinson" else None
         dynamics = _Dynamics(self, method, noise)
         state = (x0, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device))
+        nfe_before = self.nfe
         times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
         if self.solver.mode == "dto":
             xs, logdets = odeint(dynamics, state, times, method="rk4",
@@ -155,6 +158,8 @@ class CNF(Flow):
             params = tuple(p for p in self.parameters() if p.requires_grad)
             xs, logdets = odeint_adjoint(dynamics, state, times, method="dopri5", atol=self.solver.atol,
                                          rtol=self.solver.rtol, adjoint_params=params)
+        #: Evaluations of this solve's forward pass (OTD's adjoint pass adds to ``nfe`` later).
+        self.last_solve_nfe = self.nfe - nfe_before
         return xs[-1], logdets[-1]
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
