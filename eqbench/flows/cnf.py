@@ -17,6 +17,7 @@ Subclasses implement :meth:`CNF.velocity` and, where they have one, a closed-for
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from dataclasses import dataclass, replace
 
 import torch
@@ -93,9 +94,9 @@ class CNF(Flow):
         self.last_solve_nfe = 0
 
     # ------------------------------------------------------------------ to implement
+    @abstractmethod
     def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``v(t, x)`` for ``x`` of shape ``[B, N, D]``; must preserve the centre of mass."""
-        raise NotImplementedError
 
     def velocity_and_divergence(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-form ``(v, div v)``; only models with ``has_closed_form_divergence``."""

@@ -197,6 +197,18 @@ def _init_scale(config: dict, model: str) -> float:
     return scale
 
 
+def build_gradient_flow(cls: type[GradientFlowBase], model: str, system: ParticleSystem,
+                        config: Mapping[str, Any] | None) -> GradientFlowBase:
+    """Shared builder of the gradient flows: settings ``init_scale``, ``dtype`` and the CNF ones."""
+    config = dict(config or {})
+    rbf_placement(system.name)  # unsupported system: fail before anything else
+    options = pop_cnf_options(config, train_divergence="hutchinson")
+    init_scale = _init_scale(config, model)
+    dtype = parse_dtype(config.pop("dtype", "float32"), model)
+    reject_unknown(config, model, ("init_scale", "dtype"))
+    return cls(system, init_scale=init_scale, **options).to(dtype)
+
+
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SimpleGradientFlow:
     """Registry builder for ``gradient-flow`` (dw2, dw4, lj13).
 
@@ -205,11 +217,4 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Si
     ``steps``, ``atol``, ``rtol``, ``train_divergence`` default ``"hutchinson"``,
     ``eval_divergence`` default ``"exact"``).
     """
-    config = dict(config or {})
-    rbf_placement(system.name)  # unsupported system: fail before anything else
-    options = pop_cnf_options(config, train_divergence="hutchinson")
-    init_scale = _init_scale(config, "gradient-flow")
-    dtype = parse_dtype(config.pop("dtype", "float32"), "gradient-flow")
-    reject_unknown(config, "gradient-flow", ("init_scale", "dtype"))
-    return SimpleGradientFlow(system, init_scale=init_scale, **options).to(dtype)
-
+    return build_gradient_flow(SimpleGradientFlow, "gradient-flow", system, config)

@@ -33,13 +33,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from eqbench.flows.cnf import parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.flows.gradient_flow import (
     DEFAULT_INIT_SCALE,
     N_RBF,
     GradientFlowBase,
-    _init_scale,
-    rbf_placement,
+    build_gradient_flow,
     shrink_,
     tanh_mlp,
 )
@@ -93,10 +91,4 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Sc
     ``steps``, ``atol``, ``rtol``, ``train_divergence`` default ``"hutchinson"``,
     ``eval_divergence`` default ``"exact"``).
     """
-    config = dict(config or {})
-    rbf_placement(system.name)  # unsupported system: fail before anything else
-    options = pop_cnf_options(config, train_divergence="hutchinson")
-    init_scale = _init_scale(config, "schnet-flow")
-    dtype = parse_dtype(config.pop("dtype", "float32"), "schnet-flow")
-    reject_unknown(config, "schnet-flow", ("init_scale", "dtype"))
-    return SchNetGradientFlow(system, init_scale=init_scale, **options).to(dtype)
+    return build_gradient_flow(SchNetGradientFlow, "schnet-flow", system, config)
