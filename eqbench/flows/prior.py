@@ -14,17 +14,24 @@ import torch
 
 from eqbench.geometry import remove_com
 
-__all__ = ["CoMFreeNormal"]
+__all__ = ["CoMFreeNormal", "StandardNormal"]
 
 
-class CoMFreeNormal:
-    """Standard normal on the CoM-free subspace of ``n_particles`` points in ``n_dims`` dims."""
+class StandardNormal:
+    """``N(0, I)`` on all ``N·D`` coordinates: the prior of a CoM-augmented flow (paper B.2)."""
 
     def __init__(self, n_particles: int, n_dims: int):
         self.n_particles = n_particles
         self.n_dims = n_dims
-        self.n_dof = (n_particles - 1) * n_dims
+        self.n_dof = self._dof(n_particles, n_dims)
         self.log_normaliser = 0.5 * self.n_dof * math.log(2.0 * math.pi)
+
+    @staticmethod
+    def _dof(n_particles: int, n_dims: int) -> int:
+        return n_particles * n_dims
+
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        return z
 
     def sample(
         self,
@@ -35,9 +42,22 @@ class CoMFreeNormal:
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         z = torch.randn(n, self.n_particles, self.n_dims, generator=generator, dtype=dtype, device=device)
-        return remove_com(z)
+        return self._project(z)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """Log-density of CoM-free ``z`` (the CoM component, if any, is ignored)."""
-        z = remove_com(z)
-        return -0.5 * z.pow(2).sum(dim=(-2, -1)) - self.log_normaliser
+        return -0.5 * self._project(z).pow(2).sum(dim=(-2, -1)) - self.log_normaliser
+
+
+class CoMFreeNormal(StandardNormal):
+    """Standard normal on the CoM-free subspace of ``n_particles`` points in ``n_dims`` dims.
+
+    ``log_prob`` ignores any CoM component of its input; the normaliser runs over
+    ``(N - 1) D`` dimensions.
+    """
+
+    @staticmethod
+    def _dof(n_particles: int, n_dims: int) -> int:
+        return (n_particles - 1) * n_dims
+
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        return remove_com(z)

@@ -90,37 +90,16 @@ from torch import nn
 
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
+from eqbench.flows.prior import StandardNormal
 from eqbench.flows.cnf import parse_dtype
 from eqbench.flows.node import parse_hidden
 from eqbench.geometry import remove_com
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["DEFAULT_BLOCKS", "AffineCoupling", "RealNVP", "StandardNormal", "build"]
+__all__ = ["DEFAULT_BLOCKS", "AffineCoupling", "RealNVP", "build"]
 
 #: Coupling blocks per supported system (C.5; the double wells share DW-4's setting).
 DEFAULT_BLOCKS: dict[str, int] = {"dw2": 8, "dw4": 8, "lj13": 16}
-
-
-class StandardNormal:
-    """``N(0, I)`` on all ``N·D`` coordinates (the prior of a CoM-augmented flow, paper B.2)."""
-
-    def __init__(self, n_particles: int, n_dims: int):
-        self.n_particles = n_particles
-        self.n_dims = n_dims
-        self.log_normaliser = 0.5 * n_particles * n_dims * math.log(2.0 * math.pi)
-
-    def sample(
-        self,
-        n: int,
-        *,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor:
-        return torch.randn(n, self.n_particles, self.n_dims, generator=generator, dtype=dtype, device=device)
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * z.pow(2).sum(dim=(-2, -1)) - self.log_normaliser
 
 
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: type[nn.Module], dtype: torch.dtype,
