@@ -30,3 +30,15 @@ MODELS.register("gaussian", "eqbench.flows.gaussian:build",
 
 TASKS.register("test-nll", "eqbench.tasks.test_nll:TASK",
                description="closed-form ML fit, NLL on train and test (minimal end-to-end task)")
+TASKS.register("density-estimation", "eqbench.tasks.density_estimation:TASK",
+               description="NLL on train and test vs training-set size 10..10,000, with/without augmentation (paper §7.3, Fig. 5, 8, 9)")
+TASKS.register("bg-reweighting", "eqbench.tasks.bg_reweighting:TASK",
+               description="ML then λ-mixed KL training; energy histograms, reweighting, ESS, W2, DW-2 free energy (paper §7.4, B.3, Fig. 3b, 6, 10)")
+TASKS.register("metastable-states", "eqbench.tasks.metastable_states:TASK",
+               description="distinct minima found from flow samples vs training data and MCMC (paper §7.5, Table 1, Fig. 7)")
+TASKS.register("divergence-cost", "eqbench.tasks.divergence_cost:TASK",
+               description="Hutchinson error and divergence wall time vs number of particles (paper §7.1, Fig. 3a, 3c)")
+TASKS.register("dto-vs-otd", "eqbench.tasks.dto_vs_otd:TASK",
+               description="test NLL and function evaluations per iteration, DTO vs OTD training (paper §7.2, Fig. 4)")
+TASKS.register("timing", "eqbench.tasks.timing:TASK",
+               description="wall time per training and sampling iteration, batch 64, ratios to the kernel flow (paper B.1, Table 2)")

@@ -197,12 +197,43 @@ def cmd_run(args: argparse.Namespace) -> int:
             failed += 1
             rows.append((cell.cell_id, params.get("n_train", ""), cell.config["seed"], "FAILED", "", cell.reason))
             continue
+        series: dict[str, int] = {}
         for r in cell.records:
-            rows.append((cell.cell_id, r.n_train if r.n_train is not None else "", r.seed, r.metric, _fmt(r.value), r.unit))
-    _print_table(rows, ("cell", "n_train", "seed", "metric", "value", "unit"))
+            if r.step is not None:  # curves and histograms: one summary line, the values are in the CSV
+                series[r.metric] = series.get(r.metric, 0) + 1
+                continue
+            rows.append((cell.cell_id, r.n_train if r.n_train is not None else "", r.variant, r.seed, r.metric,
+                         _fmt(r.value), r.unit))
+        for metric, count in series.items():
+            rows.append((cell.cell_id, params.get("n_train", ""), "", cell.config["seed"], metric,
+                         f"[{count} points]", ""))
+    _print_table(rows, ("cell", "n_train", "variant", "seed", "metric", "value", "unit"))
     table = CellStore(args.results).collect()
     print(f"\n{len(results)} cells ({failed} failed); all results: {Path(args.results) / 'results.csv'} ({len(table)} rows)")
+    if not args.no_plot:
+        from eqbench.plots import write_task_plots
+
+        for path in write_task_plots(args.task, args.results, table=table):
+            print(f"plot: {path}")
     return 1 if failed else 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from eqbench.plots import write_task_plots
+    from eqbench.registry import TASKS
+
+    tasks = args.task or [entry.name for entry in TASKS.entries()]
+    if args.task:
+        for name in tasks:
+            TASKS.get(name)  # unknown task names fail with the valid choices
+    csv = Path(args.results) / "results.csv"
+    if not csv.exists():
+        raise EqbenchError(f"no results table at {csv}; run a task or `eqbench collect --results {args.results}` first")
+    written = [path for name in tasks for path in write_task_plots(name, args.results)]
+    for path in written:
+        print(path)
+    print(f"{len(written)} files written under {Path(args.results) / 'plots'}")
+    return 0
 
 
 def cmd_timing(args: argparse.Namespace) -> int:
@@ -310,7 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a profile setting (TOML value), e.g. --set n_train=[10,100]; repeatable")
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
+    p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures after the run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("plot", help="redraw task figures (PNG + SVG) from RESULTS/results.csv",
+                       description="Each task draws its figures from the long table only, into RESULTS/plots/<task>/.")
+    p.add_argument("--task", action="append", help="task id (repeatable; default: every task with results)")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("timing", help="time training and sampling per model (paper Table 2) on this machine",
                        description="Median wall times of one training iteration (DTO, batch 64), sampling with "

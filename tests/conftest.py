@@ -31,3 +31,35 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def run_task_smoke(task: str, model: str, system: str, results_dir: Path, *, overrides: dict | None = None,
+                   expect_metrics: tuple[str, ...] = ()):
+    """Run a task's ``smoke`` profile and check what every task must deliver (issue 4):
+    every cell ok, records of this task/model/system with finite values and the expected metrics,
+    a collected long table with exactly the schema's columns, and the task's plots as PNG + SVG."""
+    import math
+
+    import eqbench
+    from eqbench.plots import write_task_plots
+    from eqbench.records import RECORD_COLUMNS, CellStore
+
+    results = eqbench.run(task, model, system, "smoke", overrides=overrides, results_dir=results_dir, progress=False)
+    assert results, "the smoke profile planned no cells"
+    for cell in results:
+        assert cell.status == "ok", cell.reason
+        assert cell.records, "an ok cell must produce records"
+        for record in cell.records:
+            assert (record.task, record.model, record.system) == (task, model, system)
+            assert math.isfinite(record.value), record
+    metrics = {r.metric for cell in results for r in cell.records}
+    missing = set(expect_metrics) - metrics
+    assert not missing, f"missing metrics {sorted(missing)}; got {sorted(metrics)}"
+    table = CellStore(results_dir).collect()
+    assert list(table.columns) == list(RECORD_COLUMNS)
+    assert (table["task"] == task).all()
+    plots = write_task_plots(task, results_dir, table=table)
+    suffixes = sorted(p.suffix for p in plots)
+    assert plots and suffixes.count(".png") == suffixes.count(".svg") >= 1, plots
+    assert all(p.stat().st_size > 0 for p in plots)
+    return results, table

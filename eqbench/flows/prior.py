@@ -41,8 +41,10 @@ class StandardNormal:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        z = torch.randn(n, self.n_particles, self.n_dims, generator=generator, dtype=dtype, device=device)
-        return self._project(z)
+        # Draw where the generator lives (a seeded CPU generator stays reproducible on CUDA runs).
+        source = generator.device if generator is not None else device
+        z = torch.randn(n, self.n_particles, self.n_dims, generator=generator, dtype=dtype, device=source)
+        return self._project(z.to(device) if device is not None else z)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return -0.5 * self._project(z).pow(2).sum(dim=(-2, -1)) - self.log_normaliser

@@ -10,13 +10,45 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from eqbench.config import load_profiles
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 
-__all__ = ["CellContext", "Task"]
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["CAPABILITIES", "CellContext", "Task", "model_capabilities"]
+
+#: What a task may require of a model, and the phrase used when a model lacks it.
+CAPABILITIES: dict[str, str] = {
+    "cnf": "is not a continuous flow: it has no velocity field or divergence",
+    "trainable": "is fitted in closed form: it has no gradient-based training to run",
+    "equivariant": "is not equivariant (claims no rotation/permutation symmetry)",
+}
+
+
+def model_capabilities(model: str, system: Any) -> frozenset[str]:
+    """Capabilities of ``model`` built for ``system`` with its default settings (cheap: no data).
+
+    Built rather than looked up so that plugin models are judged by what they are, not by a
+    list of names: ``cnf`` (a :class:`~eqbench.flows.cnf.CNF`), ``trainable`` (has gradient-trained
+    parameters and no closed-form fit), ``equivariant`` (claims rotation and permutation symmetry).
+    """
+    from eqbench.api import build_model
+    from eqbench.flows.cnf import CNF
+
+    flow = build_model(model, system)
+    caps = set()
+    if isinstance(flow, CNF):
+        caps.add("cnf")
+    if not hasattr(flow, "fit_closed_form") and flow.n_parameters > 0:
+        caps.add("trainable")
+    if {"rotation", "permutation"} <= set(flow.symmetries):
+        caps.add("equivariant")
+    return frozenset(caps)
 
 
 @dataclass
@@ -51,6 +83,8 @@ class Task(ABC):
     systems: tuple[str, ...] | None = None
     #: Profile keys whose list values expand into one cell per element.
     grid_axes: tuple[str, ...] = ()
+    #: Capabilities (keys of :data:`CAPABILITIES`) a model needs for this task.
+    requires: tuple[str, ...] = ()
 
     def profiles(self) -> dict[str, dict[str, Any]]:
         """Profiles from ``tasks/<name>.toml``; plugin tasks may override this."""
@@ -68,6 +102,13 @@ class Task(ABC):
             raise ConfigError(
                 f"task {self.name} does not support system {system!r}; supported: {', '.join(self.systems)}"
             )
+        if self.requires:
+            from eqbench.api import get_system
+
+            caps = model_capabilities(model, get_system(system))
+            for need in self.requires:
+                if need not in caps:
+                    raise ConfigError(f"task {self.name} cannot run model {model!r}: it {CAPABILITIES[need]}")
 
     def validate(self, params: Mapping[str, Any]) -> None:
         """Check resolved cell parameters before any work (override to add checks)."""
@@ -75,3 +116,11 @@ class Task(ABC):
     @abstractmethod
     def run_cell(self, ctx: CellContext) -> list[Record]:
         """Run one cell and return its records."""
+
+    def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
+        """Draw this task's figures from its rows of the long table (only ``status == "ok"``
+        rows are passed) into ``out_dir``; returns the written files (PNG and SVG per figure).
+
+        Reads nothing but ``table``: a figure can always be redrawn from ``results.csv``.
+        """
+        return []

@@ -16,30 +16,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.common import mean_nll, positive_int
 
 __all__ = ["TestNLL", "TASK", "mean_nll"]
-
-
-def _positive_int(params: Mapping[str, Any], key: str) -> int:
-    value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer sample count, got {value!r}")
-    return value
-
-
-def mean_nll(flow, x, batch_size: int = 500) -> float:
-    """Mean of ``-log q(x)`` over ``x`` in batches, without gradients (exact trace in eval mode)."""
-    import torch
-
-    flow.eval()
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            total += float(-flow.log_prob(x[start:start + batch_size]).sum())
-    return total / len(x)
 
 
 class TestNLL(Task):
@@ -51,7 +32,7 @@ class TestNLL(Task):
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "n_test", "iterations", "batch_size"):
-            _positive_int(params, key)
+            positive_int(params, key)
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch

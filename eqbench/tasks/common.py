@@ -1,0 +1,123 @@
+"""Steps several tasks share: parameter checks, fitting a model, scoring and sampling it.
+
+Kept here so that every task trains with the same loop (:func:`eqbench.train.fit`, paper C.1:
+AdamW, lr 5e-3, weight decay 0.01, batch 64) and scores with the same exact NLL (SPEC §1, §4),
+and a number from one task means the same as the number of the same name from another.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from eqbench.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from eqbench.flows.base import Flow
+    from eqbench.tasks.base import CellContext
+    from eqbench.train import TrainResult
+
+__all__ = [
+    "positive_int",
+    "fraction",
+    "mean_nll",
+    "train_flow",
+    "sample_with_log_q",
+    "show_progress",
+]
+
+
+def positive_int(params: Mapping[str, Any], key: str) -> int:
+    """``params[key]`` as a positive int, or a ConfigError naming the key and the value."""
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def fraction(params: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """``params[key]`` as a number in [0, 1]."""
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{key} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Progress bars only where someone watches: on a terminal unless told otherwise."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
+
+
+def mean_nll(flow: Flow, x: torch.Tensor, batch_size: int = 500) -> float:
+    """Mean of ``-log q(x)`` over ``x`` in batches, without gradients (exact trace in eval mode)."""
+    import torch
+
+    flow.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            total += float(-flow.log_prob(x[start:start + batch_size]).sum())
+    return total / len(x)
+
+
+def train_flow(
+    ctx: CellContext,
+    flow: Flow,
+    train: torch.Tensor | None,
+    *,
+    iterations: int,
+    batch_size: int = 64,
+    augment: bool = False,
+    lambda_start: float = 0.0,
+    lambda_end: float = 0.0,
+    seed_offset: int = 0,
+) -> TrainResult:
+    """Fit ``flow`` in place: closed form where the model has one, else :func:`eqbench.train.fit`.
+
+    Raises ``FloatingPointError`` with the loop's reason when training diverges, so the runner
+    records the cell as failed instead of scoring a broken model.
+    """
+    from eqbench.train import TrainConfig, TrainResult, fit
+
+    p = ctx.params
+    if hasattr(flow, "fit_closed_form"):
+        if train is None:
+            raise ConfigError(f"model {ctx.model} is fitted in closed form and needs training data")
+        flow.fit_closed_form(train)
+        return TrainResult("ok", "", 0, 0.0)
+    config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=float(p.get("lr", 5e-3)),
+                         weight_decay=float(p.get("weight_decay", 0.01)), augment=augment,
+                         lambda_start=lambda_start, lambda_end=lambda_end, seed=ctx.seed + seed_offset)
+    result = fit(flow, ctx.system, train, config, progress=ctx.progress)
+    if result.status != "ok":
+        raise FloatingPointError(result.reason)
+    return result
+
+
+def sample_with_log_q(flow: Flow, n: int, *, batch_size: int = 1000, seed: int = 0,
+                      progress: bool | None = None, desc: str = "sample") -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` samples and their exact ``log q`` in batches without gradients (eval mode: exact trace)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    flow.eval()
+    generator = torch.Generator().manual_seed(seed)
+    xs, log_qs = [], []
+    with torch.no_grad():
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc=desc, disable=not show_progress(progress), leave=False):
+            x, log_q = flow.sample(min(batch_size, n - start), generator=generator)
+            xs.append(x)
+            log_qs.append(log_q)
+    return torch.cat(xs), torch.cat(log_qs)
+
+
+def check_finite(records: list, what: str = "") -> None:
+    """Raise FloatingPointError naming the first non-finite record (the runner records why)."""
+    for record in records:
+        if not math.isfinite(record.value):
+            raise FloatingPointError(f"{what}{record.metric} is not finite ({record.value})")
