@@ -195,7 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         params = cell.config.get("params", {})
         if cell.status != "ok":
             failed += 1
-            rows.append((cell.cell_id, params.get("n_train", ""), cell.config["seed"], "FAILED", "", cell.reason))
+            rows.append((cell.cell_id, params.get("n_train", ""), params.get("variant", ""), cell.config["seed"], "FAILED", "",
+                         cell.reason))
             continue
         series: dict[str, int] = {}
         for r in cell.records:
