@@ -206,7 +206,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows.append((cell.cell_id, r.n_train if r.n_train is not None else "", r.variant, r.seed, r.metric,
                          _fmt(r.value), r.unit))
         for metric, count in series.items():
-            rows.append((cell.cell_id, params.get("n_train", ""), "", cell.config["seed"], metric,
+            rows.append((cell.cell_id, params.get("n_train", ""), params.get("variant", ""), cell.config["seed"], metric,
                          f"[{count} points]", ""))
     _print_table(rows, ("cell", "n_train", "variant", "seed", "metric", "value", "unit"))
     table = CellStore(args.results).collect()

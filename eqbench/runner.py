@@ -76,7 +76,8 @@ def plan_cells(
     plans = []
     for point in expand_grid(params, task_obj.grid_axes):
         task_obj.validate(point)
-        plans.extend(CellPlan(task, model, system, profile, s, point) for s in seeds)
+        for cell_params in task_obj.expand_cell(point, model, system):
+            plans.extend(CellPlan(task, model, system, profile, s, cell_params) for s in seeds)
     return plans
 
 

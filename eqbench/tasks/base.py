@@ -113,6 +113,14 @@ class Task(ABC):
     def validate(self, params: Mapping[str, Any]) -> None:
         """Check resolved cell parameters before any work (override to add checks)."""
 
+    def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        """The cells one grid point becomes for this model and system (default: itself).
+
+        Override to drop points that mean nothing for a model (augmenting a model that is
+        already equivariant) or to name a point's ``variant``; called after :meth:`validate`.
+        """
+        return [dict(params)]
+
     @abstractmethod
     def run_cell(self, ctx: CellContext) -> list[Record]:
         """Run one cell and return its records."""

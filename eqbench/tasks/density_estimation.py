@@ -1,0 +1,125 @@
+"""``density-estimation``: statistical efficiency, NLL vs training-set size (paper §7.3, Fig. 5, 8, 9).
+
+Protocol (paper §7.3, C.1-C.5, SPEC §3-§5): for each training-set size ``n_train`` (paper: 10,
+100, 1,000, 10,000) draw that many configurations from the training pool with a permutation
+seeded by the cell's seed, fit the model by maximum likelihood (AdamW, lr 5e-3, weight decay
+0.01, batch 64; models without a closed-form divergence train with one Hutchinson probe), then
+score ``-log q`` with the *exact* divergence on the training set and on the independent test set
+(SPEC §1: nats per configuration on the CoM-free subspace, Gaussian constant included).
+
+Non-equivariant models (no claimed rotation + permutation symmetry) run twice per size: as they
+are (variant ``""``) and with data augmentation (variant ``"aug"``: each batch rotated/reflected
+and permuted at random, the "aug neq nODE" of Fig. 5). Equivariant models run once: their
+likelihood is invariant, so augmenting their batches would change nothing but the noise.
+
+The paper trains "until convergence"; a benchmark needs a fixed budget, so ``iterations`` is a
+profile setting, the same for every model and size, and the final training loss is recorded so
+an unconverged run is visible. Scoring a flow without closed-form divergence exactly costs one
+backward pass per coordinate per ODE step, so ``n_test`` and ``n_train_eval`` (the most training
+configurations scored) are profile settings too; each record's unit says the trace was exact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from eqbench.errors import ConfigError
+from eqbench.records import Record
+from eqbench.tasks.base import CellContext, Task, model_capabilities
+from eqbench.tasks.common import check_finite, mean_nll, positive_int, train_flow
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["DensityEstimation", "TASK", "variant_name"]
+
+NLL_UNIT = "nats, exact"
+
+
+def variant_name(augment: bool) -> str:
+    """``"aug"`` for augmented training (Fig. 5's "aug neq nODE"), ``""`` otherwise."""
+    return "aug" if augment else ""
+
+
+class DensityEstimation(Task):
+    """NLL on train and test after maximum-likelihood training on 10 .. 10,000 samples."""
+
+    name = "density-estimation"
+    summary = "NLL on train and test vs training-set size, with/without augmentation (paper §7.3, Fig. 5, 8, 9)"
+    systems = ("dw2", "dw4", "lj13")
+    grid_axes = ("n_train", "augment")
+
+    def validate(self, params: Mapping[str, Any]) -> None:
+        for key in ("n_train", "n_test", "n_train_eval", "iterations", "batch_size"):
+            positive_int(params, key)
+        if not isinstance(params.get("augment"), bool):
+            raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
+
+    def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        from eqbench.api import get_system
+
+        point = dict(params)
+        if point["augment"] and "equivariant" in model_capabilities(model, get_system(system)):
+            return []  # the equivariant likelihood is invariant: augmentation is a no-op
+        point["variant"] = variant_name(point["augment"])
+        return [point]
+
+    def run_cell(self, ctx: CellContext) -> list[Record]:
+        import torch
+
+        from eqbench.api import build_model, load_data
+
+        p = ctx.params
+        flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)
+        dtype = next(flow.parameters()).dtype
+        train = load_data(ctx.system, split="train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
+        test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device)
+        torch.manual_seed(ctx.seed)
+        start = time.perf_counter()
+        result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
+                            augment=bool(p["augment"]))
+        records = [ctx.record("n_parameters", flow.n_parameters, "count"),
+                   ctx.record("fit_wall_s", time.perf_counter() - start, "s")]
+        if result.history:
+            records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats, training estimator"))
+            for entry in result.history:
+                records.append(ctx.record("train_loss", entry["loss"], "nats, training estimator",
+                                          step=int(entry["iteration"])))
+        start = time.perf_counter()
+        records.append(ctx.record("nll_train", mean_nll(flow, train[:p["n_train_eval"]]), NLL_UNIT))
+        records.append(ctx.record("nll_test", mean_nll(flow, test), NLL_UNIT))
+        records.append(ctx.record("eval_wall_s", time.perf_counter() - start, "s"))
+        check_finite(records)
+        return records
+
+    def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
+        """NLL vs training-set size, train dashed and test solid, one line per model variant,
+        one panel per system (paper Fig. 5, 8, 9; mean ± std over seeds as in C.7)."""
+        import seaborn as sns
+
+        from eqbench.plots import metric_rows, new_figure, save_figure
+
+        rows = metric_rows(table, ["nll_train", "nll_test"]).copy()
+        if rows.empty:
+            return []
+        variant = rows["variant"].fillna("").astype(str)
+        rows["model variant"] = rows["model"].where(variant == "", rows["model"] + " (" + variant + ")")
+        rows["data"] = rows["metric"].map({"nll_train": "train", "nll_test": "test"})
+        rows["n_train"] = rows["n_train"].astype(float)
+        systems = sorted(rows["system"].unique())
+        fig, axes = new_figure(len(systems), width=4.8, height=3.8)
+        for ax, system in zip(axes, systems):
+            sns.lineplot(data=rows[rows["system"] == system], x="n_train", y="value", hue="model variant",
+                         style="data", style_order=["test", "train"], markers=True, errorbar="sd", ax=ax)
+            ax.set_xscale("log")
+            ax.set_xlabel("training-set size")
+            ax.set_ylabel("NLL (nats, exact)")
+            ax.set_title(system)
+            ax.legend(fontsize="x-small")
+        return save_figure(fig, out_dir, "nll_vs_training_size")
+
+
+TASK = DensityEstimation()
