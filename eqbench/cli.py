@@ -83,8 +83,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
         found = True
     if name in TASKS:
         task = TASKS.get(name)
-        print(f"task {name}: {task.summary}\n")
-        print(textwrap.dedent(type(task).__doc__ or "").strip() or (sys.modules[type(task).__module__].__doc__ or ""))
+        print(f"task {name}: {task.summary}")
+        print(f"  systems: {', '.join(task.systems) if task.systems else 'any'}; models: "
+              + (f"those with capabilities {', '.join(task.requires)}" if task.requires else "any registered")
+              + (f"; grid axes: {', '.join(task.grid_axes)}" if task.grid_axes else "") + "\n")
+        module_doc = sys.modules[type(task).__module__].__doc__ or ""
+        print(textwrap.dedent(module_doc).strip() or textwrap.dedent(type(task).__doc__ or "").strip())
         print("\nprofiles:")
         for profile, params in task.profiles().items():
             print(f"  {profile}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
