@@ -223,6 +223,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from eqbench.config import parse_overrides
+    from eqbench.executors import SlurmOptions
+    from eqbench.records import CellStore
+    from eqbench.sweep import estimate_seconds, plan_sweep, sweep
+
+    overrides = parse_overrides(args.set or [])
+    common = dict(seeds=args.seeds, overrides=overrides, results_dir=args.results, rerun=args.rerun)
+    if args.dry_run:
+        plan = plan_sweep(args.task, args.model, args.system, args.profile, **common)
+        estimate = estimate_seconds(plan.todo, args.results)
+        rows = [(c.cell_id, c.model, c.system, c.params.get("variant", ""), c.params.get("n_train", ""), c.seed,
+                 _hms(estimate[c.cell_id])) for c in plan.todo]
+        _print_table(rows, ("cell", "model", "system", "variant", "n_train", "seed", "estimate"))
+        known = [v for v in estimate.values() if v is not None]
+        unknown = len(estimate) - len(known)
+        print(f"\n{len(plan.todo)} cells to run, {len(plan.done)} already finished; estimated {_hms(sum(known))} "
+              f"of cell time" + (f" + {unknown} cells without a measurement" if unknown else "")
+              + " (divide by --jobs for wall time)")
+        for model, system, reason in plan.unsupported:
+            print(f"  skipped {model} on {system}: {reason}")
+        return 0
+    slurm = SlurmOptions(partition=args.partition, gpus_per_job=args.gpus_per_job, timeout_min=args.slurm_minutes,
+                         array_parallelism=args.jobs, cpus_per_job=args.threads or 1)
+    plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
+                          threads=args.threads, device=args.device, time_limit_s=args.time_limit,
+                          address=args.address, slurm=slurm, **common)
+    for model, system, reason in plan.unsupported:
+        print(f"skipped {model} on {system}: {reason}")
+    failed = [r for r in results if r.status != "ok"]
+    table = CellStore(args.results).collect()
+    print(f"{len(results)} cells run ({len(failed)} failed), {len(plan.done)} already finished; "
+          f"all results: {Path(args.results) / 'results.csv'} ({len(table)} rows)")
+    for r in failed:
+        print(f"  failed {r.cell_id} ({r.config.get('model')}, {r.config.get('system')}): {r.reason}")
+    if not args.no_plot:
+        from eqbench.plots import write_task_plots
+
+        for path in write_task_plots(args.task, args.results, table=table):
+            print(f"plot: {path}")
+    return 1 if failed else 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from eqbench.plots import write_task_plots
     from eqbench.registry import TASKS
@@ -348,6 +398,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures after the run")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a task over many models x systems x grid points x seeds, resumable",
+                       description="Expand the task's profile for every model and system (default: all that the "
+                                   "task supports), skip finished cells and run the rest on an executor. Killed "
+                                   "sweeps resume: run the same command again.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  python -m eqbench sweep --task density-estimation --model kernel-flow node "
+                              "--system dw4 --profile quick --jobs 2\n"
+                              "  python -m eqbench sweep --task density-estimation --profile paper --dry-run\n"
+                              "  python -m eqbench sweep --task timing --profile paper --executor slurm "
+                              "--partition gpu --gpus-per-job 1 --device auto")
+    p.add_argument("--task", required=True, help="task id (see `list tasks`)")
+    p.add_argument("--model", nargs="+", help="model ids (default: every registered model the task supports)")
+    p.add_argument("--system", nargs="+", help="system ids (default: every system the task supports)")
+    p.add_argument("--profile", default="smoke", help="smoke, quick or paper")
+    p.add_argument("--seeds", type=int, default=None, help="run seeds 0..K-1 (default: the profile's seeds)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting; repeatable")
+    p.add_argument("--executor", default="local", choices=("local", "dask", "slurm"),
+                   help="local process pool (default), dask.distributed, or SLURM via submitit")
+    p.add_argument("--jobs", type=int, default=1, help="concurrent cells (local/dask workers, SLURM array cap)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / jobs)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (one GPU per worker)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="a cell running longer becomes a failed cell (local executor)")
+    p.add_argument("--address", default=None, help="dask scheduler address (default: a LocalCluster)")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--gpus-per-job", type=int, default=0, help="SLURM GPUs per cell")
+    p.add_argument("--slurm-minutes", type=int, default=60, help="SLURM time limit per cell, minutes")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
+    p.add_argument("--dry-run", action="store_true", help="list the cells to run and their estimated cost; run nothing")
+    p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("plot", help="redraw task figures (PNG + SVG) from RESULTS/results.csv",
                        description="Each task draws its figures from the long table only, into RESULTS/plots/<task>/.")

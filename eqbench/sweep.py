@@ -1,0 +1,148 @@
+"""Sweeps: one task over many models x systems x grid points x seeds, resumable, on any executor.
+
+``sweep`` expands the task's profile for every requested (model, system) pair, sets aside pairs
+the task does not support (with the task's reason, instead of failing the whole sweep), skips
+cells already finished (same config hash, status ok) and runs the rest on an executor from
+:mod:`eqbench.executors`. Results land in the same per-cell store as ``eqbench run``, so a
+sweep and single runs share finished cells, and ``collect`` / ``report`` read them alike.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eqbench.errors import ConfigError
+from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
+from eqbench.records import CellResult, CellStore
+from eqbench.registry import MODELS, SYSTEMS, TASKS
+from eqbench.runner import CellPlan, plan_cells
+
+__all__ = ["SweepPlan", "plan_sweep", "estimate_seconds", "sweep", "default_threads"]
+
+
+@dataclass
+class SweepPlan:
+    """The cells of a sweep: to run, already finished, and (model, system) pairs set aside."""
+
+    todo: list[CellPlan] = field(default_factory=list)
+    done: list[CellPlan] = field(default_factory=list)
+    unsupported: list[tuple[str, str, str]] = field(default_factory=list)  # (model, system, reason)
+
+
+def plan_sweep(
+    task: str,
+    models: Sequence[str] | None = None,
+    systems: Sequence[str] | None = None,
+    profile: str = "smoke",
+    *,
+    seeds: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    results_dir: str | Path = "results",
+    rerun: bool = False,
+) -> SweepPlan:
+    """Expand the grid; ``seeds=K`` runs seeds 0..K-1 instead of the profile's list."""
+    task_obj = TASKS.get(task)
+    models = list(models) if models else MODELS.names()
+    systems = list(systems) if systems else list(task_obj.systems or SYSTEMS.names())
+    for name in systems:
+        SYSTEMS.get(name)
+    for name in models:
+        MODELS.get(name)
+    overrides = dict(overrides or {})
+    if seeds is not None:
+        if seeds < 1:
+            raise ConfigError(f"--seeds must be a positive count, got {seeds}")
+        overrides["seeds"] = list(range(seeds))
+    store = CellStore(results_dir)
+    plan = SweepPlan()
+    for system in systems:
+        for model in models:
+            try:
+                task_obj.check_supported(system, model)
+            except ConfigError as exc:
+                plan.unsupported.append((model, system, str(exc)))
+                continue
+            for cell in plan_cells(task, model, system, profile, overrides=overrides):
+                finished = not rerun and store.is_done(cell.task, cell.cell_id)
+                (plan.done if finished else plan.todo).append(cell)
+    return plan
+
+
+def estimate_seconds(cells: Sequence[CellPlan], results_dir: str | Path) -> dict[str, float | None]:
+    """Cost of each cell from measurement: the median duration of finished cells of the same task,
+    model, system and profile in the store (``None`` where nothing comparable ran yet).
+
+    Deliberately empirical: run one seed first (``--seeds 1``), and ``--dry-run`` then prices the
+    rest of the grid from what this machine actually took.
+    """
+    durations: dict[tuple[str, str, str, str], list[float]] = {}
+    for cell in CellStore(results_dir).iter_cells():
+        if cell.status == "ok":
+            cfg = cell.config
+            key = (cfg.get("task"), cfg.get("model"), cfg.get("system"), cfg.get("profile"))
+            durations.setdefault(key, []).append(cell.duration_s)
+    estimate = {}
+    for plan in cells:
+        same = durations.get((plan.task, plan.model, plan.system, plan.profile))
+        estimate[plan.cell_id] = statistics.median(same) if same else None
+    return estimate
+
+
+def default_threads(jobs: int) -> int:
+    """Torch threads per worker so that ``jobs`` workers share the cores without oversubscribing."""
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def sweep(
+    task: str,
+    models: Sequence[str] | None = None,
+    systems: Sequence[str] | None = None,
+    profile: str = "smoke",
+    *,
+    seeds: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    executor: str = "local",
+    jobs: int = 1,
+    threads: int | None = None,
+    device: str = "cpu",
+    time_limit_s: float | None = None,
+    results_dir: str | Path = "results",
+    rerun: bool = False,
+    address: str | None = None,
+    slurm: SlurmOptions | None = None,
+    progress: bool | None = None,
+) -> tuple[SweepPlan, list[CellResult]]:
+    """Plan and run a sweep; returns the plan and the results of the cells run now."""
+    from tqdm.auto import tqdm
+
+    from eqbench.tasks.common import show_progress
+
+    plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
+                      results_dir=results_dir, rerun=rerun)
+    if not plan.todo:
+        return plan, []
+    if device != "auto":
+        from eqbench.devices import resolve_device
+
+        device = resolve_device(device)
+    jobs_list = [CellJob(cell, str(results_dir), device, threads or default_threads(jobs), time_limit_s)
+                 for cell in plan.todo]
+    runner = make_executor(executor, jobs=jobs, results_dir=results_dir, address=address, slurm=slurm)
+    bar = tqdm(total=len(jobs_list), desc=f"sweep {task}", disable=not show_progress(progress), unit="cell")
+
+    def advance(result: CellResult) -> None:
+        bar.update(1)
+        if result.status != "ok":
+            bar.write(f"failed cell {result.cell_id} ({result.config.get('model')}, {result.config.get('system')}): "
+                      f"{result.reason}")
+
+    try:
+        results = run_jobs(runner, jobs_list, on_result=advance)
+    finally:
+        bar.close()
+    return plan, results
