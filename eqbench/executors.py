@@ -146,8 +146,9 @@ class LocalExecutor(Executor):
     """A ``concurrent.futures`` process pool with the ``spawn`` start method.
 
     Spawned (not forked) workers start clean: no inherited torch thread pools or CUDA contexts.
-    A worker death breaks the whole pool; the cells it was running are found by their claim files
-    and recorded as failed, every other unfinished cell is resubmitted to a fresh pool.
+    A worker death breaks the whole pool: cells that had not started are resubmitted to a fresh
+    pool; cells that were running (found by their claim files) are retried one at a time, and a
+    cell whose lone worker dies again is recorded as failed ("worker process died").
     """
 
     name = "local"
@@ -158,49 +159,64 @@ class LocalExecutor(Executor):
         self.jobs = jobs
 
     def run(self, jobs: Sequence[CellJob]) -> Iterator[CellResult]:
-        pending = list(jobs)
-        while pending:
-            context = multiprocessing.get_context("spawn")
-            pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(pending)), mp_context=context)
-            futures: dict[Future, CellJob] = {pool.submit(execute_cell, job): job for job in pending}
-            pending = []
-            broken = False
-            try:
-                remaining = set(futures)
-                while remaining:
-                    done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        job = futures[future]
-                        try:
-                            yield future.result()
-                        except BrokenProcessPool:
-                            broken = True
-                            pending.append(job)
-                        except Exception as exc:  # noqa: BLE001  (pickling or pool errors: record, go on)
-                            result = _failed(job.plan, f"executor error: {type(exc).__name__}: {exc}", job.device)
-                            CellStore(job.results_dir).write(result)
-                            yield result
-            finally:
-                pool.shutdown(wait=not broken, cancel_futures=True)
-            if broken:
-                pending, crashed = _split_crashed(pending)
-                for job in crashed:
+        pending, solo = list(jobs), []
+        while pending or solo:
+            # A broken pool takes down every worker, so the culprit among the cells that were
+            # running is not known: each of them is retried alone, and a cell whose solo worker
+            # dies too is the one that kills workers (out of memory, segfault, SIGKILL).
+            alone = not pending
+            batch = [solo.pop(0)] if alone else pending
+            pending = [] if not alone else pending
+            broken_jobs: list[CellJob] = []
+            yield from self._run_pool(batch, 1 if alone else self.jobs, broken_jobs)
+            if not broken_jobs:
+                continue
+            again, started = _split_crashed(broken_jobs)
+            if alone:
+                for job in started:
                     result = _failed(job.plan, "worker process died without a result (killed or out of memory)",
                                      job.device)
                     CellStore(job.results_dir).write(result)
                     _claim_path(CellStore(job.results_dir), job.plan).unlink(missing_ok=True)
                     yield result
+                pending.extend(again)
+            else:
+                pending.extend(again)
+                solo.extend(started)
+
+    @staticmethod
+    def _run_pool(jobs: list[CellJob], workers: int, broken_jobs: list[CellJob]) -> Iterator[CellResult]:
+        context = multiprocessing.get_context("spawn")
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
+        futures: dict[Future, CellJob] = {pool.submit(execute_cell, job): job for job in jobs}
+        try:
+            remaining = set(futures)
+            while remaining:
+                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = futures[future]
+                    try:
+                        yield future.result()
+                    except BrokenProcessPool:
+                        broken_jobs.append(job)
+                    except Exception as exc:  # noqa: BLE001  (pickling or pool errors: record, go on)
+                        result = _failed(job.plan, f"executor error: {type(exc).__name__}: {exc}", job.device)
+                        CellStore(job.results_dir).write(result)
+                        yield result
+        finally:
+            pool.shutdown(wait=not broken_jobs, cancel_futures=True)
 
 
 def _split_crashed(jobs: list[CellJob]) -> tuple[list[CellJob], list[CellJob]]:
-    """Jobs of a broken pool: (not started -> resubmit, started and died -> failed)."""
-    again, crashed = [], []
+    """Unfinished jobs of a broken pool: (never started, started and interrupted)."""
+    again, started = [], []
     for job in jobs:
         store = CellStore(job.results_dir)
-        if store.read(job.plan.task, job.plan.cell_id) is not None and not _claim_path(store, job.plan).exists():
-            continue  # it finished after all (written before the pool broke)
-        (crashed if _claim_path(store, job.plan).exists() else again).append(job)
-    return again, crashed
+        claimed = _claim_path(store, job.plan).exists()
+        if not claimed and store.read(job.plan.task, job.plan.cell_id) is not None:
+            continue  # it finished and was stored before the pool broke
+        (started if claimed else again).append(job)
+    return again, started
 
 
 class DaskExecutor(Executor):
