@@ -28,6 +28,8 @@ __all__ = [
     "train_flow",
     "sample_with_log_q",
     "show_progress",
+    "variant_name",
+    "check_finite",
 ]
 
 
@@ -45,6 +47,11 @@ def fraction(params: Mapping[str, Any], key: str, default: float | None = None) 
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= float(value) <= 1.0:
         raise ConfigError(f"{key} must be a number in [0, 1], got {value!r}")
     return float(value)
+
+
+def variant_name(augment: bool) -> str:
+    """``"aug"`` for augmented training (paper Fig. 5's "aug neq nODE"), ``""`` otherwise."""
+    return "aug" if augment else ""
 
 
 def show_progress(progress: bool | None) -> bool:

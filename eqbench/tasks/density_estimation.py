@@ -29,19 +29,14 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task, model_capabilities
-from eqbench.tasks.common import check_finite, mean_nll, positive_int, train_flow
+from eqbench.tasks.common import check_finite, mean_nll, positive_int, train_flow, variant_name
 
 if TYPE_CHECKING:
     import pandas
 
-__all__ = ["DensityEstimation", "TASK", "variant_name"]
+__all__ = ["DensityEstimation", "TASK"]
 
 NLL_UNIT = "nats, exact"
-
-
-def variant_name(augment: bool) -> str:
-    """``"aug"`` for augmented training (Fig. 5's "aug neq nODE"), ``""`` otherwise."""
-    return "aug" if augment else ""
 
 
 class DensityEstimation(Task):

@@ -1,0 +1,435 @@
+"""``bg-reweighting``: flows as Boltzmann generators, reweighted to the target (paper §7.4, B.3, Fig. 3b, 6, 10).
+
+Protocol (paper B.3, after Noé et al. 2019): pre-train by maximum likelihood on ``n_train``
+(paper: 1,000) configurations of the training pool for ``pretrain_iterations``, then train on the
+mix ``(1 - λ) L_ML + λ L_KL`` with λ rising linearly from 0 to ``lambda_end`` (paper: 0.5) over
+``mix_iterations`` (:func:`eqbench.train.fit`: AdamW, lr 5e-3, weight decay 0.01, batch 64; C.1).
+Then draw ``n_samples`` (paper: 10,000) configurations with their exact ``log q`` and compare them
+with the independent MCMC test set (``n_test`` configurations, SPEC §3):
+
+- log importance weights ``log w = -u - log q`` and Kish's ESS as a fraction (SPEC §1);
+- the mean energy of the flow samples, of the reweighted samples (self-normalised importance
+  sampling) and of the MCMC samples, each with the standard deviation over ``n_bootstrap``
+  bootstrap resamples (paper C.7) — "reweighting works" means the reweighted mean agrees with the
+  MCMC mean within these errors (Fig. 6, 10);
+- energy histograms of the flow samples, the reweighted samples and the MCMC samples (Fig. 6, 10),
+  on bins fixed by the MCMC energies so models of one system share them;
+- the Wasserstein-2 distances that later work reports (seed 003): between the energy
+  distributions and between the pooled interatomic-distance distributions of the flow samples and
+  the test set, before and after reweighting;
+- ``-log q`` of the training and the test configurations after training (paper §7.4 quotes the
+  collapsed nODE's train / test values, 10.85 / 11.40 on DW-4).
+
+Samples whose energy or ``log q`` is not finite are removed from every statistic and counted
+(``finite_fraction``; the ESS is a fraction of the finite samples); a flow with no finite sample
+fails the cell.
+
+**DW-2 free-energy profile (paper §7.1, Fig. 3b).** On ``dw2`` the cell also estimates the free
+energy ``F(d) = -log p(d)`` along the particle distance ``d = |x_1 - x_2|`` from the flow samples:
+unweighted, reweighted with the exact ``log q``, and — for continuous flows — reweighted with a
+``log q`` of the *same* samples integrated with the one-probe Hutchinson divergence instead of the
+exact one (the same prior draws ``z`` pushed through the same solver, so the configurations are
+identical for the fixed-step DTO solver; only the accumulated log-determinant differs). The
+reference is exact: on the CoM-free subspace ``x_1 = -x_2 = r/2``, a linear map with constant
+Jacobian, so ``r = x_1 - x_2`` has density ``∝ exp(-f(|r|))`` and in 2-D polar coordinates
+``p(d) ∝ d^(D-1) exp(-f(d)) = d exp(-f(d))`` (the factor ``d`` is the circumference of the circle of
+radius d), integrated per bin by quadrature (:func:`eqbench.metrics.radial_free_energy`). Every
+profile is normalised over the same distance range, so all share one reference without a fitted
+offset; the records are shifted by the exact profile's minimum (F_exact = 0 at its lowest bin).
+Bootstrap bands: the standard deviation over ``n_bootstrap`` reweighted bootstrap resamples (C.7:
+100). The RMSE against the exact profile is taken over the bins where the exact profile lies within
+``free_energy_window`` kT of its minimum.
+
+**Variants.** Non-equivariant models run with and without data augmentation (variant ``"aug"``:
+random rotation/reflection and permutation of every ML batch, paper §7.4's "aug neq nODE");
+equivariant models only without (their likelihood is invariant, augmentation changes nothing).
+
+**Records** (long format; stepped ones carry the bin index in ``step``): ``ess_fraction``,
+``finite_fraction``, ``mean_energy_{flow,reweighted,mcmc}`` and their ``_std``,
+``energy_w2_{flow,reweighted}``, ``distance_w2_{flow,reweighted}``, ``nll_train``, ``nll_test``,
+``energy_fraction_above_range``, wall times; stepped ``energy_edge`` and
+``energy_hist_{flow,reweighted,mcmc}``. DW-2 adds stepped ``distance_edge``,
+``free_energy_exact`` and ``free_energy_{flow,reweighted,hutchinson}`` (with ``_std``; bins
+without samples are omitted), ``free_energy_rmse_*`` and ``free_energy_coverage_*``, and for
+continuous flows ``ess_fraction_hutchinson``, ``mean_energy_hutchinson(_std)`` and
+``log_q_hutchinson_error_std`` (std of Hutchinson minus exact ``log q`` over the samples).
+
+Cost: sampling with the exact ``log q`` costs one backward pass per coordinate per ODE step for
+flows without a closed-form divergence (gradient flows, nODE), so ``n_samples`` and ``n_test`` are
+profile settings (README timing table: 10,000 LJ-13 samples of the simple gradient flow take ~40
+minutes on one core).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from eqbench.errors import ConfigError
+from eqbench.records import Record
+from eqbench.tasks.base import CellContext, Task, model_capabilities
+from eqbench.tasks.common import (check_finite, fraction, mean_nll, positive_int, sample_with_log_q,
+                                  show_progress, train_flow, variant_name)
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas
+    import torch
+
+    from eqbench.flows.cnf import CNF
+
+__all__ = ["BGReweighting", "TASK", "FREE_ENERGY_SYSTEM", "energy_edges"]
+
+#: The system whose pair-distance free energy is known exactly (two particles; paper Fig. 3b).
+FREE_ENERGY_SYSTEM = "dw2"
+
+#: Energy histogram range relative to the MCMC energies: from ``min - 0.1 span`` to
+#: ``q99.9 + 1.0 span`` with ``span = q99.9 - min``; the long right margin keeps the high-energy
+#: samples of poorly trained flows (Fig. 6b) in view.
+ENERGY_MARGINS = (0.1, 1.0)
+
+DISTANCE_UNIT = "length (reduced)"
+
+
+def energy_edges(u_reference: np.ndarray, n_bins: int) -> np.ndarray:
+    """Histogram edges from the reference (MCMC) energies alone, so every model of a system and
+    every reweighting share them (see :data:`ENERGY_MARGINS`)."""
+    import numpy as np
+
+    lo, hi = float(u_reference.min()), float(np.quantile(u_reference, 0.999))
+    span = max(hi - lo, 1e-6)
+    return np.linspace(lo - ENERGY_MARGINS[0] * span, hi + ENERGY_MARGINS[1] * span, n_bins + 1)
+
+
+def sample_cnf_log_q(
+    flow: CNF,
+    n: int,
+    methods: tuple[str, ...],
+    *,
+    batch_size: int = 1000,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``n`` samples of a CNF and their ``log q`` integrated with each divergence ``method``.
+
+    Each batch of prior draws ``z`` is integrated once per method; the configurations of the first
+    method are returned (the velocity does not depend on the divergence method, so with the
+    fixed-step DTO solver every method yields the same configurations). Hutchinson noise is one
+    Rademacher probe per sample, fixed along its trajectory (paper §7.1; Grathwohl et al. 2018).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    flow.eval()
+    ref = next(flow.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    xs: list[torch.Tensor] = []
+    log_qs: dict[str, list[torch.Tensor]] = {method: [] for method in methods}
+    with torch.no_grad():
+        for start in tqdm(range(0, n, batch_size), desc="sample", disable=not show_progress(progress), leave=False):
+            z = flow.prior.sample(min(batch_size, n - start), generator=generator, dtype=ref.dtype, device=ref.device)
+            log_rho = flow.prior.log_prob(z)
+            for k, method in enumerate(methods):
+                x, logdet = flow.integrate(z, 0.0, 1.0, method=method)
+                if k == 0:
+                    xs.append(x)
+                log_qs[method].append(log_rho - logdet)
+    return torch.cat(xs), {method: torch.cat(parts) for method, parts in log_qs.items()}
+
+
+class BGReweighting(Task):
+    """ML pre-training, then the ML/KL λ-mix; reweighted samples against MCMC (see the module docstring)."""
+
+    name = "bg-reweighting"
+    summary = ("ML then λ-mixed KL training; energy histograms, reweighting, ESS, W2; "
+               "DW-2 free energy exact vs Hutchinson (paper §7.4, B.3, Fig. 3b, 6, 10)")
+    systems = ("dw2", "dw4", "lj13")
+    grid_axes = ("augment",)
+    requires = ("trainable",)
+
+    # ------------------------------------------------------------------ settings
+    def validate(self, params: Mapping[str, Any]) -> None:
+        for key in ("n_train", "pretrain_iterations", "mix_iterations", "batch_size", "n_samples",
+                    "sample_batch_size", "n_test", "n_bootstrap", "energy_bins", "distance_bins"):
+            positive_int(params, key)
+        fraction(params, "lambda_end")
+        if not isinstance(params.get("augment"), bool):
+            raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
+        steps = params.get("solver_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
+        window = params.get("free_energy_window")
+        if isinstance(window, bool) or not isinstance(window, int | float) or not window > 0:
+            raise ConfigError(f"free_energy_window must be a positive number of kT, got {window!r}")
+        bounds = params.get("distance_range")
+        if (not isinstance(bounds, list) or len(bounds) != 2
+                or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+                or not 0 <= bounds[0] < bounds[1]):
+            raise ConfigError(f"distance_range must be [low, high] with 0 <= low < high, got {bounds!r}")
+        if not isinstance(params.get("model_config", {}), Mapping):
+            raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
+
+    def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        from eqbench.api import get_system
+
+        point = dict(params)
+        if point["augment"] and "equivariant" in model_capabilities(model, get_system(system)):
+            return []  # the equivariant likelihood is invariant: augmentation is a no-op
+        point["variant"] = variant_name(point["augment"])
+        return [point]
+
+    # ------------------------------------------------------------------ one cell
+    def run_cell(self, ctx: CellContext) -> list[Record]:
+        import numpy as np
+        import torch
+
+        from eqbench import metrics
+        from eqbench.api import build_model, load_data
+        from eqbench.flows.cnf import CNF
+
+        p = ctx.params
+        flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)
+        is_cnf = isinstance(flow, CNF)
+        if is_cnf and p["solver_steps"]:
+            flow.with_solver(steps=p["solver_steps"])
+        dtype = next(flow.parameters()).dtype
+        train = load_data(ctx.system, split="train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
+        test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=torch.float64)
+        torch.manual_seed(ctx.seed)
+        records = [ctx.record("n_parameters", flow.n_parameters, "count")]
+
+        # -- training: ML pre-training, then λ rising 0 -> lambda_end (paper B.3)
+        start = time.perf_counter()
+        train_flow(ctx, flow, train, iterations=p["pretrain_iterations"], batch_size=p["batch_size"],
+                   augment=p["augment"])
+        result = train_flow(ctx, flow, train, iterations=p["mix_iterations"], batch_size=p["batch_size"],
+                            augment=p["augment"], lambda_start=0.0, lambda_end=p["lambda_end"], seed_offset=1)
+        records.append(ctx.record("train_wall_s", time.perf_counter() - start, "s"))
+        if result.history:
+            last = result.history[-1]
+            records.append(ctx.record("final_nll_loss", last["nll"], "nats, training estimator"))
+            records.append(ctx.record("final_kl_loss", last["kl"], "kT, training estimator (KL - log Z)"))
+        records.append(ctx.record("nll_train", mean_nll(flow, train), "nats, exact"))
+        records.append(ctx.record("nll_test", mean_nll(flow, test.to(device=ctx.device, dtype=dtype)), "nats, exact"))
+
+        # -- sampling with exact log q (and the Hutchinson log q of the same samples on DW-2)
+        start = time.perf_counter()
+        free_energy = ctx.system.name == FREE_ENERGY_SYSTEM
+        hutchinson = free_energy and is_cnf
+        if hutchinson:
+            x, log_qs = sample_cnf_log_q(flow, p["n_samples"], ("exact", "hutchinson"),
+                                         batch_size=p["sample_batch_size"], seed=ctx.seed, progress=ctx.progress)
+            log_q = log_qs["exact"]
+        else:
+            x, log_q = sample_with_log_q(flow, p["n_samples"], batch_size=p["sample_batch_size"], seed=ctx.seed,
+                                         progress=ctx.progress)
+        records.append(ctx.record("sample_wall_s", time.perf_counter() - start, "s"))
+        x = x.detach().to("cpu", torch.float64)
+        u = metrics.as_array(ctx.system.energy(x))
+        log_q_np = metrics.as_array(log_q)
+        finite = np.isfinite(u) & np.isfinite(log_q_np)
+        if hutchinson:
+            log_q_hutch = metrics.as_array(log_qs["hutchinson"])
+            finite &= np.isfinite(log_q_hutch)
+        records.append(ctx.record("finite_fraction", finite.mean(), "fraction of samples"))
+        if not finite.any():
+            raise FloatingPointError("no flow sample has a finite energy and log q")
+        x_np, u, log_q_np = metrics.as_array(x)[finite], u[finite], log_q_np[finite]
+        log_w = metrics.log_weights(u, log_q_np)
+
+        # -- reweighting against the MCMC test set
+        u_mcmc = metrics.as_array(ctx.system.energy(test))
+        x_mcmc = metrics.as_array(test)
+        records += self._energy_records(ctx, u, log_w, u_mcmc)
+        weights = metrics.normalized_weights(log_w)
+        records += [
+            ctx.record("energy_w2_flow", metrics.wasserstein_1d(u, u_mcmc), "kT"),
+            ctx.record("energy_w2_reweighted", metrics.wasserstein_1d(u, u_mcmc, weights_a=weights), "kT"),
+            ctx.record("distance_w2_flow", metrics.distance_wasserstein(x_np, x_mcmc), DISTANCE_UNIT),
+            ctx.record("distance_w2_reweighted", metrics.distance_wasserstein(x_np, x_mcmc, weights_a=weights),
+                       DISTANCE_UNIT),
+        ]
+        if free_energy:
+            d = metrics.pair_distances(x_np)[:, 0]
+            estimates = {"flow": None, "reweighted": log_w}
+            if hutchinson:
+                log_w_hutch = metrics.log_weights(u, log_q_hutch[finite])
+                estimates["hutchinson"] = log_w_hutch
+                records += self._hutchinson_records(ctx, u, log_w_hutch, log_q_hutch[finite] - log_q_np)
+            records += self._free_energy_records(ctx, d, estimates)
+        check_finite(records)
+        return records
+
+    def _energy_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, u_mcmc: np.ndarray) -> list[Record]:
+        """ESS, mean energies with bootstrap errors, and the three energy histograms (Fig. 6, 10)."""
+        import numpy as np
+
+        from eqbench import metrics
+
+        p = ctx.params
+        boot = {"n_resamples": p["n_bootstrap"], "seed": ctx.seed}
+        records = [
+            ctx.record("ess_fraction", metrics.ess_fraction(log_w), "fraction of samples (Kish)"),
+            ctx.record("mean_energy_flow", u.mean(), "kT"),
+            ctx.record("mean_energy_flow_std", metrics.bootstrap_std(np.mean, u, **boot), "kT, bootstrap std"),
+            ctx.record("mean_energy_reweighted", metrics.weighted_mean(u, log_w), "kT"),
+            ctx.record("mean_energy_reweighted_std", metrics.bootstrap_std(metrics.weighted_mean, u, log_w, **boot),
+                       "kT, bootstrap std"),
+            ctx.record("mean_energy_mcmc", u_mcmc.mean(), "kT"),
+            ctx.record("mean_energy_mcmc_std", metrics.bootstrap_std(np.mean, u_mcmc, **boot), "kT, bootstrap std"),
+        ]
+        edges = energy_edges(u_mcmc, p["energy_bins"])
+        records.append(ctx.record("energy_fraction_above_range", float((u > edges[-1]).mean()), "fraction of samples"))
+        records += [ctx.record("energy_edge", e, "kT", step=k) for k, e in enumerate(edges)]
+        for name, values, weights in (("flow", u, None), ("reweighted", u, log_w), ("mcmc", u_mcmc, None)):
+            density = metrics.histogram_density(values, edges, weights)
+            records += [ctx.record(f"energy_hist_{name}", v, "1/kT (density)", step=k) for k, v in enumerate(density)]
+        return records
+
+    def _hutchinson_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, log_q_error: np.ndarray
+                            ) -> list[Record]:
+        """Reweighting with a Hutchinson ``log q`` of the same samples (paper §7.1, Fig. 3b)."""
+        from eqbench import metrics
+
+        boot = {"n_resamples": ctx.params["n_bootstrap"], "seed": ctx.seed}
+        return [
+            ctx.record("ess_fraction_hutchinson", metrics.ess_fraction(log_w), "fraction of samples (Kish)"),
+            ctx.record("mean_energy_hutchinson", metrics.weighted_mean(u, log_w), "kT"),
+            ctx.record("mean_energy_hutchinson_std", metrics.bootstrap_std(metrics.weighted_mean, u, log_w, **boot),
+                       "kT, bootstrap std"),
+            ctx.record("log_q_hutchinson_error_std", log_q_error.std(), "nats (Hutchinson - exact log q)"),
+        ]
+
+    def _free_energy_records(self, ctx: CellContext, d: np.ndarray, estimates: dict[str, np.ndarray | None]
+                             ) -> list[Record]:
+        """Exact and estimated ``F(d)`` per bin with bootstrap std, and their RMSE (Fig. 3b)."""
+        import numpy as np
+
+        from eqbench import metrics
+
+        p = ctx.params
+        system = ctx.system
+        edges = np.linspace(*map(float, p["distance_range"]), p["distance_bins"] + 1)
+
+        def pair_energy(dist: np.ndarray) -> np.ndarray:
+            import torch
+
+            f, _, _ = system.pair_potential(torch.from_numpy(dist))
+            return system.pair_multiplicity * f.numpy()
+
+        exact = metrics.radial_free_energy(edges, pair_energy, system.n_dims)
+        shift = exact.min()
+        window = exact - shift <= p["free_energy_window"]
+        records = [ctx.record("distance_edge", e, DISTANCE_UNIT, step=k) for k, e in enumerate(edges)]
+        records += [ctx.record("free_energy_exact", v - shift, "kT", step=k) for k, v in enumerate(exact)]
+        boot = {"n_resamples": p["n_bootstrap"], "seed": ctx.seed}
+
+        def profile(dist: np.ndarray, lw: np.ndarray | None = None) -> np.ndarray:
+            return metrics.free_energy_profile(dist, edges, lw)
+
+        for name, log_w in estimates.items():
+            arrays = (d,) if log_w is None else (d, log_w)
+            estimate = profile(*arrays) - shift
+            std = metrics.bootstrap_std(profile, *arrays, **boot)
+            ok = np.isfinite(estimate)
+            records += [ctx.record(f"free_energy_{name}", estimate[k], "kT", step=k) for k in np.flatnonzero(ok)]
+            records += [ctx.record(f"free_energy_{name}_std", std[k], "kT, bootstrap std", step=k)
+                        for k in np.flatnonzero(ok & np.isfinite(std))]
+            covered = window & ok
+            records.append(ctx.record(f"free_energy_coverage_{name}", covered.sum() / window.sum(),
+                                      f"fraction of bins within {p['free_energy_window']:g} kT of the minimum"))
+            if covered.any():
+                rmse = np.sqrt(np.mean(np.square(estimate[covered] - (exact[covered] - shift))))
+                records.append(ctx.record(f"free_energy_rmse_{name}", rmse, "kT, covered bins"))
+        return records
+
+    # ------------------------------------------------------------------ figures
+    def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
+        """Energy histograms per system (flow, reweighted, MCMC; one panel per model variant, Fig. 6,
+        10) and, for DW-2, the free-energy profiles with bootstrap bands (Fig. 3b). Each panel shows
+        the lowest seed of its model variant (bins depend on that seed's test subset)."""
+        written: list[Path] = []
+        for system, rows in table.groupby("system", sort=True):
+            panels = _panels(rows)
+            if any("energy_hist_mcmc" in set(cell["metric"]) for _, cell in panels):
+                written += _plot_energy(system, panels, out_dir)
+            if any("free_energy_exact" in set(cell["metric"]) for _, cell in panels):
+                written += _plot_free_energy(system, panels, out_dir)
+        return written
+
+
+def _panels(rows: pandas.DataFrame) -> list[tuple[str, pandas.DataFrame]]:
+    """``(label, rows of the lowest seed)`` per (model, variant), sorted by label."""
+    rows = rows.assign(variant=rows["variant"].fillna("").astype(str))
+    panels = []
+    for (model, variant), group in rows.groupby(["model", "variant"], sort=True):
+        seed = group["seed"].min()
+        label = model if not variant else f"{model} ({variant})"
+        panels.append((label, group[group["seed"] == seed]))
+    return panels
+
+
+def _series(cell: pandas.DataFrame, metric: str) -> pandas.Series:
+    """Stepped records of one metric as a Series indexed by step."""
+    rows = cell[cell["metric"] == metric]
+    return rows.set_index(rows["step"].astype(int))["value"].sort_index()
+
+
+def _scalar(cell: pandas.DataFrame, metric: str) -> float:
+    values = cell.loc[cell["metric"] == metric, "value"]
+    return float(values.iloc[0]) if len(values) else float("nan")
+
+
+def _plot_energy(system: str, panels: list[tuple[str, pandas.DataFrame]], out_dir: Path) -> list[Path]:
+    from eqbench.plots import new_figure, save_figure
+
+    fig, axes = new_figure(len(panels), width=3.8, height=3.2)
+    for ax, (label, cell) in zip(axes, panels):
+        edges = _series(cell, "energy_edge").to_numpy()
+        for metric, name, style in (("energy_hist_mcmc", "MCMC", {"color": "0.3", "linewidth": 2.0}),
+                                    ("energy_hist_flow", "flow", {"color": "C0"}),
+                                    ("energy_hist_reweighted", "reweighted", {"color": "C1", "linestyle": "--"})):
+            density = _series(cell, metric).to_numpy()
+            if len(density) == len(edges) - 1:
+                ax.stairs(density, edges, label=name, **style)
+        title = (f"{label}\nESS {_scalar(cell, 'ess_fraction'):.3f}; ⟨u⟩ rew "
+                 f"{_scalar(cell, 'mean_energy_reweighted'):.2f} vs MCMC {_scalar(cell, 'mean_energy_mcmc'):.2f}")
+        above = _scalar(cell, "energy_fraction_above_range")
+        if above > 0.005:
+            title += f"\nflow samples beyond the range: {above:.0%}"
+        ax.set_title(title, fontsize="small")
+        ax.set_xlabel("energy u (kT)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize="x-small")
+    return save_figure(fig, out_dir, f"energy_histograms_{system}")
+
+
+def _plot_free_energy(system: str, panels: list[tuple[str, pandas.DataFrame]], out_dir: Path) -> list[Path]:
+    from eqbench.plots import new_figure, save_figure
+
+    panels = [(label, cell) for label, cell in panels if "free_energy_exact" in set(cell["metric"])]
+    fig, axes = new_figure(len(panels), width=3.8, height=3.2)
+    for ax, (label, cell) in zip(axes, panels):
+        edges = _series(cell, "distance_edge").to_numpy()
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        exact = _series(cell, "free_energy_exact")
+        ax.plot(centres[exact.index], exact.to_numpy(), color="0.2", linewidth=2.0, label="exact")
+        for name, text, color in (("flow", "flow, not reweighted", "C2"), ("reweighted", "reweighted, exact div", "C0"),
+                                  ("hutchinson", "reweighted, Hutchinson", "C3")):
+            f = _series(cell, f"free_energy_{name}")
+            if f.empty:
+                continue
+            std = _series(cell, f"free_energy_{name}_std").reindex(f.index).fillna(0.0).to_numpy()
+            ax.plot(centres[f.index], f.to_numpy(), color=color, label=text)
+            ax.fill_between(centres[f.index], f.to_numpy() - std, f.to_numpy() + std, color=color, alpha=0.25)
+        ax.set_ylim(-1.0, 12.0)
+        ax.set_title(label, fontsize="small")
+        ax.set_xlabel("particle distance d")
+        ax.set_ylabel("free energy F(d) (kT)")
+        ax.legend(fontsize="x-small")
+    return save_figure(fig, out_dir, f"free_energy_{system}")
+
+
+TASK = BGReweighting()

@@ -1,0 +1,143 @@
+"""bg-reweighting (paper §7.4, B.3, Fig. 3b, 6, 10): smoke per model, DW-2 free energy, refusals, plots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_task_smoke
+
+import eqbench
+from eqbench.errors import ConfigError
+from eqbench.runner import plan_cells
+from eqbench.tasks.bg_reweighting import sample_cnf_log_q
+
+MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"]
+NON_EQUIVARIANT = {"node", "real-nvp"}
+SCALARS = ("ess_fraction", "finite_fraction", "nll_train", "nll_test", "mean_energy_flow", "mean_energy_flow_std",
+           "mean_energy_reweighted", "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std",
+           "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted",
+           "train_wall_s", "sample_wall_s")
+HISTOGRAMS = ("energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
+FREE_ENERGY = ("distance_edge", "free_energy_exact", "free_energy_flow", "free_energy_reweighted",
+               "free_energy_reweighted_std", "free_energy_rmse_reweighted")
+HUTCHINSON = ("ess_fraction_hutchinson", "mean_energy_hutchinson", "free_energy_hutchinson",
+              "free_energy_rmse_hutchinson", "log_q_hutchinson_error_std")
+
+
+def _scalar(table, metric, variant=""):
+    rows = table[(table["metric"] == metric) & (table["variant"].fillna("") == variant)]
+    assert len(rows) == 1, (metric, variant, len(rows))
+    return float(rows["value"].iloc[0])
+
+
+def _stepped(table, metric, variant=""):
+    rows = table[(table["metric"] == metric) & (table["variant"].fillna("") == variant)].sort_values("step")
+    return rows["step"].to_numpy(dtype=int), rows["value"].to_numpy(dtype=float)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_smoke_every_model_dw4(model, tmp_path):
+    results, table = run_task_smoke("bg-reweighting", model, "dw4", tmp_path, expect_metrics=SCALARS + HISTOGRAMS)
+    variants = sorted(cell.config["params"]["variant"] for cell in results)
+    assert variants == (["", "aug"] if model in NON_EQUIVARIANT else [""])
+    n_samples = results[0].config["params"]["n_samples"]
+    for variant in variants:
+        ess = _scalar(table, "ess_fraction", variant)
+        assert 1.0 / n_samples - 1e-12 <= ess <= 1.0
+        # The MCMC reference is this system's, whatever the model: DW-4 energies near -22.5 kT.
+        assert -24.5 < _scalar(table, "mean_energy_mcmc", variant) < -20.5
+        steps, edges = _stepped(table, "energy_edge", variant)
+        assert (steps == np.arange(len(edges))).all() and (np.diff(edges) > 0).all()
+        for name in ("energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc"):
+            bins, density = _stepped(table, name, variant)
+            assert (bins == np.arange(len(edges) - 1)).all()
+            mass = float((density * np.diff(edges)).sum())
+            assert (density >= 0).all() and mass <= 1.0 + 1e-9, (name, mass)
+        # The bins are made for the MCMC energies: they hold (almost) all of that mass.
+        _, mcmc = _stepped(table, "energy_hist_mcmc", variant)
+        assert float((mcmc * np.diff(edges)).sum()) > 0.99
+    assert not set(HUTCHINSON + FREE_ENERGY) & set(table["metric"])  # DW-2 only
+
+
+@pytest.mark.parametrize("model", ["kernel-flow", "real-nvp"])
+def test_smoke_dw2_free_energy_profile(model, tmp_path):
+    expect = FREE_ENERGY + (HUTCHINSON if model == "kernel-flow" else ())
+    _, table = run_task_smoke("bg-reweighting", model, "dw2", tmp_path, overrides={"augment": [False]},
+                              expect_metrics=SCALARS + HISTOGRAMS + expect)
+    steps, exact = _stepped(table, "free_energy_exact")
+    _, edges = _stepped(table, "distance_edge")
+    assert len(edges) == len(exact) + 1
+    assert exact.min() == pytest.approx(0.0)  # the common reference: the exact minimum
+    # The exact DW-2 profile has its two wells near d ≈ 2.5 and 5.5 and the barrier near d = 4.
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    inner, outer = exact[centres < 4.0].argmin(), exact[centres > 4.0].argmin()
+    assert abs(centres[centres < 4.0][inner] - 2.5) < 0.5 and abs(centres[centres > 4.0][outer] - 5.5) < 0.5
+    assert exact[np.abs(centres - 4.0).argmin()] > 3.0
+    for name in ("reweighted", "hutchinson") if model == "kernel-flow" else ("reweighted",):
+        bins, values = _stepped(table, f"free_energy_{name}")
+        std_bins, std = _stepped(table, f"free_energy_{name}_std")
+        assert set(std_bins) <= set(bins) and (std >= 0).all()
+        assert 0.0 < _scalar(table, f"free_energy_coverage_{name}") <= 1.0
+    if model == "real-nvp":
+        assert not set(HUTCHINSON) & set(table["metric"])  # no divergence to estimate
+    plots = tmp_path / "plots" / "bg-reweighting"
+    for stem in ("energy_histograms_dw2", "free_energy_dw2"):
+        assert (plots / f"{stem}.png").stat().st_size > 0 and (plots / f"{stem}.svg").stat().st_size > 0
+
+
+def test_smoke_lj13_kernel_flow(tmp_path):
+    _, table = run_task_smoke("bg-reweighting", "kernel-flow", "lj13", tmp_path,
+                              overrides={"n_samples": 100, "n_test": 100, "n_train": 50},
+                              expect_metrics=SCALARS + HISTOGRAMS)
+    assert set(table["system"]) == {"lj13"}
+
+
+def test_gaussian_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="cannot run model 'gaussian'.*closed form"):
+        plan_cells("bg-reweighting", "gaussian", "dw4", "smoke")
+
+
+def test_augmentation_only_for_non_equivariant_models():
+    kernel = plan_cells("bg-reweighting", "kernel-flow", "dw4", "quick")
+    node = plan_cells("bg-reweighting", "node", "dw4", "quick")
+    assert [c.params["variant"] for c in kernel] == [""]
+    assert sorted(c.params["variant"] for c in node) == ["", "aug"]
+
+
+def test_paper_profile_is_the_papers_protocol():
+    plans = plan_cells("bg-reweighting", "node", "dw4", "paper")
+    params = plans[0].params
+    assert params["n_train"] == 1000 and params["lambda_end"] == 0.5
+    assert params["n_samples"] == 10000 and params["n_test"] == 10000
+    assert params["n_bootstrap"] == 100  # paper C.7: 100 bootstrapped sub-samples
+    assert len({p.seed for p in plans}) == 5 and len(plans) == 2 * 5
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"n_samples": 0}, "n_samples"),
+    ({"lambda_end": 1.5}, "lambda_end"),
+    ({"augment": ["yes"]}, "augment"),
+    ({"distance_range": [5.0, 2.0]}, "distance_range"),
+    ({"solver_steps": -1}, "solver_steps"),
+    ({"free_energy_window": 0}, "free_energy_window"),
+])
+def test_bad_settings_are_refused_before_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_cells("bg-reweighting", "kernel-flow", "dw2", "smoke", overrides=override)
+
+
+def test_hutchinson_log_q_is_of_the_same_samples():
+    """Exact and Hutchinson integrations of the same prior draws give the same configurations;
+    the exact log q is the flow's log-density, the Hutchinson one a noisy estimate of it."""
+    flow = eqbench.build_model("kernel-flow", "dw2", {"init_scale": 0.3, "steps": 40, "dtype": "float64"})
+    torch.manual_seed(0)
+    x, log_q = sample_cnf_log_q(flow, 256, ("exact", "hutchinson"), batch_size=128, seed=1, progress=False)
+    x_again, log_q_again = sample_cnf_log_q(flow, 256, ("exact",), batch_size=128, seed=1, progress=False)
+    torch.testing.assert_close(x, x_again, atol=0, rtol=0)
+    torch.testing.assert_close(log_q["exact"], log_q_again["exact"], atol=0, rtol=0)
+    with torch.no_grad():  # the inverse solve agrees up to the RK4 discretisation error
+        torch.testing.assert_close(log_q["exact"], flow.log_prob(x), atol=1e-3, rtol=0)
+    error = log_q["hutchinson"] - log_q["exact"]
+    assert float(error.std()) > 0.1  # a real estimate, not the exact trace again
+    assert abs(float(error.mean())) < 4 * float(error.std()) / 16  # unbiased: mean within 4 s.e.
