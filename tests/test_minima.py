@@ -13,13 +13,22 @@ import pytest
 import torch
 
 from eqbench.api import get_system
-from eqbench.geometry import apply_permutation, random_permutations, random_reflections, remove_com
+from eqbench.geometry import (
+    apply_permutation,
+    random_orthogonal,
+    random_permutations,
+    random_reflections,
+    remove_com,
+)
 from eqbench.minima import (
     MinimizationResult,
+    census_of_minima,
+    distinct_minima,
     hessian,
     hessians,
     is_minimum,
     minimize,
+    novel_minima,
     projected_hessian_eigenvalues,
     sorted_distance_signature,
     zero_mode_basis,
@@ -217,3 +226,148 @@ def test_sorted_distance_signature_is_invariant() -> None:
     assert sig.shape == (16, 78)
     assert bool((sig[:, 1:] >= sig[:, :-1]).all())
     torch.testing.assert_close(sorted_distance_signature(y), sig, rtol=1e-12, atol=1e-12)
+
+
+# -- distinct minima: clustering on hand-built configurations (paper §7.5, SPEC §5) -----------
+
+# Two DW-4 minima built by hand and relaxed: a rhombus (u = -23.47) and a bent chain of
+# short bonds (u = -25.31). A perfect square of side 2.5 relaxes, by symmetry, to a saddle.
+_RHOMBUS = [[-2.4, 0.0], [0.0, 1.2], [2.4, 0.0], [0.0, -1.2]]
+_CHAIN = [[0.0, 0.0], [2.5, 0.0], [5.0, 0.3], [7.5, 0.0]]
+_SQUARE = [[0.0, 0.0], [2.5, 0.0], [2.5, 2.5], [0.0, 2.5]]
+
+
+def _relaxed(system, coords) -> torch.Tensor:
+    res = minimize(system, torch.tensor([coords], dtype=F64), gtol=1e-9)
+    assert bool(res.converged[0]) and is_minimum(system, res.x[0])
+    return res.x[0]
+
+
+def _symmetry_copies(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` copies of ``x`` under random rotations/reflections, permutations and translations."""
+    gen = torch.Generator().manual_seed(seed)
+    n_particles, n_dims = x.shape
+    q = random_orthogonal(n, n_dims, generator=gen)
+    copies = torch.einsum("bij,nj->bni", q, x)
+    copies = apply_permutation(copies, random_permutations(n, n_particles, generator=gen))
+    return copies + 5.0 * torch.randn(n, 1, n_dims, generator=gen, dtype=F64)
+
+
+def test_symmetry_copies_of_one_minimum_count_once_two_minima_twice() -> None:
+    dw4 = get_system("dw4")
+    a, b = _relaxed(dw4, _RHOMBUS), _relaxed(dw4, _CHAIN)
+    assert abs(float(dw4.energy(a) - dw4.energy(b))) > 0.1  # two different minima
+    copies_a = _symmetry_copies(a, 40, seed=1)
+    one = census_of_minima(dw4, copies_a, eps=0.01)
+    assert (one.n_input, one.n_minima, one.n_distinct) == (40, 40, 1)
+    assert one.n_unconverged == one.n_saddles == one.n_nonfinite == 0
+
+    mixed = torch.cat([copies_a, _symmetry_copies(b, 25, seed=2)])
+    mixed = mixed[torch.randperm(65, generator=torch.Generator().manual_seed(3))]
+    two = census_of_minima(dw4, mixed, eps=0.01)
+    assert two.n_distinct == 2
+    # Each component holds exactly the copies of one minimum.
+    sizes = sorted(torch.bincount(two.labels).tolist())
+    assert sizes == [25, 40]
+    expected = sorted([float(dw4.energy(a)), float(dw4.energy(b))])
+    torch.testing.assert_close(two.distinct_energies(), torch.tensor(expected, dtype=F64), rtol=0, atol=1e-9)
+    assert two.count_in(-math.inf, math.inf) == 2
+    assert two.counts([(-math.inf, expected[1] - 1e-6), (expected[1] - 1e-6, 0.0)]) == [1, 1]
+
+
+def test_lj13_rotated_permuted_minimum_counts_once() -> None:
+    lj = get_system("lj13")
+    x = minimize(lj, lj.initial_configurations(1, torch.Generator().manual_seed(11))).x[0]
+    census = census_of_minima(lj, _symmetry_copies(x, 30, seed=4), eps=1e-3)
+    assert census.n_minima == 30 and census.n_distinct == 1
+
+
+def test_saddles_are_dropped_and_counted() -> None:
+    """The collinear DW-4 stationary point (see above) converges at once but is a saddle; the
+    square relaxes along its symmetric (breathing) mode to another saddle."""
+    dw4 = get_system("dw4")
+    collinear = torch.tensor([[[-3.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [3.0, 0.0]]], dtype=F64)
+    square = torch.tensor([_SQUARE], dtype=F64)
+    minimum = _relaxed(dw4, _RHOMBUS).unsqueeze(0)
+    census = census_of_minima(dw4, torch.cat([collinear, minimum, square, collinear]), eps=0.01)
+    assert census.n_saddles == 3 and census.n_unconverged == 0
+    assert census.n_minima == 1 and census.n_distinct == 1
+    torch.testing.assert_close(census.distinct_energies(), dw4.energy(minimum), rtol=0, atol=1e-9)
+
+
+def test_unconverged_and_nonfinite_are_dropped_and_counted() -> None:
+    lj = get_system("lj13")
+    starts = lj.initial_configurations(6, torch.Generator().manual_seed(5))
+    bad = starts[:2].clone()
+    bad[0, 0, 0] = float("nan")
+    bad[1, 1] = bad[1, 0]  # two particles on top of each other: infinite LJ energy
+    census = census_of_minima(lj, torch.cat([starts, bad]), eps=1e-3, max_steps=2)
+    assert census.n_input == 8 and census.n_nonfinite == 2
+    assert census.n_unconverged == 6  # two steps cannot reach |∇u| < 1e-6 from random starts
+    assert census.n_minima == 0 and census.n_distinct == 0
+    assert census.distinct_energies().numel() == 0
+    full = census_of_minima(lj, starts, eps=1e-3)
+    assert full.n_unconverged == 0 and full.n_minima == 6
+
+
+def test_counts_at_half_and_double_eps() -> None:
+    """The five DW-4 minima: the closest pair of signatures lies 0.551 apart (the -25.79 and
+    -24.35 minima), every other pair more than 2.3 apart. Thresholds below 0.551 count five,
+    up to 2.3 four; ε/2 and 2ε move the count exactly as the separations say."""
+    dw4 = get_system("dw4")
+    starts = 2.5 * torch.randn(400, 4, 2, generator=torch.Generator().manual_seed(12), dtype=F64)
+    census = census_of_minima(dw4, starts, eps=0.4)
+    assert census.n_distinct == 5
+    torch.testing.assert_close(census.distinct_energies(),
+                               torch.tensor([-25.7922, -25.3124, -24.3524, -23.4654, -21.0665], dtype=F64),
+                               rtol=0, atol=1e-4)
+    separation = census.closest_distinct_separation()
+    assert 0.5 < separation < 0.6
+    assert census.with_eps(0.2).n_distinct == 5  # ε/2
+    doubled = census.with_eps(0.8)  # 2ε: the two closest minima merge
+    assert doubled.n_distinct == 4 and doubled.eps == 0.8
+    # The merged component keeps the lower energy as its representative.
+    assert -24.35 not in [round(e, 2) for e in doubled.distinct_energies().tolist()]
+    assert census.n_distinct == 5  # with_eps returns a new census
+
+
+def test_single_linkage_is_transitive_and_order_independent() -> None:
+    """A chain of signatures spaced 0.6 ε is one component though its ends lie 1.2 ε apart;
+    the partition agrees with scipy's connected components for any row order."""
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial.distance import cdist
+
+    eps = 0.1
+    chain = torch.tensor([[0.0, 0.0], [0.06, 0.0], [0.12, 0.0], [0.5, 0.0]], dtype=F64)
+    assert distinct_minima(chain, eps).tolist() == [0, 0, 0, 1]
+    assert distinct_minima(chain.flip(0), eps).tolist() == [0, 1, 1, 1]
+
+    gen = torch.Generator().manual_seed(7)
+    centres = 3.0 * torch.randn(12, 5, generator=gen, dtype=F64)
+    points = centres[torch.randint(12, (300,), generator=gen)] + 0.05 * torch.randn(300, 5, generator=gen, dtype=F64)
+    n_ref, ref = connected_components(cdist(points.numpy(), points.numpy()) < 0.3, directed=False)
+    for chunk_size in (7, 2048):  # leaders merged across chunks and within one
+        for seed in range(3):
+            perm = torch.randperm(300, generator=torch.Generator().manual_seed(seed))
+            labels = distinct_minima(points[perm], 0.3, chunk_size=chunk_size)
+            assert int(labels.max()) + 1 == n_ref
+            # Same partition: two rows share a label here iff they share one in scipy's answer.
+            same = labels[:, None] == labels[None, :]
+            same_ref = torch.from_numpy(ref[perm.numpy()][:, None] == ref[perm.numpy()][None, :])
+            assert bool((same == same_ref).all())
+    assert distinct_minima(torch.zeros(0, 5, dtype=F64), 0.1).shape == (0,)
+    with pytest.raises(ValueError, match="eps"):
+        distinct_minima(points, 0.0)
+
+
+def test_novel_minima_are_those_the_reference_never_reached() -> None:
+    dw4 = get_system("dw4")
+    a, b = _relaxed(dw4, _RHOMBUS), _relaxed(dw4, _CHAIN)
+    reference = census_of_minima(dw4, _symmetry_copies(a, 5, seed=8), eps=0.01)
+    found = census_of_minima(dw4, torch.cat([_symmetry_copies(a, 3, seed=9), _symmetry_copies(b, 4, seed=10)]),
+                             eps=0.01)
+    novel = novel_minima(found, reference)
+    energies = found.distinct_energies()
+    assert novel.tolist() == [bool(abs(float(e - dw4.energy(b))) < 1e-9) for e in energies]
+    assert int(novel.sum()) == 1
+    assert not bool(novel_minima(reference, reference).any())

@@ -1,0 +1,702 @@
+"""``metastable-states``: how many distinct metastable states a sampler reaches (paper §7.5,
+Table 1, Fig. 7; SPEC §5).
+
+A metastable state is the set of configurations that minimise to the same local minimum. Every
+configuration a method produces is minimised (L-BFGS, no momentum: :func:`eqbench.minima.minimize`);
+unconverged runs and saddle points (a negative Hessian eigenvalue once the rotation and
+translation zero modes are projected out) are dropped and counted; the minima left are equated
+when their sorted pairwise-distance vectors lie within ``eps`` (single linkage,
+:func:`eqbench.minima.distinct_minima`), which makes every count a lower bound (§7.5). Counts
+are reported per energy bin, and again at ``eps/2`` and ``2 eps`` (SPEC §5) so a reader sees
+whether the threshold matters.
+
+**Methods** (the ``variant`` grid axis, one cell each; records carry it in ``variant`` and the
+round in ``step``):
+
+- ``flow``: the model is trained on the training set, then each of ``rounds`` rounds draws
+  ``n_samples`` configurations from it (one training per cell, independent sampling rounds:
+  Table 1's training row has no spread, so its rounds shared one training set). Only positions
+  are needed, so continuous flows integrate the velocity with the cheapest trace they have
+  (closed form, else one Hutchinson probe) instead of the exact log-density.
+- ``training``: the training set itself, counted once (step 0).
+- ``mcmc-short``: "an independent equilibrium MCMC trajectory having the same amount of samples
+  as the training set" (§7.5). eqbench's training set is ``n_train`` samples of the system's
+  data protocol (many Metropolis chains after burn-in, thinned beyond the autocorrelation time,
+  SPEC §3), so the short reference is ``mcmc_short_samples`` samples of *the same protocol from
+  chains independent of the training set*: the stored test split, which comes from disjoint
+  chains with another seed. Each round takes its own subset (disjoint slices of one seeded
+  permutation while the split is large enough, independent seeded subsets beyond). It has the
+  training set's cost and statistical quality, so it answers: does sampling the model beat
+  simply running the sampler that made the training data once more?
+- ``mcmc-long``: ``mcmc_long_samples`` fresh Metropolis samples per round (100,000 in the paper,
+  100x the short budget), from :func:`eqbench.data.mcmc.run_metropolis` with the system's step
+  size and, unless a profile says otherwise, its chains, burn-in and stride (value
+  ``"protocol"``); round ``r`` of seed ``s`` uses MCMC seed ``10_000 + 1_000 s + r``, never a
+  data split's seed. Samples are taken step-major, so a prefix spreads over all chains. The
+  number of energy evaluations is recorded (``mcmc_energy_evaluations``).
+
+The paper's trajectories were single chains; its training set of 1,000 samples reached only 7
+distinct minima (Table 1). eqbench's decorrelated samples reach far more per sample, so compare
+the *ordering* of methods with Table 1, not the absolute counts.
+
+**Training set** (``training_set``): ``"mcmc"`` (LJ-13, §7.5): ``n_train`` samples of the
+training split (seeded by the cell seed), maximum-likelihood training (paper C: λ = 0 unless
+stated). ``"minimum"`` (DW-4, §7.5): one minimum, ``train_minimum`` = its rank by energy (0 =
+global) among the distinct minima reached from 1,000 training-split samples, repeated
+``n_train`` times with isotropic Gaussian noise of scale ``train_noise`` (CoM removed); trained
+by ML for ``ml_iterations`` then with ``(1-λ) ML + λ KL``, ``λ = mix_lambda`` (0.5), for
+``mix_iterations`` (paper C: "a combination of ML-training and KL-training with λ = 0.5 after
+pretraining"). For DW-4 all minima count in one bin; the paper reports that the equivariant flow
+finds all five and the non-equivariant one only the training minimum (Fig. 7a).
+
+**ε** (``eps``, per system): copies of one minimum agree to ~1e-7 in the signature norm at the
+minimiser's ``gtol = 1e-6``, while the closest distinct minima measured here lie 0.55 apart for
+DW-4 (its five minima) and 0.020 apart for LJ-13 (0.022 among the 223 minima of 1,000 training
+samples, 0.0197 among the ~560 of 10,000 MCMC samples). Defaults
+0.01 (DW-4) and 0.001 (LJ-13) sit inside these gaps with a factor >= 10 to spare at ``eps/2``
+and ``2 eps``; ``closest_distinct_separation`` records the margin of every round.
+
+Settings accept a table keyed by system name (``eps = {dw4 = 0.01, lj13 = 0.001}``) or a plain
+value for every system (``--set eps=0.005``).
+
+Records (``variant`` = method, ``step`` = round): ``distinct_minima`` and
+``distinct_minima_<bin>`` (bins named like ``m80_m70`` for [-80, -70), ``minf_m80`` for
+(-inf, -80)), the same with ``_eps_half`` / ``_eps_double``, ``new_minima[_<bin>]`` (minima the
+training set never reached: the question of §7.5) and ``new_minima_sample_fraction`` (the share
+of the round's minima, repeats included, that lie in those: a flow collapsed onto its training
+minimum may still put a few of 10,000 samples elsewhere), ``n_samples``, ``n_nonfinite``,
+``n_unconverged``, ``n_saddles``, ``n_minima``, ``lowest_minimum_energy``,
+``closest_distinct_separation``; per cell ``eps``, wall times, and the lowest distinct minima
+per bin over all rounds for the structure plot (``structure_energy`` at ``step = slot``,
+``structure_x/_y/_z`` at ``step = slot * n_particles + particle``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from eqbench.errors import ConfigError
+from eqbench.records import Record
+from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.common import show_progress, train_flow
+
+if TYPE_CHECKING:
+    import pandas
+    import torch
+
+    from eqbench.flows.base import Flow
+    from eqbench.minima import MinimaCensus
+
+__all__ = ["MetastableStates", "TASK", "VARIANTS", "TRAINING_SETS", "bin_label", "parse_bin_label"]
+
+#: Methods whose minima are counted: the values of the ``variant`` grid axis.
+VARIANTS: tuple[str, ...] = ("flow", "training", "mcmc-short", "mcmc-long")
+#: How the training set is made (see the module docstring).
+TRAINING_SETS: tuple[str, ...] = ("minimum", "mcmc")
+#: Axis names of the coordinate records of the structure plot.
+AXES: tuple[str, ...] = ("x", "y", "z")
+
+_PROTOCOL = "protocol"
+#: ``record(metric, value, unit="", step=None)``: appends one record of the running cell.
+RecordFn = Callable[..., None]
+#: Rows of the training split minimised to find the training minimum of ``training_set = "minimum"``.
+_MINIMUM_SEARCH_SAMPLES = 1000
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def _for_system(params: Mapping[str, Any], key: str, system: str) -> Any:
+    """``params[key]``, or its entry for ``system`` when it is a table keyed by system names."""
+    if key not in params:
+        raise ConfigError(f"task metastable-states needs the setting {key!r}")
+    value = params[key]
+    if isinstance(value, Mapping):
+        if system not in value:
+            raise ConfigError(
+                f"setting {key} gives no value for system {system!r}; it has {', '.join(sorted(value)) or 'none'}"
+            )
+        return value[system]
+    return value
+
+
+def _int(value: Any, key: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < float(value) < math.inf:
+        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _protocol_int(value: Any, key: str, default: int, minimum: int) -> int:
+    return default if value == _PROTOCOL else _int(value, f"{key} (or {_PROTOCOL!r})", minimum=minimum)
+
+
+def _bins(value: Any) -> tuple[tuple[float, float], ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"energy_bins must be a list of [low, high] pairs, got {value!r}")
+    bins = []
+    for item in value:
+        if (not isinstance(item, list | tuple) or len(item) != 2
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in item)
+                or not float(item[0]) < float(item[1])):
+            raise ConfigError(f"energy_bins entries must be [low, high] with low < high, got {item!r}")
+        bins.append((float(item[0]), float(item[1])))
+    return tuple(bins)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The profile settings of one cell, resolved for its system and checked."""
+
+    variant: str
+    rounds: int
+    training_set: str
+    n_train: int
+    train_minimum: int
+    train_noise: float
+    n_samples: int
+    ml_iterations: int
+    mix_iterations: int
+    mix_lambda: float
+    batch_size: int
+    mcmc_short_samples: int
+    mcmc_long_samples: int
+    mcmc_chains: int
+    mcmc_burn_in: int
+    mcmc_stride: int
+    eps: float
+    gtol: float
+    max_steps: int
+    energy_bins: tuple[tuple[float, float], ...]
+    structures_per_bin: int
+    model_config: Mapping[str, Any]
+
+    @classmethod
+    def resolve(cls, params: Mapping[str, Any], system: Any) -> Settings:
+        """Read and check every setting for ``system`` (a ParticleSystem); ConfigError if invalid."""
+        name = system.name
+
+        def get(key: str) -> Any:
+            return _for_system(params, key, name)
+
+        variant = params.get("variant")
+        if variant not in VARIANTS:
+            raise ConfigError(f"unknown variant {variant!r} for task metastable-states; valid: {', '.join(VARIANTS)}")
+        training_set = get("training_set")
+        if training_set not in TRAINING_SETS:
+            raise ConfigError(f"unknown training_set {training_set!r}; valid: {', '.join(TRAINING_SETS)}")
+        mix_lambda = get("mix_lambda")
+        if isinstance(mix_lambda, bool) or not isinstance(mix_lambda, int | float) or not 0 <= mix_lambda <= 1:
+            raise ConfigError(f"mix_lambda must be a number in [0, 1], got {mix_lambda!r}")
+        model_config = params.get("model_config", {})
+        if not isinstance(model_config, Mapping):
+            raise ConfigError(f"model_config must be a table, got {model_config!r}")
+        protocol = system.data_protocol
+        settings = cls(
+            variant=variant,
+            rounds=_int(get("rounds"), "rounds", minimum=1),
+            training_set=training_set,
+            n_train=_int(get("n_train"), "n_train", minimum=1),
+            train_minimum=_int(get("train_minimum"), "train_minimum", minimum=0),
+            train_noise=_positive_float(get("train_noise"), "train_noise"),
+            n_samples=_int(get("n_samples"), "n_samples", minimum=1),
+            ml_iterations=_int(get("ml_iterations"), "ml_iterations", minimum=0),
+            mix_iterations=_int(get("mix_iterations"), "mix_iterations", minimum=0),
+            mix_lambda=float(mix_lambda),
+            batch_size=_int(get("batch_size"), "batch_size", minimum=1),
+            mcmc_short_samples=_int(get("mcmc_short_samples"), "mcmc_short_samples", minimum=1),
+            mcmc_long_samples=_int(get("mcmc_long_samples"), "mcmc_long_samples", minimum=1),
+            mcmc_chains=_protocol_int(get("mcmc_chains"), "mcmc_chains", protocol.n_chains, 1),
+            mcmc_burn_in=_protocol_int(get("mcmc_burn_in"), "mcmc_burn_in", protocol.burn_in, 0),
+            mcmc_stride=_protocol_int(get("mcmc_stride"), "mcmc_stride", protocol.stride, 1),
+            eps=_positive_float(get("eps"), "eps"),
+            gtol=_positive_float(get("gtol"), "gtol"),
+            max_steps=_int(get("max_steps"), "max_steps", minimum=1),
+            energy_bins=_bins(get("energy_bins")),
+            structures_per_bin=_int(get("structures_per_bin"), "structures_per_bin", minimum=0),
+            model_config=dict(model_config),
+        )
+        if settings.training_set == "mcmc" and settings.n_train > protocol.n_train:
+            raise ConfigError(f"n_train must be at most {protocol.n_train} (the {name} training pool), got {settings.n_train}")
+        if settings.mcmc_short_samples > protocol.n_test:
+            raise ConfigError(f"mcmc_short_samples must be at most {protocol.n_test} (the {name} test split), "
+                              f"got {settings.mcmc_short_samples}")
+        if variant == "flow" and settings.ml_iterations + settings.mix_iterations < 1:
+            raise ConfigError("ml_iterations + mix_iterations must be >= 1 for variant 'flow' (an untrained flow samples its prior)")
+        return settings
+
+    @property
+    def structure_bins(self) -> tuple[tuple[float, float], ...]:
+        """Bins the structure plot picks minima from: the energy bins, or all energies."""
+        return self.energy_bins or ((-math.inf, math.inf),)
+
+
+# -- bin names --------------------------------------------------------------------------------
+
+
+def _bound_label(value: float) -> str:
+    text = "inf" if math.isinf(value) else f"{abs(value):g}"
+    return ("m" if value < 0 else "") + text
+
+
+def bin_label(low: float, high: float) -> str:
+    """Metric suffix of an energy bin: ``[-80, -70)`` -> ``m80_m70``, ``(-inf, -80)`` -> ``minf_m80``."""
+    return f"{_bound_label(low)}_{_bound_label(high)}"
+
+
+_BOUND = r"m?(?:inf|[0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)"
+_BIN_RE = re.compile(rf"^(?P<base>.+?)_(?P<low>{_BOUND})_(?P<high>{_BOUND})$")
+
+
+def parse_bin_label(metric: str) -> tuple[str, float, float] | None:
+    """``"distinct_minima_m80_m70"`` -> ``("distinct_minima", -80.0, -70.0)``; None without a bin."""
+    match = _BIN_RE.match(metric)
+    if match is None:
+        return None
+
+    def bound(text: str) -> float:
+        sign = -1.0 if text.startswith("m") else 1.0
+        return sign * float(text.removeprefix("m"))
+
+    return match["base"], bound(match["low"]), bound(match["high"])
+
+
+# -- the task ---------------------------------------------------------------------------------
+
+
+class MetastableStates(Task):
+    """Distinct minima per method and energy bin; the protocol is the module docstring."""
+
+    name = "metastable-states"
+    summary = "distinct energy minima reached from flow samples vs the training set and short/long MCMC (§7.5, Table 1, Fig. 7)"
+    systems = ("dw4", "lj13")
+    grid_axes = ("variant",)
+
+    def validate(self, params: Mapping[str, Any]) -> None:
+        from eqbench.api import get_system
+
+        for system in self.systems or ():
+            Settings.resolve(params, get_system(system))
+
+    def run_cell(self, ctx: CellContext) -> list[Record]:
+        from tqdm.auto import tqdm
+
+        s = Settings.resolve(ctx.params, ctx.system)
+        records: list[Record] = []
+
+        def record(metric: str, value: float, unit: str = "", step: int | None = None) -> None:
+            records.append(ctx.record(metric, value, unit, variant=s.variant, n_train=s.n_train, step=step))
+
+        record("eps", s.eps, "signature distance")
+        start = time.perf_counter()
+        train = _training_set(ctx, s)
+        training_census = _census(ctx, s, train, "minimise training set")
+        record("training_set_wall_s", time.perf_counter() - start, "s")
+
+        censuses: list[MinimaCensus] = []
+        if s.variant == "training":
+            censuses.append(training_census)
+            _round_records(record, s, training_census, None, step=0)
+        else:
+            draw = _sampler(ctx, s, train, record)
+            for r in tqdm(range(s.rounds), desc=f"{s.variant} rounds", disable=not show_progress(ctx.progress), leave=False):
+                x = draw(r)
+                start = time.perf_counter()
+                census = _census(ctx, s, x, f"minimise round {r}")
+                record("minimize_wall_s", time.perf_counter() - start, "s", step=r)
+                censuses.append(census)
+                _round_records(record, s, census, training_census, step=r)
+        _structure_records(record, s, censuses, ctx.system)
+        for rec in records:
+            if not math.isfinite(rec.value):
+                raise FloatingPointError(f"{rec.metric} is not finite ({rec.value})")
+        return records
+
+    def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
+        """Per system and profile: distinct minima per energy bin and method with their spread
+        over rounds, the minima absent from the training set, and the counts at ε/2, ε, 2ε
+        (``metastable_counts_<system>_<profile>``); the lowest distinct minima each method found
+        (``metastable_structures_<system>_<profile>``, Fig. 7)."""
+        written: list[Path] = []
+        table = table.assign(profile=table["profile"].fillna("")) if "profile" in table else table.assign(profile="")
+        for (system, profile), rows in table.groupby(["system", "profile"], sort=True):
+            rows = _dedupe_references(rows)
+            stem = f"{system}_{profile}" if profile else str(system)
+            written += _plot_counts(rows, str(system), stem, out_dir)
+            written += _plot_structures(rows, str(system), stem, out_dir)
+        return written
+
+
+# -- steps of a cell --------------------------------------------------------------------------
+
+
+def _census(ctx: CellContext, s: Settings, x: torch.Tensor, desc: str) -> MinimaCensus:
+    from eqbench.minima import census_of_minima
+
+    return census_of_minima(ctx.system, x, eps=s.eps, gtol=s.gtol, max_steps=s.max_steps,
+                            progress=show_progress(ctx.progress), desc=desc)
+
+
+def _training_set(ctx: CellContext, s: Settings) -> torch.Tensor:
+    """The cell's training set, float64 on the CPU (see the module docstring)."""
+    import torch
+
+    from eqbench.api import load_data
+    from eqbench.geometry import remove_com
+    from eqbench.minima import census_of_minima
+
+    system = ctx.system
+    if s.training_set == "mcmc":
+        return load_data(system, split="train", n=s.n_train, seed=ctx.seed)
+    pool = load_data(system, split="train", n=min(_MINIMUM_SEARCH_SAMPLES, system.data_protocol.n_train), seed=0)
+    found = census_of_minima(system, pool, eps=s.eps, gtol=s.gtol, max_steps=s.max_steps)
+    reps = found.representatives()
+    if s.train_minimum >= reps.numel():
+        raise ConfigError(f"train_minimum must be below {reps.numel()}: {reps.numel()} distinct {system.name} minima "
+                          f"were reached from {pool.shape[0]} training samples (energies "
+                          f"{', '.join(f'{e:.2f}' for e in found.distinct_energies().tolist())})")
+    minimum = found.x[reps[s.train_minimum]]
+    generator = torch.Generator().manual_seed(ctx.seed)
+    noise = torch.randn(s.n_train, *system.event_shape, generator=generator, dtype=torch.float64)
+    return remove_com(minimum + s.train_noise * noise)
+
+
+def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordFn) -> Callable[[int], torch.Tensor]:
+    """A function ``round -> configurations`` for the cell's method, after any one-off work
+    (training the flow; loading the test split)."""
+    import torch
+
+    system = ctx.system
+    if s.variant == "flow":
+        flow = _trained_flow(ctx, s, train, record)
+
+        def draw_flow(r: int) -> torch.Tensor:
+            start = time.perf_counter()
+            generator = torch.Generator().manual_seed(1_000 * ctx.seed + r)
+            x = _flow_positions(flow, s.n_samples, generator)
+            record("sample_wall_s", time.perf_counter() - start, "s", step=r)
+            return x
+
+        return draw_flow
+    if s.variant == "mcmc-short":
+        from eqbench.api import load_data
+
+        pool = load_data(system, split="test")
+        n = s.mcmc_short_samples
+        order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
+        disjoint = s.rounds * n <= pool.shape[0]
+
+        def draw_short(r: int) -> torch.Tensor:
+            if disjoint:
+                return pool[order[r * n:(r + 1) * n]]
+            rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(1_000 * ctx.seed + r))
+            return pool[rows[:n]]
+
+        return draw_short
+
+    from eqbench.data.mcmc import run_metropolis
+
+    def draw_long(r: int) -> torch.Tensor:
+        per_chain = math.ceil(s.mcmc_long_samples / s.mcmc_chains)
+        run = run_metropolis(system, n_chains=s.mcmc_chains, samples_per_chain=per_chain, burn_in=s.mcmc_burn_in,
+                             stride=s.mcmc_stride, step_size=system.data_protocol.step_size,
+                             seed=10_000 + 1_000 * ctx.seed + r, progress=show_progress(ctx.progress),
+                             description=f"{system.name} long MCMC round {r}")
+        record("mcmc_wall_s", run.wall_s, "s", step=r)
+        record("mcmc_acceptance", run.acceptance, "fraction", step=r)
+        record("mcmc_energy_evaluations", s.mcmc_chains * (s.mcmc_burn_in + per_chain * s.mcmc_stride),
+               "count", step=r)
+        flat = run.samples.reshape(-1, *system.event_shape)[: s.mcmc_long_samples]
+        return torch.from_numpy(flat)
+
+    return draw_long
+
+
+def _trained_flow(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordFn) -> Flow:
+    """Build the model and train it: ML, then the λ-mix when ``mix_iterations`` > 0 (paper C)."""
+    from eqbench.api import build_model
+
+    flow = build_model(ctx.model, ctx.system, s.model_config).to(ctx.device)
+    dtype = next(flow.parameters()).dtype
+    data = train.to(device=ctx.device, dtype=dtype)
+    record("n_parameters", flow.n_parameters, "count")
+    start = time.perf_counter()
+    result = None
+    if s.ml_iterations:
+        result = train_flow(ctx, flow, data, iterations=s.ml_iterations, batch_size=s.batch_size)
+    if s.mix_iterations:
+        result = train_flow(ctx, flow, data, iterations=s.mix_iterations, batch_size=s.batch_size,
+                            lambda_start=s.mix_lambda, lambda_end=s.mix_lambda, seed_offset=1)
+    record("train_wall_s", time.perf_counter() - start, "s")
+    if result is not None and result.history:
+        record("final_train_loss", result.history[-1]["loss"], "nats")
+    return flow
+
+
+def _flow_positions(flow: Flow, n: int, generator: torch.Generator, batch_size: int = 1000) -> torch.Tensor:
+    """``n`` samples of ``flow`` (positions only, float64 on the CPU).
+
+    Counting minima needs no density, so a continuous flow integrates its velocity with the
+    cheapest trace it has (closed form, else one Hutchinson probe, whose value is discarded):
+    brute-force traces would make 10,000 gradient-flow samples cost minutes. Other flows
+    sample as usual.
+    """
+    import torch
+
+    from eqbench.flows.cnf import CNF
+
+    flow.eval()
+    ref = next(flow.parameters())
+    chunks = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            m = min(batch_size, n - start)
+            if isinstance(flow, CNF):
+                z = flow.prior.sample(m, generator=generator, dtype=ref.dtype, device=ref.device)
+                method = "exact" if flow.has_closed_form_divergence else "hutchinson"
+                x, _ = flow.integrate(z, 0.0, 1.0, method=method)
+            else:
+                x, _ = flow.sample(m, generator=generator)
+            chunks.append(x.detach().to(device="cpu", dtype=torch.float64))
+    return torch.cat(chunks)
+
+
+def _round_records(record: RecordFn, s: Settings, census: MinimaCensus, training: MinimaCensus | None, step: int) -> None:
+    """Counts of one round: per bin, at ε/2 and 2ε, new vs the training set, and the drops."""
+    import torch
+
+    from eqbench.minima import novel_minima
+
+    record("n_samples", census.n_input, "count", step)
+    record("n_nonfinite", census.n_nonfinite, "count", step)
+    record("n_unconverged", census.n_unconverged, "count", step)
+    record("n_saddles", census.n_saddles, "count", step)
+    record("n_minima", census.n_minima, "count", step)
+    variants = (("distinct_minima", census), ("distinct_minima_eps_half", census.with_eps(s.eps / 2)),
+                ("distinct_minima_eps_double", census.with_eps(2 * s.eps)))
+    for base, c in variants:
+        record(base, c.n_distinct, "count", step)
+        for (low, high), count in zip(s.energy_bins, c.counts(s.energy_bins)):
+            record(f"{base}_{bin_label(low, high)}", count, "count", step)
+    if training is not None:
+        novel = novel_minima(census, training)
+        energies = census.distinct_energies()
+        record("new_minima", int(novel.sum()), "count", step)
+        # Share of the kept minima (with repeats) lying in new minima: a method that puts a
+        # handful of its 10,000 samples elsewhere reaches a new minimum, but rarely.
+        novel_label = torch.zeros(census.n_distinct, dtype=torch.bool)
+        novel_label[census.labels[census.representatives()]] = novel
+        if census.n_minima:
+            record("new_minima_sample_fraction", float(novel_label[census.labels].float().mean()), "fraction", step)
+        for low, high in s.energy_bins:
+            inside = (energies >= low) & (energies < high)
+            record(f"new_minima_{bin_label(low, high)}", int((novel & inside).sum()), "count", step)
+    if census.n_distinct:
+        record("lowest_minimum_energy", float(census.distinct_energies()[0]), "kT", step)
+    separation = census.closest_distinct_separation()
+    if math.isfinite(separation):
+        record("closest_distinct_separation", separation, "signature distance", step)
+
+
+def _structure_records(record: RecordFn, s: Settings, censuses: Sequence[MinimaCensus], system: Any) -> None:
+    """The ``structures_per_bin`` lowest distinct minima of each bin over all rounds (Fig. 7)."""
+    import torch
+
+    from eqbench.minima import MinimaCensus, distinct_minima, sorted_distance_signature
+
+    if s.structures_per_bin == 0 or not censuses:
+        return
+    reps = [c.x[c.representatives()] for c in censuses]
+    energies = [c.energy[c.representatives()] for c in censuses]
+    x, energy = torch.cat(reps), torch.cat(energies)
+    if x.shape[0] == 0:
+        return
+    signature = sorted_distance_signature(x)
+    pooled = MinimaCensus(n_input=x.shape[0], n_nonfinite=0, n_unconverged=0, n_saddles=0, eps=s.eps, x=x,
+                          energy=energy, signature=signature, labels=distinct_minima(signature, s.eps))
+    order = pooled.representatives()
+    slot = 0
+    for low, high in s.structure_bins:
+        inside = order[(pooled.energy[order] >= low) & (pooled.energy[order] < high)]
+        for index in inside[: s.structures_per_bin].tolist():
+            record("structure_energy", float(pooled.energy[index]), "kT", slot)
+            for particle in range(system.n_particles):
+                for axis in range(system.n_dims):
+                    record(f"structure_{AXES[axis]}", float(pooled.x[index, particle, axis]), "",
+                           slot * system.n_particles + particle)
+            slot += 1
+
+
+# -- plots (from the long table only) ---------------------------------------------------------
+
+
+def _method(row_variant: str, model: str) -> str:
+    return model if row_variant == "flow" else row_variant
+
+
+def _dedupe_references(rows: pandas.DataFrame) -> pandas.DataFrame:
+    """Reference rows do not depend on the model: keep one copy of each (variant, seed, step, metric)."""
+    rows = rows.copy()
+    rows["method"] = [_method(v, m) for v, m in zip(rows["variant"], rows["model"])]
+    ref = rows["variant"] != "flow"
+    keys = ["method", "seed", "step", "metric"]
+    deduped = rows[ref].sort_values("model", kind="mergesort").drop_duplicates(keys, keep="first")
+    return _concat([rows[~ref], deduped])
+
+
+def _concat(frames: list[pandas.DataFrame]) -> pandas.DataFrame:
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
+
+
+def _method_order(methods: Sequence[str]) -> list[str]:
+    refs = [m for m in VARIANTS[1:] if m in methods]
+    return sorted(m for m in methods if m not in VARIANTS) + refs
+
+
+def _mean_std(values: Any) -> tuple[float, float]:
+    """Mean and sample std (0 for a single value) of the values over seeds and rounds."""
+    if values.size == 0:
+        return 0.0, 0.0
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def _count_table(rows: pandas.DataFrame, base: str, methods: list[str]) -> tuple[list[str], Any, Any]:
+    """Mean and std over (seed, round) of ``base`` per energy bin (rows) and method (columns),
+    with the bins' display labels; a system without bins has the single group "all minima"."""
+    import numpy as np
+
+    binned = {}
+    for metric in rows["metric"].unique():
+        parsed = parse_bin_label(str(metric))
+        if parsed is not None and parsed[0] == base:
+            binned[str(metric)] = parsed
+    if binned:
+        metrics = sorted(binned, key=lambda m: -binned[m][1])  # Table 1's order: highest bin first
+        labels = [f"[{binned[m][1]:g}, {binned[m][2]:g})".replace("-", "−").replace("inf", "∞") for m in metrics]
+    else:
+        metrics, labels = [base], ["all minima"]
+    mean = np.zeros((len(metrics), len(methods)))
+    std = np.zeros_like(mean)
+    for i, metric in enumerate(metrics):
+        for j, method in enumerate(methods):
+            values = rows[(rows["metric"] == metric) & (rows["method"] == method)]["value"].to_numpy(dtype=float)
+            mean[i, j], std[i, j] = _mean_std(values)
+    return labels, mean, std
+
+
+def _bars(ax: Any, labels: list[str], methods: list[str], mean: Any, std: Any, colors: Mapping[str, str]) -> None:
+    """Grouped bars: one group per label, one bar per method, error bars one std (paper C.7)."""
+    import numpy as np
+
+    width = 0.8 / max(len(methods), 1)
+    centres = np.arange(len(labels))
+    for j, method in enumerate(methods):
+        ax.bar(centres + (j - (len(methods) - 1) / 2) * width, mean[:, j], width, yerr=std[:, j], capsize=2,
+               label=method, color=colors[method])
+    ax.set_xticks(centres, labels)
+
+
+def _plot_counts(rows: pandas.DataFrame, system: str, stem: str, out_dir: Path) -> list[Path]:
+    """Four panels: distinct minima per energy bin and method (Table 1); those absent from the
+    training set; the share of each method's minima (repeats included) lying in such new
+    minima; all distinct minima at ε/2, ε, 2ε (SPEC §5). Bars: mean ± std over rounds."""
+    import numpy as np
+
+    from eqbench.plots import new_figure, save_figure
+
+    if rows[rows["metric"] == "distinct_minima"].empty:
+        return []
+    methods = _method_order(list(rows[rows["metric"] == "distinct_minima"]["method"].unique()))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    samplers = [m for m in methods if m != "training"]  # the training set is the reference of "new"
+    fig, axes = new_figure(4, width=4.2)
+
+    labels, mean, std = _count_table(rows, "distinct_minima", methods)
+    _bars(axes[0], labels, methods, mean, std, colors)
+    axes[0].set(title=f"{system}: distinct minima", xlabel="energy bin u (kT)", ylabel="count (mean ± std over rounds)")
+    axes[0].legend(fontsize="small")
+
+    labels, mean, std = _count_table(rows, "new_minima", samplers)
+    _bars(axes[1], labels, samplers, mean, std, colors)
+    axes[1].set(title="minima absent from the training set", xlabel="energy bin u (kT)")
+
+    share = np.array([_mean_std(rows[(rows["metric"] == "new_minima_sample_fraction")
+                                     & (rows["method"] == m)]["value"].to_numpy(float)) for m in samplers])
+    _bars(axes[2], ["all minima"], samplers, share[None, :, 0], share[None, :, 1], colors)
+    axes[2].set(title="share of samples in those minima", ylim=(0, 1))
+
+    thresholds = [("distinct_minima_eps_half", "ε/2"), ("distinct_minima", "ε"), ("distinct_minima_eps_double", "2ε")]
+    stats = [[_mean_std(rows[(rows["metric"] == metric) & (rows["method"] == m)]["value"].to_numpy(float))
+              for m in methods] for metric, _ in thresholds]
+    _bars(axes[3], [t for _, t in thresholds], methods, np.array(stats)[..., 0], np.array(stats)[..., 1], colors)
+    eps = rows[rows["metric"] == "eps"]["value"]
+    axes[3].set(title="all distinct minima vs threshold" + (f" (ε = {eps.iloc[0]:g})" if not eps.empty else ""))
+    return save_figure(fig, out_dir, f"metastable_counts_{stem}")
+
+
+def _plot_structures(rows: pandas.DataFrame, system: str, stem: str, out_dir: Path) -> list[Path]:
+    """The lowest distinct minima found by each method (Fig. 7): particles projected on their two
+    principal axes, lines between neighbours (pairs closer than 1.3x the shortest distance)."""
+    import numpy as np
+
+    from eqbench.plots import new_figure, save_figure
+
+    energies = rows[rows["metric"] == "structure_energy"]
+    if energies.empty:
+        return []
+    methods = _method_order(list(energies["method"].unique()))
+    first_seed = {m: energies[energies["method"] == m]["seed"].min() for m in methods}
+    n_cols = min(8, max(int(((energies["method"] == m) & (energies["seed"] == first_seed[m])).sum())
+                        for m in methods))
+    # new_figure lays panels out in one row; this figure is a grid (methods x slots).
+    fig, _ = new_figure(1, width=1.9 * n_cols, height=2.0 * len(methods) + 0.4)
+    fig.clf()
+    grid = fig.subplots(len(methods), n_cols, squeeze=False)
+    axes_present = [a for a in AXES if f"structure_{a}" in set(rows["metric"])]
+    for i, method in enumerate(methods):
+        mine = rows[(rows["method"] == method) & (rows["seed"] == first_seed[method])]
+        slots = mine[mine["metric"] == "structure_energy"].sort_values("step")
+        coords = {a: mine[mine["metric"] == f"structure_{a}"].sort_values("step")["value"].to_numpy(float)
+                  for a in axes_present}
+        n_slots = len(slots)
+        for j in range(n_cols):
+            ax = grid[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+            if j >= n_slots:
+                ax.set_axis_off()
+                continue
+            slot = int(slots["step"].iloc[j])
+            n_particles = len(coords[axes_present[0]]) // n_slots
+            pos = np.stack([coords[a][slot * n_particles:(slot + 1) * n_particles] for a in axes_present], axis=-1)
+            pos = pos - pos.mean(axis=0)
+            _, _, vt = np.linalg.svd(pos, full_matrices=False)
+            flat = pos @ vt[:2].T if pos.shape[1] > 2 else pos @ vt.T
+            d = np.linalg.norm(pos[:, None] - pos[None], axis=-1)
+            cutoff = 1.3 * d[d > 0].min() if (d > 0).any() else 0.0
+            for a, b in zip(*np.nonzero(np.triu((d > 0) & (d < cutoff)))):
+                ax.plot(flat[[a, b], 0], flat[[a, b], 1], color="0.6", lw=0.8, zorder=1)
+            ax.scatter(flat[:, 0], flat[:, 1], s=40 if n_particles < 8 else 25, color=f"C{i % 10}", zorder=2,
+                       edgecolor="k", linewidth=0.4)
+            ax.set_title(f"{slots['value'].iloc[j]:.2f}", fontsize="small")
+            if j == 0:
+                ax.set_ylabel(method)
+    fig.suptitle(f"{system}: lowest distinct minima per energy bin (u in kT)", fontsize="medium")
+    return save_figure(fig, out_dir, f"metastable_structures_{stem}")
+
+
+TASK = MetastableStates()
