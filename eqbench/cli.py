@@ -191,6 +191,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eqbench.records import CellStore
 
     overrides = parse_overrides(args.set or [])
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     results = run(args.task, args.model, args.system, args.profile, seed=args.seed, device=args.device,
                   overrides=overrides, results_dir=args.results, rerun=args.rerun)
     rows = []
@@ -397,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures after the run")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: these small tensors ran up to 10x slower with 2 threads on "
+                        "2 shared cores; 0 = torch's choice)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="run a task over many models x systems x grid points x seeds, resumable",
