@@ -1,0 +1,230 @@
+"""``timing``: wall time per training and per sampling iteration, batch 64 (paper B.1, Table 2).
+
+Paper B.1 compares the kernel flow with the two equivariant gradient flows ("simple" and
+SchNet): the kernel flow trains several times faster (the gradient flows need autograd for
+``v = ∇Φ``) and samples at least an order of magnitude faster (they brute-force the Laplacian
+``ΔΦ`` for exact log-weights). Table 2 was measured on a GTX 1080 Ti, so only **ratios** between
+models carry over to other hardware; this task measures seconds and the ratios to a reference
+model (``reference_model``, default the kernel flow) on the same machine in the same process.
+
+Protocol, per model and system (one cell per seed):
+
+* **Training iteration**: one maximum-likelihood step on a batch of ``batch_size`` (64)
+  configurations drawn from ``n_data`` training samples: ``-log q`` with the model's training
+  divergence and solver (DTO, RK4 20 steps; the kernel flow's closed form, Hutchinson for the
+  others, paper §7.3, B.1), backward, AdamW step (C.1).
+* **Sampling iteration**: ``batch_size`` samples with their exact log importance weights
+  ``-u(x) - log q(x)``: the model's exact divergence, brute force for the gradient flows and the
+  neural ODE, as B.1 samples and reweights (exact log-determinant for real-nvp).
+* **Epochs** (paper: "means and standard deviation over 10 epochs with 10 iterations each"):
+  ``train_epochs`` epochs of ``train_iterations`` iterations (``sample_epochs`` x
+  ``sample_iterations`` for sampling), after ``warmup`` untimed iterations. Each epoch gives one
+  seconds-per-iteration value; records are their mean and standard deviation. The reference
+  model is timed in the same cell with epochs interleaved (model, reference, reference, model,
+  ...), so a change of the machine's load hits both alike; the ratio records are the ratio of the
+  means and the standard deviation of the per-epoch ratios. For the reference model itself the
+  ratio is 1 by definition and nothing is timed twice (unless ``model_config`` changes it).
+* **Budget**: when the warm-up iteration predicts more than ``budget_s`` seconds for one
+  measurement (training or sampling of one model), iterations per epoch and then epochs are cut
+  (never below 2 epochs of 1 iteration); the records ``*_timed_iterations`` say how many were
+  timed. Table 2's gradient flows on LJ-13 take 15-35 s per sampling iteration on one CPU thread.
+
+Metrics (seconds are per iteration; Table 2's entries are seconds per 10 iterations, the
+ratios compare directly): ``train_iteration_s`` (+ ``_std``), ``sample_iteration_s`` (+
+``_std``), ``reference_train_iteration_s`` / ``reference_sample_iteration_s`` (+ ``_std``),
+``train_ratio_to_reference`` / ``sample_ratio_to_reference`` (+ ``_std``), the timed iteration
+counts, ``n_parameters`` and ``stable_malloc`` (whether glibc's allocator was tuned for stable
+timings, :func:`eqbench.timing.stable_malloc`). Torch threads are the runner's and recorded in
+each row's provenance. Models: every model with gradient-based training (``gaussian`` is fitted
+in closed form: nothing to time per iteration).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from eqbench.errors import ConfigError
+from eqbench.records import Record
+from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.common import check_finite, positive_int, show_progress
+
+if TYPE_CHECKING:
+    import pandas
+
+__all__ = ["Timing", "TASK", "ratio_stats"]
+
+MODEL, REFERENCE = "model", "reference"
+
+
+def ratio_stats(numerator: list[float], denominator: list[float]) -> tuple[float, float]:
+    """``(mean(numerator) / mean(denominator), std of the per-epoch ratios)``.
+
+    The ratio of means is the headline (it weights every iteration alike); the spread of the
+    per-epoch ratios of interleaved epochs shows how stable it is on a loaded machine.
+    """
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError("ratio_stats needs two equally long, non-empty series")
+    per_epoch = [a / b for a, b in zip(numerator, denominator)]
+    std = statistics.stdev(per_epoch) if len(per_epoch) > 1 else 0.0
+    return statistics.fmean(numerator) / statistics.fmean(denominator), std
+
+
+class Timing(Task):
+    """Wall time per training and sampling iteration at batch 64, with ratios to the kernel flow."""
+
+    name = "timing"
+    summary = "wall time per training and sampling iteration, batch 64, ratios to the kernel flow (paper B.1, Table 2)"
+    requires = ("trainable",)
+
+    def validate(self, params: Mapping[str, Any]) -> None:
+        for key in ("batch_size", "n_data", "train_epochs", "train_iterations", "sample_epochs",
+                    "sample_iterations"):
+            positive_int(params, key)
+        warmup = params.get("warmup")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ConfigError(f"warmup must be an integer >= 1 (the warm-up also sizes the budget), got {warmup!r}")
+        for key in ("train_epochs", "sample_epochs"):
+            if params[key] < 2:
+                raise ConfigError(f"{key} must be >= 2: the standard deviation needs two epochs, got {params[key]}")
+        budget = params.get("budget_s")
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+            raise ConfigError(f"budget_s must be a positive number of seconds, got {budget!r}")
+        reference = params.get("reference_model")
+        if not isinstance(reference, str):
+            raise ConfigError(f"reference_model must be a model name (or \"\" for no ratios), got {reference!r}")
+        if reference:
+            from eqbench.registry import MODELS
+
+            MODELS.get(reference)  # unknown name: an error listing the valid ones
+        if not isinstance(params.get("model_config", {}), Mapping):
+            raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
+
+    def run_cell(self, ctx: CellContext) -> list[Record]:
+        import torch
+
+        from eqbench.api import build_model, load_data
+        from eqbench.timing import sample_step, stable_malloc, train_step
+
+        p = ctx.params
+        malloc = stable_malloc()
+        reference = p["reference_model"]
+        # The reference is timed alongside unless it is this very model with its default settings.
+        with_reference = bool(reference) and (reference != ctx.model or bool(p.get("model_config")))
+        flows = {}
+        torch.manual_seed(ctx.seed)
+        flows[MODEL] = build_model(ctx.model, ctx.system, dict(p.get("model_config", {}))).to(ctx.device)
+        if with_reference:
+            torch.manual_seed(ctx.seed)
+            flows[REFERENCE] = build_model(reference, ctx.system).to(ctx.device)
+        dtype = next(flows[MODEL].parameters()).dtype
+        data = load_data(ctx.system, "train", n=p["n_data"], seed=ctx.seed, dtype=dtype, device=ctx.device)
+        train_steps, sample_steps = {}, {}
+        for role, flow in flows.items():
+            flow_data = data.to(next(flow.parameters()).dtype)
+            train_steps[role] = train_step(flow, flow_data, batch=p["batch_size"],
+                                           generator=torch.Generator().manual_seed(ctx.seed))
+            sample_steps[role] = sample_step(flow, ctx.system, batch=p["batch_size"])
+
+        records = [ctx.record("n_parameters", flows[MODEL].n_parameters, "count"),
+                   ctx.record("stable_malloc", float(malloc), "1 = glibc mallopt applied")]
+        for phase, steps, epochs_key, iters_key in (("train", train_steps, "train_epochs", "train_iterations"),
+                                                    ("sample", sample_steps, "sample_epochs", "sample_iterations")):
+            records += self._measure(ctx, phase, steps, p[epochs_key], p[iters_key], reference, with_reference)
+        check_finite(records)
+        return records
+
+    @staticmethod
+    def _measure(ctx: CellContext, phase: str, steps: Mapping[str, Any], epochs: int, iterations: int,
+                 reference: str, with_reference: bool) -> list[Record]:
+        """Warm up, size the plan to the budget, time interleaved epochs, and make the records."""
+        from eqbench.timing import budget_plan, interleaved_epochs, synchronize
+
+        p = ctx.params
+        plans = {}
+        for role, step in steps.items():
+            for _ in range(p["warmup"]):
+                synchronize(ctx.device)
+                start = time.perf_counter()
+                step()
+                synchronize(ctx.device)
+                first = time.perf_counter() - start
+            plans[role] = budget_plan(first, epochs, iterations, float(p["budget_s"]))
+        n_epochs = min(plan[0] for plan in plans.values())
+        per_epoch = {role: plan[1] for role, plan in plans.items()}
+        seconds = interleaved_epochs(steps, epochs=n_epochs, iterations=per_epoch, device=ctx.device,
+                                     progress=show_progress(ctx.progress), desc=f"timing {ctx.model} {phase}")
+        unit = f"s per {phase} iteration, batch {p['batch_size']}"
+        own = seconds[MODEL]
+        records = [
+            ctx.record(f"{phase}_iteration_s", statistics.fmean(own), f"{unit}, mean over epochs"),
+            ctx.record(f"{phase}_iteration_s_std", statistics.stdev(own) if len(own) > 1 else 0.0,
+                       f"{unit}, std over epochs"),
+            ctx.record(f"{phase}_timed_iterations", n_epochs * per_epoch[MODEL],
+                       f"count ({n_epochs} epochs x {per_epoch[MODEL]} iterations)"),
+        ]
+        if with_reference:
+            ref = seconds[REFERENCE]
+            ratio, ratio_std = ratio_stats(own, ref)
+            records += [
+                ctx.record(f"reference_{phase}_iteration_s", statistics.fmean(ref), f"{unit}, {reference}, mean"),
+                ctx.record(f"reference_{phase}_iteration_s_std", statistics.stdev(ref) if len(ref) > 1 else 0.0,
+                           f"{unit}, {reference}, std over epochs"),
+                ctx.record(f"reference_{phase}_timed_iterations", n_epochs * per_epoch[REFERENCE],
+                           f"count ({n_epochs} epochs x {per_epoch[REFERENCE]} iterations)"),
+                ctx.record(f"{phase}_ratio_to_reference", ratio, f"ratio to {reference}, mean / mean"),
+                ctx.record(f"{phase}_ratio_to_reference_std", ratio_std, f"ratio to {reference}, std over epochs"),
+            ]
+        elif reference:  # the model is the reference: 1 by definition
+            records += [ctx.record(f"{phase}_ratio_to_reference", 1.0, f"ratio to {reference} (itself)"),
+                        ctx.record(f"{phase}_ratio_to_reference_std", 0.0, f"ratio to {reference} (itself)")]
+        return records
+
+    # ------------------------------------------------------------------------------------ plot
+    def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
+        """Bars per system and model: seconds per training and per sampling iteration (± std over
+        epochs), and their ratios to the reference model on log axes (Table 2: compare ratios).
+        Several seeds are averaged."""
+        import numpy as np
+
+        from eqbench.plots import metric_rows, new_figure, save_figure
+
+        panels = [("train_iteration_s", "s per training iteration"),
+                  ("sample_iteration_s", "s per sampling iteration (exact weights)"),
+                  ("train_ratio_to_reference", "training time / reference"),
+                  ("sample_ratio_to_reference", "sampling time / reference")]
+        if metric_rows(table, [m for m, _ in panels]).empty:
+            return []
+        systems = sorted(table["system"].unique())
+        models = sorted(table["model"].unique())
+        fig, axes = new_figure(len(panels), width=4.2, height=3.8)
+        width = 0.8 / max(1, len(models))
+        for ax, (metric, label) in zip(axes, panels):
+            for k, model in enumerate(models):
+                means, errs = [], []
+                for system in systems:
+                    sel = table[(table["system"] == system) & (table["model"] == model)]
+                    values = metric_rows(sel, metric)["value"]
+                    stds = metric_rows(sel, f"{metric}_std")["value"]
+                    means.append(values.mean() if not values.empty else np.nan)
+                    errs.append(stds.mean() if not stds.empty else 0.0)
+                xs = np.arange(len(systems)) + (k - (len(models) - 1) / 2) * width
+                ax.bar(xs, means, width=width, yerr=errs, capsize=2, label=model)
+            ax.set_xticks(np.arange(len(systems)), systems)
+            ax.set_yscale("log")
+            ax.set_ylabel(label)
+            if metric.endswith("_to_reference"):
+                ax.axhline(1.0, color="black", linewidth=0.8)
+                units = metric_rows(table, metric)["unit"].dropna().astype(str)
+                ref = units.iloc[0].removeprefix("ratio to ").split(",")[0].split(" (")[0] if not units.empty else ""
+                ax.set_title(f"{label.split(' /')[0]} relative to {ref}")
+            else:
+                ax.set_title(label.split(" (")[0])
+        axes[0].legend(fontsize=7)
+        return save_figure(fig, out_dir, "timing")
+
+
+TASK = Timing()

@@ -1,0 +1,98 @@
+"""timing (paper B.1, Table 2): smoke per trainable model, ratio bookkeeping, budget planning,
+interleaving. Wall-clock values are recorded, never asserted against a limit."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run_task_smoke
+
+from eqbench.errors import ConfigError, EqbenchError
+from eqbench.runner import plan_cells
+from eqbench.tasks.timing import ratio_stats
+from eqbench.timing import TimingStats, budget_plan, interleaved_epochs
+
+TRAINABLE = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"]
+
+
+@pytest.mark.parametrize("model", TRAINABLE)
+def test_smoke_every_trainable_model(model, tmp_path):
+    results, table = run_task_smoke(
+        "timing", model, "dw4", tmp_path,
+        expect_metrics=("train_iteration_s", "train_iteration_s_std", "sample_iteration_s", "sample_iteration_s_std",
+                        "train_ratio_to_reference", "sample_ratio_to_reference", "n_parameters"))
+    value = table.set_index("metric")["value"]
+    params = results[0].config["params"]
+    for phase in ("train", "sample"):
+        assert value[f"{phase}_iteration_s"] > 0
+        assert value[f"{phase}_timed_iterations"] == params[f"{phase}_epochs"] * params[f"{phase}_iterations"]
+        ratio = value[f"{phase}_ratio_to_reference"]
+        if model == "kernel-flow":
+            assert ratio == 1.0 and f"reference_{phase}_iteration_s" not in value
+        else:  # the ratio is the ratio of the recorded means, measured in the same cell
+            assert ratio == pytest.approx(value[f"{phase}_iteration_s"] / value[f"reference_{phase}_iteration_s"],
+                                          rel=1e-12)
+
+
+def test_closed_form_models_are_refused():
+    with pytest.raises(ConfigError, match="timing cannot run model 'gaussian': it is fitted in closed form"):
+        plan_cells("timing", "gaussian", "dw4", "smoke")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"reference_model": "kernel-flw"}, "did you mean 'kernel-flow'"),
+    ({"train_epochs": 1}, "train_epochs must be >= 2"),
+    ({"warmup": 0}, "warmup"),
+    ({"budget_s": 0}, "budget_s"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_settings_are_refused_before_work(override, message):
+    with pytest.raises(EqbenchError, match=message):
+        plan_cells("timing", "node", "dw4", "smoke", overrides=override)
+
+
+def test_paper_profile_is_table_2():
+    (plan,) = plan_cells("timing", "schnet-flow", "lj13", "paper")
+    p = plan.params
+    assert (p["batch_size"], p["train_epochs"], p["train_iterations"], p["sample_epochs"], p["sample_iterations"]) \
+        == (64, 10, 10, 10, 10)
+    assert p["reference_model"] == "kernel-flow"
+
+
+def test_budget_plan_cuts_iterations_first_then_epochs():
+    assert budget_plan(0.1, 10, 10, 100.0) == (10, 10)  # 10 s fits
+    assert budget_plan(1.0, 10, 10, 50.0) == (10, 5)  # fewer iterations per epoch
+    assert budget_plan(2.0, 10, 10, 20.0) == (10, 1)
+    assert budget_plan(10.0, 10, 10, 30.0) == (3, 1)  # then fewer epochs
+    assert budget_plan(100.0, 10, 10, 30.0) == (2, 1)  # never below 2 epochs of 1 iteration
+
+
+def test_ratio_stats():
+    ratio, std = ratio_stats([2.0, 4.0], [1.0, 1.0])
+    assert ratio == 3.0 and std == pytest.approx(1.4142135623730951)
+    assert ratio_stats([3.0], [1.5]) == (2.0, 0.0)
+    with pytest.raises(ValueError):
+        ratio_stats([1.0], [])
+
+
+def test_interleaved_epochs_alternate_the_order():
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    seconds = interleaved_epochs(steps, epochs=3, iterations={"a": 2, "b": 1})
+    assert calls == ["a", "a", "b", "b", "a", "a", "a", "a", "b"]
+    assert [len(v) for v in seconds.values()] == [3, 3] and all(s >= 0 for v in seconds.values() for s in v)
+
+
+def test_timing_stats_quartiles():
+    stats = TimingStats.of([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stats.n, stats.median, stats.mean, stats.p25, stats.p75, stats.minimum) == (5, 3.0, 3.0, 2.0, 4.0, 1.0)
+    assert stats.std == pytest.approx(1.5811388300841898)
+    assert TimingStats.of([2.0]).std == 0.0
+
+
+def test_reference_is_timed_when_the_model_differs_only_in_settings(tmp_path):
+    """kernel-flow in float64 against the default (float32) kernel flow: a real ratio, not 1."""
+    _, table = run_task_smoke("timing", "kernel-flow", "dw4", tmp_path, overrides={"model_config": {"dtype": "float64"}})
+    value = table.set_index("metric")["value"]
+    assert "reference_train_iteration_s" in value
+    assert value["train_ratio_to_reference"] == pytest.approx(
+        value["train_iteration_s"] / value["reference_train_iteration_s"], rel=1e-12)
