@@ -105,15 +105,33 @@ class DensityEstimation(Task):
         rows["data"] = rows["metric"].map({"nll_train": "train", "nll_test": "test"})
         rows["n_train"] = rows["n_train"].astype(float)
         systems = sorted(rows["system"].unique())
+        variants = sorted(rows["model variant"].unique())
+        palette = dict(zip(variants, sns.color_palette("colorblind", len(variants))))  # same colour in every panel
         fig, axes = new_figure(len(systems), width=4.8, height=3.8)
         for ax, system in zip(axes, systems):
-            sns.lineplot(data=rows[rows["system"] == system], x="n_train", y="value", hue="model variant",
+            panel = rows[rows["system"] == system]
+            sns.lineplot(data=panel, x="n_train", y="value", hue="model variant", palette=palette,
+                         hue_order=variants,
                          style="data", style_order=["test", "train"], markers=True, errorbar="sd", ax=ax)
             ax.set_xscale("log")
             ax.set_xlabel("training-set size")
             ax.set_ylabel("NLL (nats, exact)")
-            ax.set_title(system)
-            ax.legend(fontsize="x-small")
+            # An overfitted model's test NLL can be 100x the others' (real NVP without
+            # augmentation, B.2); keep the informative range readable and say what is off scale.
+            q1, q3 = panel["value"].quantile([0.25, 0.75])
+            top = min(panel["value"].max(), q3 + 3.0 * (q3 - q1))
+            off = panel[panel["value"] > top]
+            margin = 0.05 * (top - panel["value"].min() + 1e-9)
+            ax.set_ylim(panel["value"].min() - margin, top + margin)
+            title = system
+            if not off.empty:
+                names = ", ".join(sorted(set(off["model variant"] + " " + off["data"])))
+                title += f"\noff scale: {names} (up to {off['value'].max():.0f})"
+            ax.set_title(title, fontsize="small")
+            if ax is axes[-1]:
+                ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+            else:
+                ax.get_legend().remove()
         return save_figure(fig, out_dir, "nll_vs_training_size")
 
 
