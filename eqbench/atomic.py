@@ -31,8 +31,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call ``write(handle)`` on a temp file beside ``path``, then move it into place."""
+    """Call ``write(handle)`` on a temp file beside ``path``, then move it into place.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give (0666 minus the umask),
+    not the temp file's private 0600: results and reports are meant to be shared.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
@@ -40,6 +50,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
         with tmp:
             write(tmp)
             tmp.flush()
+            os.fchmod(tmp.fileno(), 0o666 & ~_umask())
             os.fsync(tmp.fileno())
         os.replace(tmp.name, path)
     except BaseException:

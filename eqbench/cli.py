@@ -29,6 +29,7 @@ examples:
   python -m eqbench run --task test-nll --model gaussian --system dw4 --profile smoke
   python -m eqbench run --task test-nll --model gaussian --system lj13 --set n_train=[10,1000]
   python -m eqbench collect                               # results/cells/* -> results/results.csv
+  python -m eqbench report --results results              # one self-contained HTML page: claims, plots, tables
 """
 
 KINDS: dict[str, Registry[Any]] = {"systems": SYSTEMS, "models": MODELS, "tasks": TASKS}
@@ -355,6 +356,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the self-contained HTML report of a results directory (see :mod:`eqbench.report`)."""
+    from eqbench.report import write_report
+
+    csv = Path(args.results) / "results.csv"
+    if not csv.exists():
+        raise EqbenchError(f"no results table at {csv}; run a task or `eqbench collect --results {args.results}` first")
+    out = write_report(args.results, args.out)
+    print(f"report: {out}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -462,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--out", default=None, help="output CSV (default: RESULTS/results.csv)")
     p.set_defaults(func=cmd_collect)
+
+    p = sub.add_parser("report", help="write one self-contained HTML report (claims, plots, tables, provenance)",
+                       description="Build one HTML file from RESULTS/results.csv and baselines/published.csv: a "
+                                   "verdict per claim of the paper, each task's figures (inline SVG), measured "
+                                   "numbers beside the published ones, failed cells and provenance. Needs no "
+                                   "network access to view.")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--out", default=None, help="output HTML file (default: RESULTS/report.html)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

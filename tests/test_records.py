@@ -302,3 +302,17 @@ def test_provenance_has_all_keys_with_sensible_types() -> None:
     assert prov["hostname"] and prov["platform"]
     sha = prov["git_sha"]
     assert sha == "unknown" or (len(sha.removesuffix("-dirty")) == 40 and int(sha[:40], 16) >= 0)
+
+
+def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path: Path) -> None:
+    """Results and reports are shared: not the temp file's private 0600."""
+    import os
+    import stat
+
+    from eqbench.atomic import atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    atomic_write_text(atomic, "x")
+    assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
