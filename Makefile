@@ -7,12 +7,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= results
 
-.PHONY: venv demo test test-all clean-results help
+.PHONY: venv demo test test-all clean-results help bench bench-check bench-targets
 
 help:
-	@echo "make demo      set up .venv, generate reference data, run the quick benchmark -> $(RESULTS)/results.csv"
+	@echo "make demo      set up .venv, run the quick DW-4 headline comparison -> $(RESULTS)/report.html"
 	@echo "make test      set up .venv and run the test suite (slow tests excluded)"
 	@echo "make test-all  the test suite including tests marked slow"
+	@echo "make bench     asv benchmarks of this commit -> .asv/results, dashboard .asv/html (asv preview)"
+	@echo "make bench-check  run every asv benchmark once, reduced sizes, nothing saved (CI)"
+	@echo "make bench-targets  measure the performance-target ratios (JSON on stdout)"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +25,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The headline comparison of the paper on DW-4 at the quick budget: the equivariant kernel flow
+# vs the black-box neural ODE with and without augmentation, density estimation (§7.3) and
+# Boltzmann-generator reweighting (§7.4), two cells at a time, then the HTML report.
+DEMO_SWEEP = $(PY) -m eqbench sweep --model kernel-flow node --system dw4 --profile quick \
+	--jobs 2 --threads 1 --results $(RESULTS) --no-plot
+
 demo: $(STAMP)
-	$(PY) -m eqbench data dw4 lj13
-	$(PY) -m eqbench run --task test-nll --model gaussian --system dw4 --profile quick --results $(RESULTS)
-	$(PY) -m eqbench run --task test-nll --model kernel-flow --system dw4 --profile quick --results $(RESULTS)
-	$(PY) -m eqbench run --task test-nll --model node --system dw4 --profile quick --results $(RESULTS)
-	$(PY) -m eqbench run --task test-nll --model gaussian --system lj13 --profile quick --results $(RESULTS)
-	$(PY) -m eqbench collect --results $(RESULTS)
+	$(PY) -m eqbench data dw4
+	$(DEMO_SWEEP) --task density-estimation
+	$(DEMO_SWEEP) --task bg-reweighting
+	$(PY) -m eqbench report --results $(RESULTS)
+	@echo "open $(RESULTS)/report.html"
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
@@ -38,3 +46,33 @@ test-all: $(STAMP)
 
 clean-results:
 	rm -rf $(RESULTS)/cells $(RESULTS)/results.csv
+
+# ---- performance tracking (asv; README "Performance tracking") ------------------------------
+# Timings need a fixed environment: one torch thread, and glibc's mmap/trim thresholds raised
+# so large tensors are not returned to the OS after every operation (2-4x slower and erratic
+# otherwise). The variables must be set before the interpreter starts; the suites also call
+# eqbench.timing.stable_malloc() (mallopt, same effect) in every setup.
+ASV := $(VENV)/bin/asv
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=2147483648 \
+	EQBENCH_BENCH_THREADS=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(ASV) machine --yes
+	$(BENCH_ENV) $(ASV) run --python=same --set-commit-hash $$(git rev-parse HEAD)
+	$(ASV) publish
+	@echo "dashboard: .asv/html/index.html (serve it with: $(ASV) preview)"
+
+# Every benchmark once (--quick), at reduced sizes (EQBENCH_BENCH_SMOKE=1), results not saved;
+# exits non-zero when any benchmark fails to import, set up or run.
+bench-check: $(BENCH_STAMP)
+	$(ASV) machine --yes
+	$(BENCH_ENV) EQBENCH_BENCH_SMOKE=1 $(ASV) run --python=same --quick --dry-run --show-stderr --launch-method=forkserver
+
+# The performance targets of the note (ratios, medians of repeats; about 5 minutes on 2 cores).
+bench-targets: $(STAMP)
+	$(BENCH_ENV) $(PY) -m benchmarks.targets
