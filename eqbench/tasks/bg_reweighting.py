@@ -69,9 +69,9 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task, model_capabilities
-from eqbench.tasks.common import (check_finite, fraction, mean_nll, positive_int, sample_with_log_q,
-                                  show_progress, train_flow, variant_name)
+from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, mean_nll, positive_int, sample_with_log_q,
+                                  show_progress, train_flow)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -172,13 +172,7 @@ class BGReweighting(Task):
             raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
-        from eqbench.api import get_system
-
-        point = dict(params)
-        if point["augment"] and "equivariant" in model_capabilities(model, get_system(system)):
-            return []  # the equivariant likelihood is invariant: augmentation is a no-op
-        point["variant"] = variant_name(point["augment"])
-        return [point]
+        return augmentation_cells(params, model, system)
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, ctx: CellContext) -> list[Record]:

@@ -29,6 +29,7 @@ __all__ = [
     "sample_with_log_q",
     "show_progress",
     "variant_name",
+    "augmentation_cells",
     "check_finite",
 ]
 
@@ -52,6 +53,21 @@ def fraction(params: Mapping[str, Any], key: str, default: float | None = None) 
 def variant_name(augment: bool) -> str:
     """``"aug"`` for augmented training (paper Fig. 5's "aug neq nODE"), ``""`` otherwise."""
     return "aug" if augment else ""
+
+
+def augmentation_cells(params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+    """The cell a grid point with an ``augment`` flag becomes: none for augmenting a model that is
+    equivariant (its likelihood is invariant, so augmentation would change nothing but the noise),
+    else the point with its ``variant`` named (``"aug"`` or ``""``). Shared by the tasks that
+    compare non-equivariant models with and without augmentation (paper §7.3, §7.4)."""
+    from eqbench.api import get_system
+    from eqbench.tasks.base import model_capabilities
+
+    point = dict(params)
+    if point["augment"] and "equivariant" in model_capabilities(model, get_system(system)):
+        return []
+    point["variant"] = variant_name(point["augment"])
+    return [point]
 
 
 def show_progress(progress: bool | None) -> bool:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task, model_capabilities
-from eqbench.tasks.common import check_finite, mean_nll, positive_int, train_flow, variant_name
+from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.common import augmentation_cells, check_finite, mean_nll, positive_int, train_flow
 
 if TYPE_CHECKING:
     import pandas
@@ -54,13 +54,7 @@ class DensityEstimation(Task):
             raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
-        from eqbench.api import get_system
-
-        point = dict(params)
-        if point["augment"] and "equivariant" in model_capabilities(model, get_system(system)):
-            return []  # the equivariant likelihood is invariant: augmentation is a no-op
-        point["variant"] = variant_name(point["augment"])
-        return [point]
+        return augmentation_cells(params, model, system)
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
