@@ -790,7 +790,16 @@ def _provenance(table: pandas.DataFrame) -> list[tuple[str, str]]:
 
 # -- page -----------------------------------------------------------------------------------------
 
-_TEMPLATE = """<!DOCTYPE html>
+_TEMPLATE = """{% macro data_table(t, cls) %}
+<div class="scroll"><table class="{{ cls }}">
+<caption>{{ t.caption }}</caption>
+<thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in t.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>
+{% endfor %}
+</tbody></table></div>
+{% endmacro %}
+<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -870,23 +879,11 @@ them</caption>
 <p class="muted">No figure: {{ s.figure_note }}.</p>
 {% endfor %}
 {% for t in s.tables %}
-<div class="scroll"><table class="results">
-<caption>{{ t.caption }}</caption>
-<thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in t.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>
-{% endfor %}
-</tbody></table></div>
+{{ data_table(t, 'results') }}
 {% endfor %}
 {% if s.published %}
 {% for t in s.published %}
-<div class="scroll"><table class="published">
-<caption>{{ t.caption }}</caption>
-<thead><tr>{% for h in t.header %}<th>{{ h }}</th>{% endfor %}</tr></thead>
-<tbody>
-{% for row in t.rows %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>
-{% endfor %}
-</tbody></table></div>
+{{ data_table(t, 'published') }}
 {% endfor %}
 {% else %}
 <p class="muted">{{ s.no_baseline or 'No published numbers match this task.' }}</p>

@@ -11,14 +11,13 @@ training-set sizes and variants; this task is the quick check that a model learn
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import mean_nll, positive_int
+from eqbench.tasks.common import check_finite, mean_nll, positive_int, train_flow
 
 __all__ = ["TestNLL", "TASK", "mean_nll"]
 
@@ -38,7 +37,6 @@ class TestNLL(Task):
         import torch
 
         from eqbench.api import build_model, load_data
-        from eqbench.train import TrainConfig, fit
 
         p = ctx.params
         flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)
@@ -49,22 +47,14 @@ class TestNLL(Task):
         records = [ctx.record("n_parameters", flow.n_parameters, "count"),
                    ctx.record("nll_test_untrained", mean_nll(flow, test), "nats, exact")]
         start = time.perf_counter()
-        if hasattr(flow, "fit_closed_form"):
-            flow.fit_closed_form(train)
-        else:
-            config = TrainConfig(iterations=p["iterations"], batch_size=p["batch_size"], lr=p.get("lr", 5e-3),
-                                 weight_decay=p.get("weight_decay", 0.01), augment=bool(p.get("augment", False)),
-                                 seed=ctx.seed)
-            result = fit(flow, ctx.system, train, config, progress=ctx.progress)
-            if result.status != "ok":
-                raise FloatingPointError(result.reason)
+        result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
+                            augment=bool(p.get("augment", False)))
+        if result.history:
             records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats"))
         records.append(ctx.record("fit_wall_s", time.perf_counter() - start, "s"))
         records.append(ctx.record("nll_train", mean_nll(flow, train), "nats, exact"))
         records.append(ctx.record("nll_test", mean_nll(flow, test), "nats, exact"))
-        for record in records:
-            if not math.isfinite(record.value):
-                raise FloatingPointError(f"{record.metric} is not finite ({record.value})")
+        check_finite(records)
         return records
 
 
