@@ -235,28 +235,45 @@ def _hms(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _dry_run(args: argparse.Namespace, plan: Any) -> int:
+    """Print the cells a sweep would run with their estimated cost, per cell and in total."""
+    from eqbench.cost import wall_seconds
+    from eqbench.sweep import price_plan
+
+    calibration = args.calibrate or [args.results]
+    prices = price_plan(plan.todo, calibration, device=args.device)
+    rows = [(c.cell_id, c.model, c.system, c.params.get("variant", ""), c.params.get("n_train", ""), c.seed,
+             _hms(prices[c.cell_id].seconds), prices[c.cell_id].basis) for c in plan.todo]
+    _print_table(rows, ("cell", "model", "system", "variant", "n_train", "seed", "estimate", "basis"))
+    groups: dict[tuple[str, str], list[float | None]] = {}
+    for c in plan.todo:
+        groups.setdefault((c.model, c.system), []).append(prices[c.cell_id].seconds)
+    summary = [(model, system, len(v), sum(x is not None for x in v), _hms(sum(x for x in v if x is not None)))
+               for (model, system), v in groups.items()]
+    if len(summary) > 1:
+        print()
+        _print_table(summary, ("model", "system", "cells", "priced", "cell time"))
+    known = [prices[c.cell_id].seconds for c in plan.todo if prices[c.cell_id].seconds is not None]
+    unknown = len(plan.todo) - len(known)
+    print(f"\n{len(plan.todo)} cells to run, {len(plan.done)} already finished; priced from "
+          f"{', '.join(map(str, calibration))}: {_hms(sum(known))} of cell time, about {_hms(wall_seconds(known, args.jobs))} "
+          f"wall time with --jobs {args.jobs}" + (f"; {unknown} cells unpriced (nothing comparable has finished: "
+                                                 f"run them in a smaller profile first)" if unknown else ""))
+    for model, system, reason in plan.unsupported:
+        print(f"  skipped {model} on {system}: {reason}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from eqbench.config import parse_overrides
     from eqbench.executors import SlurmOptions
     from eqbench.records import CellStore
-    from eqbench.sweep import estimate_seconds, plan_sweep, sweep
+    from eqbench.sweep import plan_sweep, sweep
 
     overrides = parse_overrides(args.set or [])
     common = dict(seeds=args.seeds, overrides=overrides, results_dir=args.results, rerun=args.rerun)
     if args.dry_run:
-        plan = plan_sweep(args.task, args.model, args.system, args.profile, **common)
-        estimate = estimate_seconds(plan.todo, args.results)
-        rows = [(c.cell_id, c.model, c.system, c.params.get("variant", ""), c.params.get("n_train", ""), c.seed,
-                 _hms(estimate[c.cell_id])) for c in plan.todo]
-        _print_table(rows, ("cell", "model", "system", "variant", "n_train", "seed", "estimate"))
-        known = [v for v in estimate.values() if v is not None]
-        unknown = len(estimate) - len(known)
-        print(f"\n{len(plan.todo)} cells to run, {len(plan.done)} already finished; estimated {_hms(sum(known))} "
-              f"of cell time" + (f" + {unknown} cells without a measurement" if unknown else "")
-              + " (divide by --jobs for wall time)")
-        for model, system, reason in plan.unsupported:
-            print(f"  skipped {model} on {system}: {reason}")
-        return 0
+        return _dry_run(args, plan_sweep(args.task, args.model, args.system, args.profile, **common))
     slurm = SlurmOptions(partition=args.partition, gpus_per_job=args.gpus_per_job, timeout_min=args.slurm_minutes,
                          array_parallelism=args.jobs, cpus_per_job=args.threads or 1)
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
@@ -276,6 +293,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for path in write_task_plots(args.task, args.results, table=table):
             print(f"plot: {path}")
     return 1 if failed else 0
+
+
+def cmd_price_check(args: argparse.Namespace) -> int:
+    from eqbench.cost import check_prices
+
+    checks = check_prices(args.results, args.calibrate, tasks=args.task)
+    if not checks:
+        raise EqbenchError(f"no finished cells under {args.results}" + (f" for {', '.join(args.task)}" if args.task else ""))
+    rows = [(c.cell.cell_id, c.cell.task, c.cell.config.get("model"), c.cell.config.get("system"),
+             c.cell.config.get("params", {}).get("variant", ""), c.cell.config.get("params", {}).get("n_train", ""),
+             _hms(c.cell.duration_s), _hms(c.estimate.seconds), f"{c.ratio:.2f}" if c.ratio is not None else "?",
+             c.estimate.basis) for c in checks]
+    _print_table(rows, ("cell", "task", "model", "system", "variant", "n_train", "measured", "estimate",
+                        "est/meas", "basis"))
+    priced = [c for c in checks if c.ratio is not None]
+    if priced:
+        measured = sum(c.cell.duration_s for c in priced)
+        estimated = sum(c.estimate.seconds for c in priced)
+        print(f"\n{len(priced)} of {len(checks)} cells priced: measured {_hms(measured)}, estimated {_hms(estimated)} "
+              f"(total est/meas {estimated / measured:.2f}; per cell {min(c.ratio for c in priced):.2f} .. "
+              f"{max(c.ratio for c in priced):.2f})")
+    return 0
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -449,9 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-minutes", type=int, default=60, help="SLURM time limit per cell, minutes")
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
-    p.add_argument("--dry-run", action="store_true", help="list the cells to run and their estimated cost; run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells to run with their estimated cost (from finished cells, any profile); run nothing")
+    p.add_argument("--calibrate", action="append", metavar="DIR",
+                   help="with --dry-run: results directories whose finished cells price the plan (repeatable; "
+                        "default: --results); run the quick profile first to price the paper grid")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("price-check", help="how good are --dry-run prices? estimate finished cells from other cells",
+                       description="Prices every finished cell of RESULTS from the finished cells of the --calibrate "
+                                   "directories (leaving the cell itself out), as `sweep --dry-run` would have before "
+                                   "it ran, and prints estimate beside measured duration.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: price paper-profile cells from quick runs\n"
+                              "  python -m eqbench price-check --results results/paper --calibrate results/quick")
+    p.add_argument("--results", required=True, help="results directory with the finished cells to check")
+    p.add_argument("--calibrate", action="append", required=True, metavar="DIR",
+                   help="results directories whose cells price them (repeatable)")
+    p.add_argument("--task", action="append", help="only this task (repeatable)")
+    p.set_defaults(func=cmd_price_check)
 
     p = sub.add_parser("plot", help="redraw task figures (PNG + SVG) from RESULTS/results.csv",
                        description="Each task draws its figures from the long table only, into RESULTS/plots/<task>/.")

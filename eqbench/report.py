@@ -102,7 +102,7 @@ def _read_results(results_dir: Path) -> pandas.DataFrame:
         raise EqbenchError(f"{csv} is not an eqbench results table: columns {', '.join(sorted(missing))} are missing")
     for col in ("variant", "unit", "reason", "profile"):
         if col in table.columns:
-            table[col] = table[col].fillna("").astype(str)
+            table[col] = table[col].astype(object).fillna("").astype(str)
     return table
 
 

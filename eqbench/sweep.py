@@ -10,19 +10,19 @@ sweep and single runs share finished cells, and ``collect`` / ``report`` read th
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eqbench.cost import CellEstimate, CostModel
 from eqbench.errors import ConfigError
 from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
 from eqbench.records import CellResult, CellStore
 from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.runner import CellPlan, plan_cells
 
-__all__ = ["SweepPlan", "plan_sweep", "estimate_seconds", "sweep", "default_threads"]
+__all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
 
 
 @dataclass
@@ -73,24 +73,15 @@ def plan_sweep(
     return plan
 
 
-def estimate_seconds(cells: Sequence[CellPlan], results_dir: str | Path) -> dict[str, float | None]:
-    """Cost of each cell from measurement: the median duration of finished cells of the same task,
-    model, system and profile in the store (``None`` where nothing comparable ran yet).
+def price_plan(cells: Sequence[CellPlan], calibration_dirs: Sequence[str | Path],
+               device: str = "cpu") -> dict[str, CellEstimate]:
+    """Each cell's estimated seconds and basis (:mod:`eqbench.cost`), calibrated from the
+    finished cells of ``calibration_dirs`` on the same kind of device.
 
-    Deliberately empirical: run one seed first (``--seeds 1``), and ``--dry-run`` then prices the
-    rest of the grid from what this machine actually took.
+    Run a smaller profile first (``--profile quick``, or ``--seeds 1``): ``--dry-run`` then
+    prices the grid from what this machine actually took.
     """
-    durations: dict[tuple[str, str, str, str], list[float]] = {}
-    for cell in CellStore(results_dir).iter_cells():
-        if cell.status == "ok":
-            cfg = cell.config
-            key = (cfg.get("task"), cfg.get("model"), cfg.get("system"), cfg.get("profile"))
-            durations.setdefault(key, []).append(cell.duration_s)
-    estimate = {}
-    for plan in cells:
-        same = durations.get((plan.task, plan.model, plan.system, plan.profile))
-        estimate[plan.cell_id] = statistics.median(same) if same else None
-    return estimate
+    return CostModel.from_results(calibration_dirs, device=device).estimate_all(cells)
 
 
 def default_threads(jobs: int) -> int:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from html import escape as html_escape
 
 import pytest
 
@@ -72,6 +73,17 @@ def test_crash_and_timeout_become_failed_cells_and_the_rest_finishes(tmp_path):
     assert "time limit" in by_model["sweep_models:sleepy"].reason
     table = CellStore(tmp_path).collect()
     assert set(table.loc[table["metric"] == "cell_failed", "model"]) == {"sweep_models:killed", "sweep_models:sleepy"}
+    # ... and the report lists both with their reasons beside the finished cell's results
+    from eqbench.report import render_report
+
+    html = render_report(tmp_path)
+    failed_section = html[html.index('id="failed-cells"'):]
+    failed_section = failed_section[:failed_section.index("</section>")]
+    for model in ("sweep_models:killed", "sweep_models:sleepy"):
+        cell = by_model[model]
+        assert cell.cell_id in failed_section and model in failed_section
+        assert html_escape(cell.reason.splitlines()[0][:40]) in failed_section
+    assert "2 failed cells" in failed_section
 
 
 def test_killed_sweep_resumes_with_every_cell_exactly_once(tmp_path):

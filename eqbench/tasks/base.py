@@ -8,14 +8,14 @@ A task declares the systems it supports and refuses unsupported combinations bef
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eqbench.config import load_profiles
 from eqbench.errors import ConfigError
-from eqbench.records import Record
+from eqbench.records import CellResult, Record
 
 if TYPE_CHECKING:
     import pandas
@@ -120,6 +120,29 @@ class Task(ABC):
         already equivariant) or to name a point's ``variant``; called after :meth:`validate`.
         """
         return [dict(params)]
+
+    def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
+        """Work of each timed phase of a cell with these settings: ``{metric: work units}``.
+
+        ``metric`` is the record in which :meth:`run_cell` stores the phase's measured seconds
+        (summed over steps); work units are counts the phase's cost is proportional to (e.g.
+        training iterations x batch size). :mod:`eqbench.cost` turns measured cells of any
+        profile into seconds per unit and prices unrun cells with them (``sweep --dry-run``).
+        The default, no phases, leaves a cell priced only by finished cells of equal settings.
+        """
+        return {}
+
+    def estimate_seconds(self, params: Mapping[str, Any], model: str, system: str,
+                         calibration: Sequence[CellResult]) -> float | None:
+        """Predicted seconds of a cell from finished cells of the same model and system
+        (``calibration``, any profile); ``None`` when they cannot price it.
+
+        Default: :func:`eqbench.cost.phase_estimate` over :meth:`cost_phases`. Override when
+        the cost is not linear in counts, e.g. when repeats adapt to a time budget.
+        """
+        from eqbench.cost import phase_estimate
+
+        return phase_estimate(self, params, system, calibration)
 
     @abstractmethod
     def run_cell(self, ctx: CellContext) -> list[Record]:

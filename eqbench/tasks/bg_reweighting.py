@@ -175,6 +175,13 @@ class BGReweighting(Task):
         return augmentation_cells(params, model, system)
 
     # ------------------------------------------------------------------ one cell
+    def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
+        """Training per configuration-step; a λ-mix step counts twice (the NLL batch plus a KL
+        batch sampled through the flow with its training divergence). Sampling per sample with
+        exact log q. Scoring n_train + n_test and the reweighting are the remainder."""
+        return {"train_wall_s": params["batch_size"] * (params["pretrain_iterations"] + 2 * params["mix_iterations"]),
+                "sample_wall_s": params["n_samples"]}
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import numpy as np
         import torch

@@ -56,6 +56,12 @@ class DensityEstimation(Task):
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
         return augmentation_cells(params, model, system)
 
+    def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
+        """Training costs per configuration-step (iterations x batch), scoring per configuration
+        scored (training and test) with the exact trace."""
+        return {"fit_wall_s": params["iterations"] * params["batch_size"],
+                "eval_wall_s": min(params["n_train"], params["n_train_eval"]) + params["n_test"]}
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 

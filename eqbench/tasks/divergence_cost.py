@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
-from eqbench.records import Record
+from eqbench.records import CellResult, Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import check_finite, positive_int, show_progress
 
@@ -178,6 +178,20 @@ def predict_seconds(history: Sequence[tuple[int, float]], n: int) -> float | Non
         if n1 != n0 and t0 > 0 and t1 > 0:
             slope = min(4.0, max(1.0, math.log(t1 / t0) / math.log(n1 / n0)))
     return t1 * (n / n1) ** slope
+
+
+def planned_repeats(first_call_s: float, params: Mapping[str, Any]) -> int:
+    """Timed calls of one (method, N) after a warm-up call of ``first_call_s`` seconds: the
+    profile's ``repeats``, fewer when they would not fit ``budget_s``, never below ``min_repeats``."""
+    budget = float(params["budget_s"])
+    fit = int((budget - first_call_s) / max(first_call_s, 1e-9))
+    return max(params["min_repeats"], min(params["repeats"], fit))
+
+
+def over_budget(predicted_call_s: float, params: Mapping[str, Any]) -> bool:
+    """Whether a count predicted to take ``predicted_call_s`` per call is skipped: even its warm-up
+    and ``min_repeats`` timed calls would exceed ``budget_s``."""
+    return predicted_call_s * (params["min_repeats"] + 1) > float(params["budget_s"])
 
 
 # ------------------------------------------------------------------------------ configurations
@@ -344,6 +358,59 @@ class DivergenceCost(Task):
         if not isinstance(params.get("model_config", {}), Mapping):
             raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
 
+    def estimate_seconds(self, params: Mapping[str, Any], model: str, system: str,
+                         calibration: Sequence[CellResult]) -> float | None:
+        """Replays this task's budget rules (:func:`planned_repeats`, :func:`over_budget`) on the
+        per-call seconds that calibration cells measured: ``eval_time_s`` per (method, N) scaled
+        linearly to this batch size (an upper bound for small N, where a call's cost does not
+        grow with the batch), counts never measured extrapolated by :func:`predict_seconds`; the
+        error study per N scaled by ``error_configs``; plus the calibration cells' remainder
+        (model construction, configurations). ``None`` when a needed measurement is missing."""
+        import statistics
+
+        from eqbench.api import build_model, get_system
+        from eqbench.cost import remainder_seconds
+
+        per_call: dict[tuple[str, int], list[float]] = {}
+        study: dict[int, list[float]] = {}
+        remainders = []
+        for cell in calibration:
+            cp = cell.config.get("params", {})
+            repeats = {(r.variant, r.step): r.value for r in cell.records if r.metric == "eval_repeats"}
+            accounted = 0.0
+            for r in cell.records:
+                if r.metric == "eval_time_s" and (r.variant, r.step) in repeats:
+                    accounted += (repeats[(r.variant, r.step)] + 1) * r.value
+                    per_call.setdefault((r.variant, int(r.step)), []).append(
+                        r.value * params["batch_size"] / cp["batch_size"])
+                elif r.metric == "hutchinson_study_wall_s" and cp.get("error_configs"):
+                    accounted += r.value
+                    study.setdefault(int(r.step), []).append(r.value * params["error_configs"] / cp["error_configs"])
+            remainders.append(remainder_seconds(cell, accounted))
+        if not remainders:
+            return None
+        closed_form = build_model(model, get_system(system)).has_closed_form_divergence
+        methods = [m for m in params["methods"] if m != "closed-form" or closed_form]
+        counts = sorted(set(params["particle_counts"]))
+        total = statistics.median(remainders)
+        series = [(m, {key[1]: statistics.median(v) for key, v in per_call.items() if key[0] == m}) for m in methods]
+        if params["error_configs"] > 0:
+            series.append(("error study", {n: statistics.median(v) for n, v in study.items()}))
+        for method, measured in series:
+            history: list[tuple[int, float]] = []
+            for n in counts:
+                predicted = predict_seconds(history, n)
+                limit = float(params["budget_s"]) if method == "error study" else None
+                if predicted is not None and ((limit is not None and predicted > limit)
+                                              or (limit is None and over_budget(predicted, params))):
+                    break  # skipped, and every larger count with it
+                seconds = measured.get(n, predicted)
+                if seconds is None:
+                    return None
+                total += seconds if method == "error study" else (planned_repeats(seconds, params) + 1) * seconds
+                history.append((n, seconds))
+        return total
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
         from tqdm.auto import tqdm
@@ -380,7 +447,7 @@ class DivergenceCost(Task):
                     continue  # per model that supports it (paper §7.1: only the kernel flow has one)
                 bar.set_postfix(n=n, method=method)
                 predicted = predict_seconds(time_history[method], n)
-                if predicted is not None and (skipped[method] or predicted * (p["min_repeats"] + 1) > budget):
+                if predicted is not None and (skipped[method] or over_budget(predicted, p)):
                     skipped[method] = True  # larger counts cost more: skip them too
                     records.append(ctx.record(
                         "eval_time_skipped", predicted,
@@ -391,7 +458,7 @@ class DivergenceCost(Task):
                 start = time.perf_counter()
                 call()  # warm-up, and the estimate of one call
                 first = time.perf_counter() - start
-                repeats = max(p["min_repeats"], min(p["repeats"], int((budget - first) / max(first, 1e-9))))
+                repeats = planned_repeats(first, p)
                 stats = TimingStats.of(repeat_seconds(call, repeats=repeats, warmup=0, device=ctx.device))
                 time_history[method].append((n, stats.median))
                 unit = f"s per evaluation, batch {p['batch_size']}"
@@ -416,6 +483,9 @@ class DivergenceCost(Task):
                     jac_history.append((n, time.perf_counter() - start))
                     error_by_n[n] = error
                     records.extend(self._error_records(ctx, error, checks, n))
+                    records.append(ctx.record("hutchinson_study_wall_s", jac_history[-1][1],
+                                              f"s (Jacobian of {p['error_configs']} configurations and the estimates)",
+                                              variant="hutchinson", step=n))
         bar.close()
         records.extend(self._fit_records(ctx, time_history, error_by_n, p["fit_points"]))
         check_finite(records)

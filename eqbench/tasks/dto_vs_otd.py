@@ -135,6 +135,12 @@ class DtoVsOtd(Task):
         """One cell per solver, named by its ``variant`` (``dto`` / ``otd``)."""
         return [dict(params, variant=params["solver"])]
 
+    def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
+        """Training per configuration-step, the test NLL per test configuration. OTD's
+        evaluations per iteration grow during training (Fig. 4), so scaling a short OTD run to
+        a longer one underestimates it."""
+        return {"train_wall_s": params["iterations"] * params["batch_size"], "eval_wall_s": params["n_test"]}
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 

@@ -289,6 +289,26 @@ class MetastableStates(Task):
         for system in self.systems or ():
             Settings.resolve(params, get_system(system))
 
+    def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
+        """Per method: minimising the training set (per configuration), training the flow (per
+        configuration-step, a λ-mix step twice), drawing flow samples, the long MCMC (per
+        Metropolis step of one chain) and minimising each round's configurations."""
+        from eqbench.api import get_system
+
+        s = Settings.resolve(params, get_system(system))
+        phases: dict[str, float] = {"training_set_wall_s": s.n_train}
+        if s.variant == "flow":
+            phases["train_wall_s"] = s.batch_size * (s.ml_iterations + 2 * s.mix_iterations)
+            phases["sample_wall_s"] = s.rounds * s.n_samples
+            phases["minimize_wall_s"] = s.rounds * s.n_samples
+        elif s.variant == "mcmc-short":
+            phases["minimize_wall_s"] = s.rounds * s.mcmc_short_samples
+        elif s.variant == "mcmc-long":
+            per_chain = math.ceil(s.mcmc_long_samples / s.mcmc_chains)
+            phases["mcmc_wall_s"] = s.rounds * s.mcmc_chains * (s.mcmc_burn_in + per_chain * s.mcmc_stride)
+            phases["minimize_wall_s"] = s.rounds * s.mcmc_long_samples
+        return phases
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         from tqdm.auto import tqdm
 

@@ -33,6 +33,10 @@ class TestNLL(Task):
         for key in ("n_train", "n_test", "iterations", "batch_size"):
             positive_int(params, key)
 
+    def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
+        """Training costs per configuration-step (iterations x batch); scoring is the remainder."""
+        return {"fit_wall_s": params["iterations"] * params["batch_size"]}
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 

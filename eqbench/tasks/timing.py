@@ -43,12 +43,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
-from eqbench.records import Record
+from eqbench.records import CellResult, Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import check_finite, positive_int, show_progress
 
@@ -103,6 +103,51 @@ class Timing(Task):
         if not isinstance(params.get("model_config", {}), Mapping):
             raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
 
+    @staticmethod
+    def _with_reference(params: Mapping[str, Any], model: str) -> bool:
+        """The reference is timed alongside unless it is this very model with default settings."""
+        reference = params["reference_model"]
+        return bool(reference) and (reference != model or bool(params.get("model_config")))
+
+    def estimate_seconds(self, params: Mapping[str, Any], model: str, system: str,
+                         calibration: Sequence[CellResult]) -> float | None:
+        """Replays :func:`eqbench.timing.budget_plan` on the seconds per iteration that
+        calibration cells measured (scaled linearly to this batch size): warm-up plus the planned
+        epochs of each role and phase, plus the calibration cells' remainder (model
+        construction, data). ``None`` when a needed iteration time was never measured."""
+        from eqbench.cost import remainder_seconds
+        from eqbench.timing import budget_plan
+
+        roles = [MODEL, REFERENCE] if self._with_reference(params, model) else [MODEL]
+        per_iteration: dict[tuple[str, str], list[float]] = {}
+        remainders = []
+        for cell in calibration:
+            cp = cell.config.get("params", {})
+            values = {r.metric: r.value for r in cell.records}
+            accounted = 0.0
+            for phase in ("train", "sample"):
+                for role, prefix in ((MODEL, ""), (REFERENCE, "reference_")):
+                    seconds = values.get(f"{prefix}{phase}_iteration_s")
+                    timed = values.get(f"{prefix}{phase}_timed_iterations")
+                    if seconds is None or timed is None:
+                        continue
+                    accounted += (timed + cp["warmup"]) * seconds
+                    per_iteration.setdefault((role, phase), []).append(
+                        seconds * params["batch_size"] / cp["batch_size"])
+            remainders.append(remainder_seconds(cell, accounted))
+        if not remainders:
+            return None
+        total = statistics.median(remainders)
+        for phase in ("train", "sample"):
+            if any((role, phase) not in per_iteration for role in roles):
+                return None
+            seconds = {role: statistics.median(per_iteration[(role, phase)]) for role in roles}
+            plans = {role: budget_plan(seconds[role], params[f"{phase}_epochs"], params[f"{phase}_iterations"],
+                                       float(params["budget_s"])) for role in roles}
+            epochs = min(plan[0] for plan in plans.values())
+            total += sum((params["warmup"] + epochs * plans[role][1]) * seconds[role] for role in roles)
+        return total
+
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 
@@ -112,8 +157,7 @@ class Timing(Task):
         p = ctx.params
         malloc = stable_malloc()
         reference = p["reference_model"]
-        # The reference is timed alongside unless it is this very model with its default settings.
-        with_reference = bool(reference) and (reference != ctx.model or bool(p.get("model_config")))
+        with_reference = self._with_reference(p, ctx.model)
         flows = {}
         torch.manual_seed(ctx.seed)
         flows[MODEL] = build_model(ctx.model, ctx.system, dict(p.get("model_config", {}))).to(ctx.device)
