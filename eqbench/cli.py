@@ -551,3 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EqbenchError as exc:
         print(f"eqbench: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\neqbench: interrupted. Finished cells are stored (each written whole or not at all); "
+              "run the same command again to run only the missing ones.", file=sys.stderr)
+        return 130

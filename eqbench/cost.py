@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eqbench.errors import ConfigError
 from eqbench.records import CellResult, CellStore
 
 if TYPE_CHECKING:
@@ -91,7 +92,10 @@ def phase_estimate(task: Task, params: Mapping[str, Any], system: str,
     work_sum: dict[str, float] = {}
     sized_remainders: list[tuple[float, float]] = []  # (log total work, remainder seconds)
     for cell in calibration:
-        cell_work = task.cost_phases(cell.config.get("params", {}), system)
+        try:
+            cell_work = task.cost_phases(cell.config.get("params", {}), system)
+        except (ConfigError, KeyError, TypeError, ValueError):
+            continue  # settings of an older version of the task: not comparable
         measured = phase_seconds(cell, cell_work)
         for phase, amount in cell_work.items():
             if amount > 0 and phase in measured:
@@ -100,6 +104,8 @@ def phase_estimate(task: Task, params: Mapping[str, Any], system: str,
         total = sum(cell_work.values())
         sized_remainders.append((math.log(total) if total > 0 else 0.0,
                                  remainder_seconds(cell, sum(measured.values()))))
+    if not sized_remainders:
+        return None
     price = 0.0
     for phase, amount in work.items():
         if amount <= 0:
@@ -156,7 +162,10 @@ class CostModel:
             return CellEstimate(None, f"no finished {plan.task} cell of {plan.model} on {plan.system}")
         variant = plan.params.get("variant", "")
         calibration = [c for c in pair if c.config.get("params", {}).get("variant", "") == variant] or pair
-        seconds = TASKS.get(plan.task).estimate_seconds(plan.params, plan.model, plan.system, calibration)
+        try:
+            seconds = TASKS.get(plan.task).estimate_seconds(plan.params, plan.model, plan.system, calibration)
+        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+            return CellEstimate(None, f"cannot price these settings: {exc}")
         profiles = sorted({str(c.config.get("profile", "?")) for c in calibration})
         if seconds is None:
             return CellEstimate(None, f"{plan.task} cannot scale its {len(calibration)} finished cell(s) to these settings")

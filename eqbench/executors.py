@@ -189,6 +189,7 @@ class LocalExecutor(Executor):
         context = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
         futures: dict[Future, CellJob] = {pool.submit(execute_cell, job): job for job in jobs}
+        interrupted = False
         try:
             remaining = set(futures)
             while remaining:
@@ -203,8 +204,13 @@ class LocalExecutor(Executor):
                         result = _failed(job.plan, f"executor error: {type(exc).__name__}: {exc}", job.device)
                         CellStore(job.results_dir).write(result)
                         yield result
+        except BaseException:  # Ctrl-C, or the consumer gave up: stop the workers now, not after their cells
+            interrupted = True
+            for process in list(getattr(pool, "_processes", {}).values()):  # no public handle on the workers
+                process.terminate()
+            raise
         finally:
-            pool.shutdown(wait=not broken_jobs, cancel_futures=True)
+            pool.shutdown(wait=not (broken_jobs or interrupted), cancel_futures=True)
 
 
 def _split_crashed(jobs: list[CellJob]) -> tuple[list[CellJob], list[CellJob]]:

@@ -86,7 +86,8 @@ def test_crash_and_timeout_become_failed_cells_and_the_rest_finishes(tmp_path):
     assert "2 failed cells" in failed_section
 
 
-def test_killed_sweep_resumes_with_every_cell_exactly_once(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_killed_sweep_resumes_with_every_cell_exactly_once(tmp_path, signum):
     args = [sys.executable, "-m", "eqbench", "sweep", "--task", "test-nll", "--model", "gaussian", "kernel-flow",
             "--system", "dw4", "dw2", "--set", "iterations=3", "--set", "n_test=50", "--seeds", "1",
             "--threads", "1", "--results", str(tmp_path), "--no-plot"]
@@ -97,8 +98,8 @@ def test_killed_sweep_resumes_with_every_cell_exactly_once(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cells.glob("*.json"))) < 1:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the parent and its workers, no cleanup
-    proc.wait()
+    os.killpg(proc.pid, signum)  # the parent and its workers (SIGKILL: no cleanup; SIGINT: as a terminal's Ctrl-C)
+    assert proc.wait(timeout=60) in (-signal.SIGKILL, 130)
     assert 0 < len(list(cells.glob("*.json"))) < expected
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
