@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
     p.add_argument("--model", required=True, help="model id (see `list models`) or a module:builder path")
     p.add_argument("--system", required=True, help="system id (see `list systems`)")
-    p.add_argument("--profile", default="smoke", help="smoke (seconds), quick (minutes) or paper (full protocol)")
+    p.add_argument("--profile", default="smoke", help="smoke (seconds), quick (minutes), paper (full protocol) or calibrate (prices paper cells)")
     p.add_argument("--seed", type=int, default=None, help="run only this seed (default: the profile's seeds)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -466,13 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n"
                               "  python -m eqbench sweep --task density-estimation --model kernel-flow node "
                               "--system dw4 --profile quick --jobs 2\n"
-                              "  python -m eqbench sweep --task density-estimation --profile paper --dry-run\n"
+                              "  python -m eqbench sweep --task density-estimation --profile paper --dry-run "
+                              "--calibrate results/quick   # priced from quick runs\n"
                               "  python -m eqbench sweep --task timing --profile paper --executor slurm "
                               "--partition gpu --gpus-per-job 1 --device auto")
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
     p.add_argument("--model", nargs="+", help="model ids (default: every registered model the task supports)")
     p.add_argument("--system", nargs="+", help="system ids (default: every system the task supports)")
-    p.add_argument("--profile", default="smoke", help="smoke, quick or paper")
+    p.add_argument("--profile", default="smoke", help="smoke, quick, paper, or calibrate (prices paper cells)")
     p.add_argument("--seeds", type=int, default=None, help="run seeds 0..K-1 (default: the profile's seeds)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting; repeatable")
     p.add_argument("--executor", default="local", choices=("local", "dask", "slurm"),

@@ -19,7 +19,7 @@ from eqbench.errors import ConfigError
 
 __all__ = ["PROFILES", "tasks_dir", "load_profiles", "parse_overrides", "apply_overrides", "expand_grid"]
 
-PROFILES = ("smoke", "quick", "paper")
+PROFILES = ("smoke", "quick", "paper", "calibrate")
 
 
 def tasks_dir() -> Path:

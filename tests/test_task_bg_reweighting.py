@@ -17,7 +17,7 @@ NON_EQUIVARIANT = {"node", "real-nvp"}
 SCALARS = ("ess_fraction", "finite_fraction", "nll_train", "nll_test", "mean_energy_flow", "mean_energy_flow_std",
            "mean_energy_reweighted", "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std",
            "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted",
-           "train_wall_s", "sample_wall_s")
+           "train_wall_s", "score_wall_s", "sample_wall_s")
 HISTOGRAMS = ("energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
 FREE_ENERGY = ("distance_edge", "free_energy_exact", "free_energy_flow", "free_energy_reweighted",
                "free_energy_reweighted_std", "free_energy_rmse_reweighted")

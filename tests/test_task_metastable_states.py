@@ -157,7 +157,7 @@ def test_bin_labels_round_trip() -> None:
 def test_task_metadata() -> None:
     assert TASK.systems == ("dw4", "lj13")
     assert TASK.grid_axes == ("variant",)
-    assert set(TASK.profiles()) == {"smoke", "quick", "paper"}
+    assert set(TASK.profiles()) == {"smoke", "quick", "paper", "calibrate"}
 
 
 def test_plot_reads_the_collected_csv_and_keeps_one_copy_of_each_reference(tmp_path) -> None:

@@ -13,10 +13,10 @@ PAPER_TASKS = ["density-estimation", "bg-reweighting", "metastable-states", "div
 
 @pytest.mark.parametrize("task", PAPER_TASKS)
 def test_every_profile_plans_for_every_supported_pair(task):
-    """smoke, quick and paper resolve to valid cells for each supported (model, system); each
-    unsupported pair is refused before any work with a reason naming the task."""
+    """smoke, quick, paper and calibrate resolve to valid cells for each supported (model,
+    system); each unsupported pair is refused before any work with a reason naming the task."""
     task_obj = TASKS.get(task)
-    assert {"smoke", "quick", "paper"} <= set(task_obj.profiles())
+    assert {"smoke", "quick", "paper", "calibrate"} <= set(task_obj.profiles())
     supported = 0
     for system in task_obj.systems or SYSTEMS.names():
         for model in ("kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian"):
@@ -26,7 +26,7 @@ def test_every_profile_plans_for_every_supported_pair(task):
                 assert task in str(exc) and len(str(exc)) > len(task) + 20, str(exc)
                 continue
             supported += 1
-            for profile in ("smoke", "quick", "paper"):
+            for profile in ("smoke", "quick", "paper", "calibrate"):
                 assert plan_cells(task, model, system, profile), (task, model, system, profile)
     assert supported >= 2
 
