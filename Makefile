@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= results
 
-.PHONY: venv demo test test-all clean-results help bench bench-check bench-targets
+.PHONY: venv demo test test-all clean-results help bench bench-check bench-targets paper-price
 
 help:
 	@echo "make demo      set up .venv, run the quick DW-4 headline comparison -> $(RESULTS)/report.html"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench     asv benchmarks of this commit -> .asv/results, dashboard .asv/html (asv preview)"
 	@echo "make bench-check  run every asv benchmark once, reduced sizes, nothing saved (CI)"
 	@echo "make bench-targets  measure the performance-target ratios (JSON on stdout)"
+	@echo "make paper-price  run every task's calibrate profile (resumable), then price the paper grid"
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,21 @@ demo: $(STAMP)
 	$(DEMO_SWEEP) --task bg-reweighting
 	$(PY) -m eqbench report --results $(RESULTS)
 	@echo "open $(RESULTS)/report.html"
+
+# What the full paper grid costs on this machine: every task's calibrate profile (the paper's
+# per-unit settings, few units of work; 20 min with two workers here), then `--dry-run` of the paper
+# profile priced from those cells. Rerunning skips finished calibration cells.
+PAPER_TASKS = density-estimation bg-reweighting metastable-states divergence-cost dto-vs-otd timing
+CALIBRATION ?= $(RESULTS)/calibrate
+JOBS ?= 2
+
+paper-price: $(STAMP)
+	for task in $(PAPER_TASKS); do \
+		$(PY) -m eqbench sweep --task $$task --profile calibrate --jobs $(JOBS) --threads 1 \
+			--results $(CALIBRATION) --no-plot || echo "($$task: failed calibration cells leave their paper cells unpriced)"; done
+	for task in $(PAPER_TASKS); do echo "== $$task"; \
+		$(PY) -m eqbench sweep --task $$task --profile paper --dry-run --jobs $(JOBS) \
+			--results $(RESULTS)/paper --calibrate $(CALIBRATION) --summary; done
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q

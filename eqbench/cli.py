@@ -244,13 +244,14 @@ def _dry_run(args: argparse.Namespace, plan: Any) -> int:
     prices = price_plan(plan.todo, calibration, device=args.device)
     rows = [(c.cell_id, c.model, c.system, c.params.get("variant", ""), c.params.get("n_train", ""), c.seed,
              _hms(prices[c.cell_id].seconds), prices[c.cell_id].basis) for c in plan.todo]
-    _print_table(rows, ("cell", "model", "system", "variant", "n_train", "seed", "estimate", "basis"))
+    if not args.summary:
+        _print_table(rows, ("cell", "model", "system", "variant", "n_train", "seed", "estimate", "basis"))
     groups: dict[tuple[str, str], list[float | None]] = {}
     for c in plan.todo:
         groups.setdefault((c.model, c.system), []).append(prices[c.cell_id].seconds)
     summary = [(model, system, len(v), sum(x is not None for x in v), _hms(sum(x for x in v if x is not None)))
                for (model, system), v in groups.items()]
-    if len(summary) > 1:
+    if len(summary) > 1 or args.summary:
         print()
         _print_table(summary, ("model", "system", "cells", "priced", "cell time"))
     known = [prices[c.cell_id].seconds for c in plan.todo if prices[c.cell_id].seconds is not None]
@@ -494,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="append", metavar="DIR",
                    help="with --dry-run: results directories whose finished cells price the plan (repeatable; "
                         "default: --results); run the quick profile first to price the paper grid")
+    p.add_argument("--summary", action="store_true",
+                   help="with --dry-run: only the totals per model and system, not every cell")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
     p.set_defaults(func=cmd_sweep)
 

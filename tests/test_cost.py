@@ -214,3 +214,26 @@ def test_dry_run_and_price_check_from_measured_cells(tmp_path):
     assert "2 of 2 cells priced" in check.stdout
     checks = check_prices(results, [results])
     assert all(c.ratio is not None and c.ratio > 0 for c in checks)
+
+
+# Settings a calibrate profile may shrink: counts of work units, repeat budgets and seeds. Every
+# other setting (batch sizes, solvers, particle counts, chains, thresholds) sets the cost of one
+# unit and must be the paper's, or calibrate cells would price paper cells wrongly.
+CALIBRATE_MAY_CHANGE = {
+    "density-estimation": {"n_train", "n_test", "n_train_eval", "iterations", "seeds"},
+    "bg-reweighting": {"n_train", "pretrain_iterations", "mix_iterations", "n_samples", "n_test", "seeds"},
+    "metastable-states": {"rounds", "n_train", "n_samples", "ml_iterations", "mix_iterations", "mcmc_short_samples",
+                          "mcmc_long_samples", "mcmc_burn_in", "mcmc_stride", "seeds"},
+    "divergence-cost": {"repeats", "min_repeats", "budget_s", "error_configs", "seeds"},
+    "dto-vs-otd": {"n_test", "iterations", "seeds"},
+    "timing": {"train_epochs", "train_iterations", "sample_epochs", "sample_iterations", "warmup", "budget_s", "seeds"},
+}
+
+
+@pytest.mark.parametrize("task", sorted(CALIBRATE_MAY_CHANGE))
+def test_calibrate_profiles_keep_the_papers_cost_per_unit(task):
+    profiles = TASKS.get(task).profiles()
+    paper, calibrate = profiles["paper"], profiles["calibrate"]
+    changed = {key for key in paper.keys() | calibrate.keys() if paper.get(key) != calibrate.get(key)}
+    assert changed <= CALIBRATE_MAY_CHANGE[task], sorted(changed - CALIBRATE_MAY_CHANGE[task])
+    assert changed, "a calibrate profile equal to the paper profile saves nothing"
