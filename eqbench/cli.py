@@ -277,9 +277,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return _dry_run(args, plan_sweep(args.task, args.model, args.system, args.profile, **common))
     slurm = SlurmOptions(partition=args.partition, gpus_per_job=args.gpus_per_job, timeout_min=args.slurm_minutes,
                          array_parallelism=args.jobs, cpus_per_job=args.threads or 1)
+    def announce(plan: Any) -> None:
+        """Before any cell starts: what will run and, where finished cells allow, for how long."""
+        from eqbench.cost import wall_seconds
+        from eqbench.sweep import price_plan
+
+        known = [e.seconds for e in price_plan(plan.todo, args.calibrate or [args.results], device=args.device).values()
+                 if e.seconds is not None]
+        price = (f"; estimated {_hms(sum(known))} of cell time, about {_hms(wall_seconds(known, args.jobs))} wall"
+                 + (f" ({len(plan.todo) - len(known)} cells unpriced)" if len(known) < len(plan.todo) else "")
+                 if known else "")
+        print(f"{len(plan.todo)} cells to run, {len(plan.done)} already finished{price}", file=sys.stderr)
+
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
                           threads=args.threads, device=args.device, time_limit_s=args.time_limit,
-                          address=args.address, slurm=slurm, **common)
+                          address=args.address, slurm=slurm, on_plan=announce, **common)
     for model, system, reason in plan.unsupported:
         print(f"skipped {model} on {system}: {reason}")
     failed = [r for r in results if r.status != "ok"]
@@ -493,8 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells to run with their estimated cost (from finished cells, any profile); run nothing")
     p.add_argument("--calibrate", action="append", metavar="DIR",
-                   help="with --dry-run: results directories whose finished cells price the plan (repeatable; "
-                        "default: --results); run the quick profile first to price the paper grid")
+                   help="results directories whose finished cells price the plan (repeatable; default: "
+                        "--results); run the calibrate profile first to price the paper grid")
     p.add_argument("--summary", action="store_true",
                    help="with --dry-run: only the totals per model and system, not every cell")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")

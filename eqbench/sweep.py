@@ -10,7 +10,7 @@ sweep and single runs share finished cells, and ``collect`` / ``report`` read th
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,14 +107,19 @@ def sweep(
     address: str | None = None,
     slurm: SlurmOptions | None = None,
     progress: bool | None = None,
+    on_plan: Callable[[SweepPlan], None] | None = None,
 ) -> tuple[SweepPlan, list[CellResult]]:
-    """Plan and run a sweep; returns the plan and the results of the cells run now."""
+    """Plan and run a sweep; returns the plan and the results of the cells run now.
+
+    ``on_plan`` sees the plan before any cell starts (the CLI prints its price there)."""
     from tqdm.auto import tqdm
 
     from eqbench.tasks.common import show_progress
 
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
                       results_dir=results_dir, rerun=rerun)
+    if on_plan is not None:
+        on_plan(plan)
     if not plan.todo:
         return plan, []
     if device != "auto":

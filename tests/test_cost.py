@@ -237,3 +237,14 @@ def test_calibrate_profiles_keep_the_papers_cost_per_unit(task):
     changed = {key for key in paper.keys() | calibrate.keys() if paper.get(key) != calibrate.get(key)}
     assert changed <= CALIBRATE_MAY_CHANGE[task], sorted(changed - CALIBRATE_MAY_CHANGE[task])
     assert changed, "a calibrate profile equal to the paper profile saves nothing"
+
+
+def test_a_sweep_announces_its_price_before_running(tmp_path):
+    for seed in (0, 1):
+        eqbench.run("test-nll", "kernel-flow", "dw4", "smoke", seed=seed, overrides={"iterations": 3, "n_test": 50},
+                    results_dir=tmp_path, progress=False)
+    done = subprocess.run([sys.executable, "-m", "eqbench", "sweep", "--task", "test-nll", "--model", "kernel-flow",
+                           "--system", "dw4", "--set", "iterations=3", "--set", "n_test=50", "--seeds", "3",
+                           "--results", str(tmp_path), "--no-plot"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "1 cells to run, 2 already finished; estimated 0:00:" in done.stderr
