@@ -117,3 +117,12 @@ def test_unsupported_pairs_are_set_aside_and_bad_names_refused(tmp_path):
         sweep("test-nll", ["gaussian"], ["dw4"], executor="spark", results_dir=tmp_path)
     with pytest.raises(ConfigError, match="seeds"):
         plan_sweep("test-nll", ["gaussian"], ["dw4"], seeds=0, results_dir=tmp_path)
+
+
+@pytest.mark.parametrize("executor, module, extra", [("dask", "dask.distributed", "dask"), ("slurm", "submitit", "slurm")])
+def test_a_missing_executor_extra_names_its_install_command(monkeypatch, tmp_path, executor, module, extra):
+    from eqbench.executors import make_executor
+
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    with pytest.raises(ConfigError, match=rf"pip install -c constraints.txt 'eqbench\[{extra}\]'"):
+        make_executor(executor, jobs=1, results_dir=tmp_path)
