@@ -24,6 +24,7 @@ being priced. The estimate is per cell; :func:`wall_seconds` packs cells onto ``
 from __future__ import annotations
 
 import heapq
+import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -121,8 +122,7 @@ def phase_estimate(task: Task, params: Mapping[str, Any], system: str,
 
 
 def _without_seed(config: Mapping[str, Any]) -> tuple[Any, ...]:
-    import json
-
+    """What makes two cells' settings equal, whatever their seed and profile name."""
     return (config.get("task"), config.get("model"), config.get("system"),
             json.dumps(config.get("params", {}), sort_keys=True, default=str))
 
