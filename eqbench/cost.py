@@ -5,8 +5,8 @@ before anything runs. Prices are measured, never assumed:
 
 1. A finished cell with exactly the same settings (any seed) prices the cell directly: the
    median of their durations.
-2. Otherwise the task scales finished cells of the same task, model and system in *any* profile
-   (a quick run prices the paper profile). By default (:func:`phase_estimate`) each task names
+2. Otherwise the task scales finished cells of the same task, model, system and variant in *any*
+   profile (a quick run prices the paper profile). By default (:func:`phase_estimate`) each task names
    the timed phases of a cell, i.e. the records that hold a phase's measured seconds
    (``train_wall_s``, ``minimize_wall_s`` ...), and the work each phase does for given settings
    (:meth:`~eqbench.tasks.base.Task.cost_phases`: training iterations x batch, configurations
@@ -160,8 +160,12 @@ class CostModel:
         pair = self._by_pair.get((plan.task, plan.model, plan.system), [])
         if not pair:
             return CellEstimate(None, f"no finished {plan.task} cell of {plan.model} on {plan.system}")
+        # Same variant only: a variant can be a different algorithm (OTD vs DTO, long MCMC vs flow).
         variant = plan.params.get("variant", "")
-        calibration = [c for c in pair if c.config.get("params", {}).get("variant", "") == variant] or pair
+        calibration = [c for c in pair if c.config.get("params", {}).get("variant", "") == variant]
+        if not calibration:
+            return CellEstimate(None, f"no finished {plan.task} cell of {plan.model} on {plan.system} "
+                                      f"with variant {variant!r}")
         try:
             seconds = TASKS.get(plan.task).estimate_seconds(plan.params, plan.model, plan.system, calibration)
         except (ConfigError, KeyError, TypeError, ValueError) as exc:

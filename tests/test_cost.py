@@ -74,13 +74,15 @@ def test_same_settings_are_priced_by_their_own_durations_and_nothing_is_guessed(
     assert other_pair.seconds is None and "no finished density-estimation cell of node on dw4" in other_pair.basis
 
 
-def test_calibration_prefers_the_same_variant_and_the_same_kind_of_device():
+def test_calibration_needs_the_same_variant_and_the_same_kind_of_device():
     plain, aug = de_cell(100, rate=1e-3), de_cell(100, variant="aug", rate=5e-3)
     model = CostModel([plain, aug])
     target = dict(DE_PARAMS, iterations=1000, variant="aug", augment=True)
     fit_aug = 1000 * 64 * 5e-3
     assert model.estimate(plan_of("density-estimation", "kernel-flow", "dw4", target)).seconds == pytest.approx(
         fit_aug + 110 * EVAL_S_PER_CONFIG + SETUP_S)
+    other_variant = CostModel([plain]).estimate(plan_of("density-estimation", "kernel-flow", "dw4", target))
+    assert other_variant.seconds is None and "variant 'aug'" in other_variant.basis
     gpu_only = CostModel([de_cell(100, device="cuda:0")], device="cpu")
     assert len(gpu_only) == 0
     assert CostModel([de_cell(100, device="cuda:1")], device="cuda").estimate(
