@@ -235,9 +235,20 @@ def _hms(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def _price_total(plan: Any, prices: dict[str, Any], jobs: int) -> str:
+    """One line: the priced cells' total cell time and wall time on ``jobs`` workers, and how
+    many cells are unpriced."""
+    from eqbench.cost import wall_seconds
+
+    known = [prices[c.cell_id].seconds for c in plan.todo if prices[c.cell_id].seconds is not None]
+    unknown = len(plan.todo) - len(known)
+    return (f"{_hms(sum(known))} of cell time, about {_hms(wall_seconds(known, jobs))} wall time with --jobs {jobs}"
+            + (f"; {unknown} cells unpriced (nothing comparable has finished: run them in a smaller profile "
+               f"first)" if unknown else ""))
+
+
 def _dry_run(args: argparse.Namespace, plan: Any) -> int:
     """Print the cells a sweep would run with their estimated cost, per cell and in total."""
-    from eqbench.cost import wall_seconds
     from eqbench.sweep import price_plan
 
     calibration = args.calibrate or [args.results]
@@ -254,12 +265,8 @@ def _dry_run(args: argparse.Namespace, plan: Any) -> int:
     if len(summary) > 1 or args.summary:
         print()
         _print_table(summary, ("model", "system", "cells", "priced", "cell time"))
-    known = [prices[c.cell_id].seconds for c in plan.todo if prices[c.cell_id].seconds is not None]
-    unknown = len(plan.todo) - len(known)
     print(f"\n{len(plan.todo)} cells to run, {len(plan.done)} already finished; priced from "
-          f"{', '.join(map(str, calibration))}: {_hms(sum(known))} of cell time, about {_hms(wall_seconds(known, args.jobs))} "
-          f"wall time with --jobs {args.jobs}" + (f"; {unknown} cells unpriced (nothing comparable has finished: "
-                                                 f"run them in a smaller profile first)" if unknown else ""))
+          f"{', '.join(map(str, calibration))}: {_price_total(plan, prices, args.jobs)}")
     for model, system, reason in plan.unsupported:
         print(f"  skipped {model} on {system}: {reason}")
     return 0
@@ -279,14 +286,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          array_parallelism=args.jobs, cpus_per_job=args.threads or 1)
     def announce(plan: Any) -> None:
         """Before any cell starts: what will run and, where finished cells allow, for how long."""
-        from eqbench.cost import wall_seconds
         from eqbench.sweep import price_plan
 
-        known = [e.seconds for e in price_plan(plan.todo, args.calibrate or [args.results], device=args.device).values()
-                 if e.seconds is not None]
-        price = (f"; estimated {_hms(sum(known))} of cell time, about {_hms(wall_seconds(known, args.jobs))} wall"
-                 + (f" ({len(plan.todo) - len(known)} cells unpriced)" if len(known) < len(plan.todo) else "")
-                 if known else "")
+        prices = price_plan(plan.todo, args.calibrate or [args.results], device=args.device)
+        priced = any(e.seconds is not None for e in prices.values())
+        price = f"; estimated {_price_total(plan, prices, args.jobs)}" if priced else ""
         print(f"{len(plan.todo)} cells to run, {len(plan.done)} already finished{price}", file=sys.stderr)
 
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
