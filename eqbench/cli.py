@@ -521,8 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directories (leaving the cell itself out), as `sweep --dry-run` would have before "
                                    "it ran, and prints estimate beside measured duration.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example: price paper-profile cells from quick runs\n"
-                              "  python -m eqbench price-check --results results/paper --calibrate results/quick")
+                       epilog="example: how well the calibrate runs priced the paper cells that ran\n"
+                              "  python -m eqbench price-check --results results/paper --calibrate results/calibrate")
     p.add_argument("--results", required=True, help="results directory with the finished cells to check")
     p.add_argument("--calibrate", action="append", required=True, metavar="DIR",
                    help="results directories whose cells price them (repeatable)")
