@@ -82,7 +82,7 @@ import dataclasses
 import itertools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,6 +192,12 @@ def over_budget(predicted_call_s: float, params: Mapping[str, Any]) -> bool:
     """Whether a count predicted to take ``predicted_call_s`` per call is skipped: even its warm-up
     and ``min_repeats`` timed calls would exceed ``budget_s``."""
     return predicted_call_s * (params["min_repeats"] + 1) > float(params["budget_s"])
+
+
+def study_over_budget(predicted_study_s: float, params: Mapping[str, Any]) -> bool:
+    """Whether the Hutchinson error study at a count predicted to take ``predicted_study_s`` is
+    skipped: it alone would exceed ``budget_s``."""
+    return predicted_study_s > float(params["budget_s"])
 
 
 # ------------------------------------------------------------------------------ configurations
@@ -392,22 +398,27 @@ class DivergenceCost(Task):
         closed_form = build_model(model, get_system(system)).has_closed_form_divergence
         methods = [m for m in params["methods"] if m != "closed-form" or closed_form]
         counts = sorted(set(params["particle_counts"]))
-        total = statistics.median(remainders)
-        series = [(m, {key[1]: statistics.median(v) for key, v in per_call.items() if key[0] == m}) for m in methods]
+        def timed_calls(call_s: float) -> float:  # the warm-up call and the planned repeats
+            return (planned_repeats(call_s, params) + 1) * call_s
+
+        # (seconds per N as measured, the task's skip rule, seconds spent at one N)
+        series: list[tuple[dict[int, float], Callable[[float], bool], Callable[[float], float]]] = [
+            ({key[1]: statistics.median(v) for key, v in per_call.items() if key[0] == m},
+             lambda call_s: over_budget(call_s, params), timed_calls) for m in methods]
         if params["error_configs"] > 0:
-            series.append(("error study", {n: statistics.median(v) for n, v in study.items()}))
-        for method, measured in series:
+            series.append(({n: statistics.median(v) for n, v in study.items()},
+                           lambda study_s: study_over_budget(study_s, params), lambda study_s: study_s))
+        total = statistics.median(remainders)
+        for measured, skipped, spent in series:
             history: list[tuple[int, float]] = []
             for n in counts:
                 predicted = predict_seconds(history, n)
-                limit = float(params["budget_s"]) if method == "error study" else None
-                if predicted is not None and ((limit is not None and predicted > limit)
-                                              or (limit is None and over_budget(predicted, params))):
-                    break  # skipped, and every larger count with it
+                if predicted is not None and skipped(predicted):
+                    break  # skipped, and every larger count with it (as run_cell does)
                 seconds = measured.get(n, predicted)
                 if seconds is None:
                     return None
-                total += seconds if method == "error study" else (planned_repeats(seconds, params) + 1) * seconds
+                total += spent(seconds)
                 history.append((n, seconds))
         return total
 
@@ -470,7 +481,7 @@ class DivergenceCost(Task):
             if p["error_configs"] > 0:
                 bar.set_postfix(n=n, method="hutchinson error")
                 predicted = predict_seconds(jac_history, n)
-                if predicted is not None and (err_skipped or predicted > budget):
+                if predicted is not None and (err_skipped or study_over_budget(predicted, p)):
                     err_skipped = True
                     records.append(ctx.record(
                         "hutchinson_error_skipped", predicted,
