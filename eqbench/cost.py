@@ -136,11 +136,11 @@ class CostModel:
                        if c.status == "ok" and math.isfinite(c.duration_s)
                        and device_kind(c.provenance.get("device")) == kind]
         self._by_pair: dict[tuple[str, str, str], list[CellResult]] = {}
-        self._by_settings: dict[tuple[Any, ...], list[float]] = {}
+        self._by_settings: dict[tuple[Any, ...], list[CellResult]] = {}
         for cell in self._cells:
             cfg = cell.config
             self._by_pair.setdefault((cfg.get("task"), cfg.get("model"), cfg.get("system")), []).append(cell)
-            self._by_settings.setdefault(_without_seed(cfg), []).append(float(cell.duration_s))
+            self._by_settings.setdefault(_without_seed(cfg), []).append(cell)
 
     @classmethod
     def from_results(cls, results_dirs: str | Path | Sequence[str | Path], device: str | None = "cpu") -> CostModel:
@@ -151,13 +151,14 @@ class CostModel:
     def __len__(self) -> int:
         return len(self._cells)
 
-    def estimate(self, plan: CellPlan) -> CellEstimate:
+    def estimate(self, plan: CellPlan, *, leave_out: str | None = None) -> CellEstimate:
+        """Price ``plan``; ``leave_out`` names a cell id not to price it from (its own result)."""
         from eqbench.registry import TASKS
 
-        same = self._by_settings.get(_without_seed(plan.config))
+        same = [c.duration_s for c in self._by_settings.get(_without_seed(plan.config), []) if c.cell_id != leave_out]
         if same:
             return CellEstimate(statistics.median(same), f"measured: {len(same)} cell(s) with these settings")
-        pair = self._by_pair.get((plan.task, plan.model, plan.system), [])
+        pair = [c for c in self._by_pair.get((plan.task, plan.model, plan.system), []) if c.cell_id != leave_out]
         if not pair:
             return CellEstimate(None, f"no finished {plan.task} cell of {plan.model} on {plan.system}")
         # Same variant only: a variant can be a different algorithm (OTD vs DTO, long MCMC vs flow).
@@ -214,13 +215,16 @@ def check_prices(results_dir: str | Path, calibration_dirs: Sequence[str | Path]
     from eqbench.runner import CellPlan
 
     pool = [c for d in calibration_dirs for c in CellStore(d).iter_cells()]
+    models: dict[str, CostModel] = {}  # one per kind of device
     checks = []
     for cell in CellStore(results_dir).iter_cells():
         cfg = cell.config
         if cell.status != "ok" or (tasks and cfg.get("task") not in tasks):
             continue
-        model = CostModel((c for c in pool if c.cell_id != cell.cell_id), device=cell.provenance.get("device"))
+        kind = device_kind(cell.provenance.get("device"))
+        if kind not in models:
+            models[kind] = CostModel(pool, device=kind)
         plan = CellPlan(cfg["task"], cfg["model"], cfg["system"], cfg.get("profile", ""), int(cfg.get("seed", 0)),
                         dict(cfg.get("params", {})))
-        checks.append(PriceCheck(cell, model.estimate(plan)))
+        checks.append(PriceCheck(cell, models[kind].estimate(plan, leave_out=cell.cell_id)))
     return checks
