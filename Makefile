@@ -10,7 +10,7 @@ RESULTS ?= results
 .PHONY: venv demo test test-all clean-results help bench bench-check bench-targets paper-price
 
 help:
-	@echo "make demo      set up .venv, run the quick DW-4 headline comparison -> $(RESULTS)/report.html"
+	@echo "make demo      set up .venv, run the quick DW-4 headline comparison -> $(RESULTS)/quick/report.html"
 	@echo "make test      set up .venv and run the test suite (slow tests excluded)"
 	@echo "make test-all  the test suite including tests marked slow"
 	@echo "make bench     asv benchmarks of this commit -> .asv/results, dashboard .asv/html (asv preview)"
@@ -30,14 +30,14 @@ venv: $(STAMP)
 # vs the black-box neural ODE with and without augmentation, density estimation (§7.3) and
 # Boltzmann-generator reweighting (§7.4), two cells at a time, then the HTML report.
 DEMO_SWEEP = $(PY) -m eqbench sweep --model kernel-flow node --system dw4 --profile quick \
-	--jobs 2 --threads 1 --results $(RESULTS) --no-plot
+	--jobs 2 --threads 1 --results $(RESULTS)/quick --no-plot
 
 demo: $(STAMP)
 	$(PY) -m eqbench data dw4
 	$(DEMO_SWEEP) --task density-estimation
 	$(DEMO_SWEEP) --task bg-reweighting
-	$(PY) -m eqbench report --results $(RESULTS)
-	@echo "open $(RESULTS)/report.html"
+	$(PY) -m eqbench report --results $(RESULTS)/quick
+	@echo "open $(RESULTS)/quick/report.html"
 
 # What the full paper grid costs on this machine: every task's calibrate profile (the paper's
 # per-unit settings, few units of work; 20 min with two workers here), then `--dry-run` of the paper
@@ -61,7 +61,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 clean-results:
-	rm -rf $(RESULTS)/cells $(RESULTS)/results.csv
+	rm -rf $(RESULTS)/*/cells $(RESULTS)/*/results.csv
 
 # ---- performance tracking (asv; README "Performance tracking") ------------------------------
 # Timings need a fixed environment: one torch thread, and glibc's mmap/trim thresholds raised

@@ -45,6 +45,7 @@ __all__ = [
     "provenance",
     "canonical_json",
     "cell_id",
+    "settings_key",
     "now_iso",
 ]
 
@@ -76,7 +77,7 @@ RECORD_COLUMNS: tuple[str, ...] = (
         "unit",
         "step",
     )
-    + ("profile", "status", "reason", "duration_s")
+    + ("profile", "settings_key", "capabilities", "density", "code_version", "status", "reason", "duration_s")
     + PROVENANCE_KEYS
     + ("started_at", "config_json")
 )
@@ -145,6 +146,14 @@ class CellResult:
     duration_s: float = math.nan
     provenance: dict[str, Any] = field(default_factory=dict)
     records: list[Record] = field(default_factory=list)
+    #: What the model is, from the runner's pre-flight check: ``capabilities`` (sorted list),
+    #: ``density`` ("exact" or the estimate's description), ``n_parameters``, ``contract``.
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def settings_key(self) -> str:
+        """:func:`settings_key` of this cell's config."""
+        return settings_key(self.config)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -157,6 +166,7 @@ class CellResult:
             "duration_s": self.duration_s,
             "provenance": self.provenance,
             "records": [r.to_dict() for r in self.records],
+            "model_info": self.model_info,
         }
 
     @classmethod
@@ -176,6 +186,7 @@ class CellResult:
             duration_s=math.nan if duration is None else float(duration),
             provenance=dict(data.get("provenance") or {}),
             records=[Record.from_dict(r) for r in data.get("records") or []],
+            model_info=dict(data.get("model_info") or {}),
         )
 
 
@@ -274,6 +285,21 @@ def canonical_json(obj: Any) -> str:
 def cell_id(config: Mapping[str, Any]) -> str:
     """First 16 hex chars of sha256 of :func:`canonical_json` of the config (64 bits: ample)."""
     return hashlib.sha256(canonical_json(dict(config)).encode("utf-8")).hexdigest()[:16]
+
+
+def settings_key(config: Mapping[str, Any]) -> str:
+    """:func:`cell_id` of the config without its seed: the unit of aggregation everywhere.
+
+    Two cells share a settings key exactly when they differ in nothing but the seed (same task,
+    model, system, profile, every setting, code version), so averaging over the cells of one key
+    is averaging over seeds and nothing else.
+
+    Example:
+        >>> a = {"task": "t", "model": "m", "system": "s", "profile": "quick", "seed": 0, "params": {"lr": 1e-3}}
+        >>> settings_key(a) == settings_key({**a, "seed": 1}), settings_key(a) == settings_key({**a, "profile": "smoke"})
+        (True, False)
+    """
+    return cell_id({k: v for k, v in config.items() if k != "seed"})
 
 
 # -- the store ----------------------------------------------------------------------------------
@@ -382,10 +408,15 @@ def _opt_int(value: Any) -> int | None:
 def _rows(cell: CellResult) -> list[dict[str, Any]]:
     """Flatten one cell into table rows, copying cell-level fields onto every row."""
     prov = cell.provenance
+    info = cell.model_info
     common: dict[str, Any] = {
         "cell_id": cell.cell_id,
         "task": cell.task,
         "profile": str(cell.config.get("profile", "")),
+        "settings_key": cell.settings_key,
+        "capabilities": ";".join(info.get("capabilities", [])),
+        "density": str(info.get("density", "")),
+        "code_version": ";".join(f"{k}={v}" for k, v in sorted((cell.config.get("code") or {}).items())),
         "status": cell.status,
         "reason": cell.reason,
         "duration_s": cell.duration_s,

@@ -20,7 +20,7 @@ from eqbench.errors import ConfigError
 from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
 from eqbench.records import CellResult, CellStore
 from eqbench.registry import MODELS, SYSTEMS, TASKS
-from eqbench.runner import CellPlan, plan_cells
+from eqbench.runner import CellPlan, default_results_dir, plan_cells, preflight
 
 __all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
 
@@ -42,10 +42,13 @@ def plan_sweep(
     *,
     seeds: int | None = None,
     overrides: Mapping[str, Any] | None = None,
-    results_dir: str | Path = "results",
+    results_dir: str | Path | None = None,
     rerun: bool = False,
 ) -> SweepPlan:
-    """Expand the grid; ``seeds=K`` runs seeds 0..K-1 instead of the profile's list."""
+    """Expand the grid; ``seeds=K`` runs seeds 0..K-1 instead of the profile's list.
+
+    ``results_dir`` defaults to ``results/<profile>`` (:func:`eqbench.runner.default_results_dir`).
+    """
     task_obj = TASKS.get(task)
     models = list(models) if models else MODELS.names()
     systems = list(systems) if systems else list(task_obj.systems or SYSTEMS.names())
@@ -58,7 +61,7 @@ def plan_sweep(
         if seeds < 1:
             raise ConfigError(f"--seeds must be a positive count, got {seeds}")
         overrides["seeds"] = list(range(seeds))
-    store = CellStore(results_dir)
+    store = CellStore(default_results_dir(profile) if results_dir is None else results_dir)
     plan = SweepPlan()
     for system in systems:
         for model in models:
@@ -102,7 +105,7 @@ def sweep(
     threads: int | None = None,
     device: str = "cpu",
     time_limit_s: float | None = None,
-    results_dir: str | Path = "results",
+    results_dir: str | Path | None = None,
     rerun: bool = False,
     address: str | None = None,
     slurm: SlurmOptions | None = None,
@@ -111,17 +114,20 @@ def sweep(
 ) -> tuple[SweepPlan, list[CellResult]]:
     """Plan and run a sweep; returns the plan and the results of the cells run now.
 
-    ``on_plan`` sees the plan before any cell starts (the CLI prints its price there)."""
+    ``on_plan`` sees the plan before any cell starts (the CLI prints its price there). Every model
+    passes :func:`eqbench.runner.preflight` before any cell is submitted, or the sweep is refused."""
     from tqdm.auto import tqdm
 
     from eqbench.tasks.common import show_progress
 
+    results_dir = default_results_dir(profile) if results_dir is None else results_dir
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
                       results_dir=results_dir, rerun=rerun)
     if on_plan is not None:
         on_plan(plan)
     if not plan.todo:
         return plan, []
+    plan.todo = preflight(plan.todo)
     if device != "auto":
         from eqbench.devices import resolve_device
 
