@@ -6,10 +6,12 @@ Use it in a plugin's own tests::
     report = check_flow(lambda: my_build(system, {}), system)   # raises AssertionError on failure
 
 The checks (DESIGN "Registry"; issue "Models"): finite shapes; samples CoM-free; ``sample`` and
-``log_prob`` agree; ``inverse(forward(z)) ≈ z``; ``log|det|`` against the brute-force Jacobian;
+``log_prob`` agree, and ``log_prob`` does not depend on the module's training mode (scores are
+exact unless an estimator is asked for by name); ``inverse(forward(z)) ≈ z``; ``log|det|`` against the brute-force Jacobian;
 for CNFs the divergence against the autograd trace; each *claimed* symmetry holds under random
 rotations, reflections, permutations and translations, and each unclaimed one of rotation and
-permutation is shown to be broken; every parameter gets a gradient; a state_dict round trip
+permutation is shown to be broken; every parameter gets a gradient of the training objective
+(:meth:`~eqbench.flows.base.Flow.training_log_prob`); a state_dict round trip
 reproduces the density. Tolerances are in float64 and leave room for the ODE discretisation
 of the CNFs (DTO, 20 RK4 steps), which the exact checks (divergence, symmetries) do not need.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eqbench.flows.base import Flow
+from eqbench.flows.cnf import CNF
 from eqbench.geometry import apply_permutation, random_permutations, random_reflections, random_rotations, remove_com
 from eqbench.systems.base import ParticleSystem
 
@@ -109,6 +112,26 @@ def check_flow(
         assert dev < density_tol, f"{name}: log_prob(sample) differs from sample's log-density by {dev:.2e}"
         ok("sample_log_prob_agree", dev)
 
+    # 2b. the density does not depend on the module's mode (no estimator unless named) --------
+    estimated = getattr(flow, "iw_draws", None) is not None
+    xm = x[:2]
+
+    def density() -> torch.Tensor:
+        with torch.no_grad():
+            if estimated:  # same draws in both modes
+                return flow.log_prob(xm, generator=torch.Generator().manual_seed(0))
+            return flow.log_prob(xm)
+
+    eval_density = density()
+    flow.train()
+    try:
+        train_density = density()
+    finally:
+        flow.eval()
+    dev = _max_rel(train_density, eval_density)
+    assert dev < 1e-10, f"{name}: log_prob in training mode differs from evaluation mode by {dev:.2e}"
+    ok("log_prob_independent_of_mode", dev)
+
     # 3. inverse(forward(z)) round trip -------------------------------------------------------
     z = torch.randn(batch, n, d, generator=gen, dtype=dtype)
     z = z if augmented else remove_com(z)
@@ -126,14 +149,10 @@ def check_flow(
     # x = forward(z) does not depend on how the divergence is computed, only logdet does: take
     # the Jacobian of the map with the cheap estimator (39 brute-force passes per ODE step
     # would be differentiated 39 times more for LJ-13), and the logdet with the exact one.
-    saved = getattr(flow, "eval_divergence", None)
-    if saved is not None and not getattr(flow, "has_closed_form_divergence", False):
-        flow.eval_divergence = "hutchinson"
-    try:
+    if isinstance(flow, CNF) and not flow.has_closed_form_divergence:
+        jac = _flat_jacobian(lambda v: flow.forward(v, divergence="hutchinson")[0], z1)
+    else:
         jac = _flat_jacobian(lambda v: flow.forward(v)[0], z1)
-    finally:
-        if saved is not None:
-            flow.eval_divergence = saved
     if not augmented:
         basis = com_free_basis(n, d)
         jac = basis.T @ jac @ basis
@@ -183,10 +202,10 @@ def check_flow(
             assert dev < symmetry_tol * 100, f"{name}: claims translation invariance but log_prob changes by {dev:.2e}"
             ok("translation_invariant", dev)
 
-    # 7. every parameter gets a gradient ------------------------------------------------------
+    # 7. every parameter gets a gradient of the training objective ---------------------------
     flow.train()
     flow.zero_grad(set_to_none=True)
-    loss = -flow.log_prob(x.detach()).mean()
+    loss = -flow.training_log_prob(x.detach()).mean()
     loss.backward()
     missing = [p_name for p_name, p in flow.named_parameters()
                if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or float(p.grad.abs().sum()) == 0.0)]

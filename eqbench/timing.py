@@ -170,7 +170,7 @@ def train_step(
     def step() -> float:
         flow.train()
         idx = torch.randint(len(data), (batch,), generator=generator).to(data.device)
-        loss = -flow.log_prob(data[idx]).mean()
+        loss = -flow.training_log_prob(data[idx]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

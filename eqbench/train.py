@@ -7,6 +7,12 @@ Optimiser AdamW, lr 5e-3, weight decay 0.01, batch 64 (paper C.1, C.3). Data aug
 (random rotation/reflection and permutation of each batch) is an option for any model (the
 ``aug`` variants of paper §7.3). A non-finite loss or gradient stops the run with the reason
 recorded, never silently continuing on garbage. Deterministic on CPU given ``seed``.
+
+Both terms use the model's *training* estimator, named explicitly
+(:meth:`~eqbench.flows.base.Flow.training_log_prob`, :meth:`~eqbench.flows.base.Flow.training_sample`):
+one Hutchinson probe for the CNFs without closed-form trace (paper §7.3), one CoM draw for real
+NVP (B.2), the exact density otherwise. ``flow.log_prob`` itself is exact in either module mode,
+so the loss history is a training estimator and never a score.
 """
 
 from __future__ import annotations
@@ -123,9 +129,9 @@ def fit(
             batch = data[idx.to(data.device)]
             if config.augment:
                 batch = augment(batch, generator)
-            nll = -flow.log_prob(batch).mean()
+            nll = -flow.training_log_prob(batch).mean()
         if lam > 0.0:
-            samples, log_q = flow.sample(config.kl_batch_size)
+            samples, log_q = flow.training_sample(config.kl_batch_size)
             kl = (system.energy(samples) + log_q).mean()
         loss = (1.0 - lam) * nll + lam * kl
         if not torch.isfinite(loss):

@@ -183,7 +183,8 @@ def test_node_training_step_reaches_every_parameter():
     flow = _node("dw4", steps=4)
     flow.train()
     assert flow.train_divergence == "hutchinson" and flow.eval_divergence == "exact"
-    loss = -flow.log_prob(_configs("dw4", 16, seed=7)).mean()
+    assert flow.training_estimator == {"divergence": "hutchinson"}
+    loss = -flow.training_log_prob(_configs("dw4", 16, seed=7)).mean()
     loss.backward()
     for name, p in flow.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
@@ -283,7 +284,8 @@ def test_real_nvp_is_not_permutation_equivariant():
 def test_real_nvp_training_step_reaches_every_parameter():
     flow = _nvp("dw4")
     flow.train()
-    loss = -flow.log_prob(_configs("dw4", 16, seed=18)).mean()
+    assert flow.training_estimator == {"iw_draws": 1}
+    loss = -flow.training_log_prob(_configs("dw4", 16, seed=18)).mean()
     loss.backward()
     for name, p in flow.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name

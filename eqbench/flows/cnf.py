@@ -13,12 +13,21 @@ Two ways to train (paper §4 "Numerical Implementations", §7.2):
 
 Subclasses implement :meth:`CNF.velocity` and, where they have one, a closed-form divergence
 (:meth:`CNF.velocity_and_divergence`, ``has_closed_form_divergence = True``).
+
+**Exact unless asked.** :meth:`CNF.log_prob`, :meth:`CNF.sample`, :meth:`CNF.forward` and
+:meth:`CNF.inverse` integrate the trace with ``eval_divergence`` (an exact method: closed form,
+else one autograd pass per dimension) whatever ``self.training`` is, so a score never depends
+on the module's mode. One Hutchinson probe (paper §7.1, §7.3) is used where a caller names it,
+``flow.log_prob(x, divergence="hutchinson")``; ``train_divergence`` is the method the training
+loop names through :meth:`~eqbench.flows.base.Flow.training_log_prob` (Hutchinson by default for
+the models without closed form, §7.3; exact for the kernel flow).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,9 +38,13 @@ from eqbench.flows.base import Flow
 from eqbench.flows.divergence import METHODS, brute_force_divergence, hutchinson_divergence, rademacher_like
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["SolverConfig", "CNF", "CNF_OPTIONS", "DTYPES", "parse_dtype", "pop_cnf_options", "reject_unknown"]
+__all__ = ["SolverConfig", "CNF", "CNF_OPTIONS", "DTYPES", "EXACT_METHODS", "parse_dtype", "pop_cnf_options",
+           "reject_unknown"]
 
 SOLVER_MODES = ("dto", "otd")
+#: Divergence methods that compute the trace exactly (up to round-off): the only valid
+#: ``eval_divergence`` values, so ``log_prob``/``sample`` are exact unless a caller names another.
+EXACT_METHODS = ("exact", "closed-form", "brute-force")
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,13 @@ class CNF(Flow):
         self.solver = solver or SolverConfig()
         for method in (train_divergence, eval_divergence):
             self._check_method(method)
+        if eval_divergence not in EXACT_METHODS:
+            raise ConfigError(
+                f"eval_divergence must be exact ({', '.join(EXACT_METHODS)}), got {eval_divergence!r}: log_prob and "
+                "sample are exact; ask for an estimator by name, e.g. log_prob(x, divergence='hutchinson')")
+        #: Divergence the training loop uses (:attr:`training_estimator`); never implied by ``self.training``.
         self.train_divergence = train_divergence
+        #: Divergence of :meth:`log_prob` / :meth:`sample` / :meth:`forward` / :meth:`inverse` when none is named.
         self.eval_divergence = eval_divergence
         #: Function evaluations since the last reset (forward and, for OTD, adjoint passes).
         self.nfe = 0
@@ -140,12 +159,13 @@ class CNF(Flow):
         return v, div
 
     # ------------------------------------------------------------------ integration
-    def _method(self) -> str:
-        return self.train_divergence if self.training else self.eval_divergence
-
     def integrate(self, x0: torch.Tensor, t0: float, t1: float, method: str | None = None):
-        """Solve from ``t0`` to ``t1``; returns ``(x(t1), ∫_{t0}^{t1} div v dt)``."""
-        method = method or self._method()
+        """Solve from ``t0`` to ``t1``; returns ``(x(t1), ∫_{t0}^{t1} div v dt)``.
+
+        ``method`` defaults to ``eval_divergence`` (exact) in either module mode; Hutchinson draws
+        one Rademacher probe per row from the global generator, fixed along the trajectory.
+        """
+        method = method or self.eval_divergence
         self._check_method(method)
         noise = rademacher_like(x0) if method == "hutchinson" else None
         dynamics = _Dynamics(self, method, noise)
@@ -163,11 +183,39 @@ class CNF(Flow):
         self.last_solve_nfe = self.nfe - nfe_before
         return xs[-1], logdets[-1]
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.integrate(z, 0.0, 1.0)
+    def forward(self, z: torch.Tensor, *, divergence: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, log|det ∂x/∂z|)``; the trace by ``divergence`` (default ``eval_divergence``, exact)."""
+        return self.integrate(z, 0.0, 1.0, divergence)
 
-    def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.integrate(x, 1.0, 0.0)
+    def inverse(self, x: torch.Tensor, *, divergence: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, log|det ∂z/∂x|)``; the trace by ``divergence`` (default ``eval_divergence``, exact)."""
+        return self.integrate(x, 1.0, 0.0, divergence)
+
+    def log_prob(self, x: torch.Tensor, *, divergence: str | None = None) -> torch.Tensor:
+        """``log q(x)``: exact by default in either module mode; ``divergence="hutchinson"`` for the
+        one-probe estimate (unbiased for ``log q``, paper §7.1), any method of :meth:`divergence`."""
+        z, logdet = self.inverse(x, divergence=divergence)
+        return self.prior.log_prob(z) + logdet
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, divergence: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` samples and ``log q`` of each: exact by default in either mode (valid importance
+        weights, SPEC §1); ``divergence`` names another method. ``generator`` fixes the prior draws
+        (Hutchinson probes come from the global generator)."""
+        ref = self._reference_tensor()
+        z = self.prior.sample(n, generator=generator, dtype=ref.dtype, device=ref.device)
+        x, logdet = self.forward(z, divergence=divergence)
+        return x, self.prior.log_prob(z) - logdet
+
+    @property
+    def training_estimator(self) -> dict[str, Any]:
+        """``{"divergence": train_divergence}``: what :func:`eqbench.train.fit` integrates with."""
+        return {"divergence": self.train_divergence}
+
+    def training_sample(self, n: int, *, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample` with the training divergence (the reverse-KL term of training)."""
+        return self.sample(n, generator=generator, divergence=self.train_divergence)
 
     def with_solver(self, **changes) -> CNF:
         """Switch DTO/OTD or the step count in place (``mode``, ``steps``, ``atol``, ``rtol``)."""
@@ -198,7 +246,8 @@ def pop_cnf_options(config: dict, *, train_divergence: str = "exact") -> dict:
 
     ``solver`` is ``"dto"`` (default; RK4 on ``steps`` = 20 points) or ``"otd"`` (dopri5 with
     ``atol``/``rtol``, adjoint). Models without a closed-form divergence pass
-    ``train_divergence="hutchinson"`` as their default (paper §7.3).
+    ``train_divergence="hutchinson"`` as their default (paper §7.3). ``eval_divergence`` (what
+    ``log_prob``/``sample`` use unless told otherwise) must be one of :data:`EXACT_METHODS`.
     """
     solver = SolverConfig(
         mode=str(config.pop("solver", "dto")),

@@ -58,24 +58,37 @@ Subtracting ``log N(c; 0, I_D/N)`` instead would lower every reported log-densit
 CoM-free flows. Check: a flow that is the identity gives exactly the CoM-free normal density of
 :mod:`eqbench.flows.prior` (a test asserts it).
 
-- :meth:`RealNVP.log_prob` draws one ``c`` per row (pass ``generator`` to fix it) and returns
-  ``log_prob_augmented(x + c)``. It is **stochastic**: a one-sample estimate whose expectation
-  over c is, by Jensen's inequality, a lower bound of the log of the marginal density that
-  ``q_full`` induces on U (``E_c[q_full(x + c) / N(w)] = q_U(x)``). Training with it is
-  maximum likelihood on the CoM-augmented data, as in B.2.
+- The density real NVP assigns to a CoM-free ``x`` is the marginal of ``q_full`` on U,
+  ``q_U(x) = ∫ q_full(x + c) dw = E_{c ~ N(0, I_D/N)}[q_full(x + c) / N(√N c; 0, I_D)]``, an
+  integral over the D CoM coordinates with no closed form. :meth:`RealNVP.log_prob` estimates
+  it by importance sampling with the CoM prior as proposal, K = ``iw_draws`` draws per row:
+
+      log q_U(x) ≈ logsumexp_k [log q_full(x + c_k) - log N(√N c_k; 0, I_D)] - log K,
+                   c_k ~ N(0, I_D/N),
+
+  (Burda et al. 2016). It is **stochastic** (pass ``generator`` to fix the draws) and biased
+  low in expectation (Jensen), by an amount that shrinks monotonically with K and vanishes as
+  K → ∞; the default K = 64 is a model setting, reported with every NLL through
+  :attr:`~eqbench.flows.base.Flow.density_estimate` ("IW estimate K=64"), and tasks record the
+  gap to K = 1 beside it. K = 1 is the one-draw estimate ``log_prob_augmented(x + c)`` whose
+  expectation is the Jensen lower bound; it is what training maximises
+  (:meth:`RealNVP.training_log_prob`): maximum likelihood on the CoM-augmented data, as in B.2.
 - :meth:`RealNVP.sample` draws ``z ~ N(0, I_{N·D})``, maps it to ``x̃``, and returns
   ``(remove_com(x̃), log q_full(x̃) - log N(w; 0, I_D))``, exactly ``log_prob_augmented(x̃)``
   (:meth:`RealNVP.sample_augmented` returns ``x̃`` itself). These are exact densities of the
   samples ``(x, w)`` on the extended space, so the log-weights ``-u(x) - log q`` (SPEC §1) are
   importance weights for the extended target ``p(x) N(w; 0, I_D)``, whose x-marginal is p (the
   energies are CoM-invariant): self-normalised reweighting of any function of x with them is
-  consistent, exactly as for a CoM-free flow.
+  consistent, exactly as for a CoM-free flow. They are **not** ``log q_U(x)``: ``sample``'s
+  ``log q`` and ``log_prob`` of the same ``x`` differ by the CoM term (hence the contract test
+  compares them only for CoM-free flows); for importance weights the extended density is the
+  right one and needs no estimate.
 - :meth:`RealNVP.forward` / :meth:`RealNVP.inverse` act on full coordinates ``[B, N, D]`` with
   exact log-determinants; ``com_augmented = True`` tells :func:`eqbench.testing.check_flow` so.
 
 Config keys (``build``): ``blocks`` (default 8 for dw2/dw4, 16 for lj13), ``hidden`` (default
 [64, 64]), ``log_scale_bound`` (default 10; 0 or "none" for none), ``init_scale`` (0.01),
-``dtype`` ("float32" default, "float64").
+``iw_draws`` (K of :meth:`RealNVP.log_prob`, default 64), ``dtype`` ("float32" default, "float64").
 """
 
 from __future__ import annotations
@@ -96,10 +109,14 @@ from eqbench.flows.node import parse_hidden
 from eqbench.geometry import remove_com
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["DEFAULT_BLOCKS", "AffineCoupling", "RealNVP", "build"]
+__all__ = ["DEFAULT_BLOCKS", "DEFAULT_IW_DRAWS", "AffineCoupling", "RealNVP", "build"]
 
 #: Coupling blocks per supported system (C.5; the double wells share DW-4's setting).
 DEFAULT_BLOCKS: dict[str, int] = {"dw2": 8, "dw4": 8, "lj13": 16}
+#: Default K of the importance-weighted CoM marginal (:meth:`RealNVP.log_prob`).
+DEFAULT_IW_DRAWS = 64
+#: Rows per pass of the coupling stack when evaluating K draws (bounds the memory of large K).
+_ROWS_PER_PASS = 1 << 16
 
 
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: type[nn.Module], dtype: torch.dtype,
@@ -175,9 +192,12 @@ class RealNVP(Flow):
         *,
         log_scale_bound: float | None = 10.0,
         init_scale: float = 0.01,
+        iw_draws: int = DEFAULT_IW_DRAWS,
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__(system)
+        #: K, the CoM draws per configuration of :meth:`log_prob` (see the module docstring).
+        self.iw_draws = _check_draws(iw_draws)
         self.prior = StandardNormal(system.n_particles, system.n_dims)
         self.dim = system.n_particles * system.n_dims
         self.hidden = tuple(int(h) for h in hidden)
@@ -220,16 +240,31 @@ class RealNVP(Flow):
         """Deterministic ``log q_full(x̃) - log N(√N c̃; 0, I_D)``, ``c̃`` the particle mean of ``x̃``."""
         return self.log_prob_full(x_full) - self.com_log_prob(x_full.mean(dim=-2))
 
-    def log_prob(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Stochastic: ``log_prob_augmented(x + c)``, one ``c ~ N(0, I_D/N)`` per row.
+    def log_prob(self, x: torch.Tensor, *, iw_draws: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance-weighted estimate of the CoM-free marginal ``log q_U(x)`` (paper B.2).
 
-        ``x`` is projected onto U first. Its expectation over c lower-bounds the log marginal
-        density on U (Jensen); fix ``generator`` for reproducible values.
+        ``logsumexp_k log_prob_augmented(x + c_k) - log K`` with ``c_k ~ N(0, I_D/N)``, K =
+        ``iw_draws`` (default :attr:`iw_draws`). ``x`` is projected onto U first. Stochastic and
+        biased low by a gap that shrinks with K; ``iw_draws=1`` is the one-draw Jensen bound that
+        training maximises. Fix ``generator`` for reproducible values: the draws are taken as one
+        ``[K, B, 1, D]`` block, so K = 1 with a given generator state matches the old one-draw value.
+        The K draws are evaluated as batched rows of the coupling stack.
         """
+        k = self.iw_draws if iw_draws is None else _check_draws(iw_draws)
         x = remove_com(x)
-        c = torch.randn(x.shape[0], 1, self.n_dims, generator=generator, dtype=x.dtype,
+        batch = x.shape[0]
+        c = torch.randn(k, batch, 1, self.n_dims, generator=generator, dtype=x.dtype,
                         device=x.device if generator is None else generator.device)
-        return self.log_prob_augmented(x + c.to(x.device) / math.sqrt(self.n_particles))
+        shifted = (x.unsqueeze(0) + c.to(x.device) / math.sqrt(self.n_particles)).reshape(k * batch, *x.shape[1:])
+        log_w = torch.cat([self.log_prob_augmented(chunk)
+                           for chunk in shifted.split(_ROWS_PER_PASS)])
+        return torch.logsumexp(log_w.reshape(k, batch), dim=0) - math.log(k)
+
+    @property
+    def training_estimator(self) -> dict[str, Any]:
+        """``{"iw_draws": 1}``: training maximises the one-draw CoM-augmented likelihood (B.2)."""
+        return {"iw_draws": 1}
 
     # ------------------------------------------------------------------ sampling
     def sample_augmented(self, n: int, *, generator: torch.Generator | None = None
@@ -243,9 +278,19 @@ class RealNVP(Flow):
         return x_full, log_q
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CoM-free samples and their extended-space log-densities (see the module docstring)."""
+        """CoM-free samples and their *exact* extended-space log-densities ``log_prob_augmented(x̃)``.
+
+        Exact, not estimated: valid importance weights ``-u(x) - log q`` for the extended target
+        ``p(x) N(w; 0, I_D)`` (see the module docstring); not equal to :meth:`log_prob` of ``x``.
+        """
         x_full, log_q = self.sample_augmented(n, generator=generator)
         return remove_com(x_full), log_q
+
+
+def _check_draws(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"real-nvp iw_draws must be a positive integer; got {k!r}")
+    return k
 
 
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> RealNVP:
@@ -271,8 +316,10 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Re
     init_scale = float(config.pop("init_scale", 0.01))
     if not init_scale > 0:
         raise ConfigError(f"real-nvp setting init_scale must be positive; got {init_scale}")
+    iw_draws = _check_draws(config.pop("iw_draws", DEFAULT_IW_DRAWS))
     dtype = parse_dtype(config.pop("dtype", "float32"), "real-nvp")
     if config:
-        valid = ("blocks", "dtype", "hidden", "init_scale", "log_scale_bound")
+        valid = ("blocks", "dtype", "hidden", "init_scale", "iw_draws", "log_scale_bound")
         raise ConfigError(f"unknown real-nvp settings: {', '.join(sorted(config))}; valid: {', '.join(valid)}")
-    return RealNVP(system, blocks, hidden, log_scale_bound=bound, init_scale=init_scale, dtype=dtype)
+    return RealNVP(system, blocks, hidden, log_scale_bound=bound, init_scale=init_scale, iw_draws=iw_draws,
+                   dtype=dtype)

@@ -70,8 +70,8 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, mean_nll, positive_int, sample_with_log_q,
-                                  show_progress, train_flow)
+from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
+                                  sample_with_log_q, show_progress, train_flow)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -215,8 +215,8 @@ class BGReweighting(Task):
             records.append(ctx.record("final_nll_loss", last["nll"], "nats, training estimator"))
             records.append(ctx.record("final_kl_loss", last["kl"], "kT, training estimator (KL - log Z)"))
         start = time.perf_counter()
-        records.append(ctx.record("nll_train", mean_nll(flow, train), "nats, exact"))
-        records.append(ctx.record("nll_test", mean_nll(flow, test.to(device=ctx.device, dtype=dtype)), "nats, exact"))
+        records += nll_records(ctx, flow, train, "nll_train")
+        records += nll_records(ctx, flow, test.to(device=ctx.device, dtype=dtype), "nll_test")
         records.append(ctx.record("score_wall_s", time.perf_counter() - start, "s"))
 
         # -- sampling with exact log q (and the Hutchinson log q of the same samples on DW-2)

@@ -1,8 +1,11 @@
 """Steps several tasks share: parameter checks, fitting a model, scoring and sampling it.
 
 Kept here so that every task trains with the same loop (:func:`eqbench.train.fit`, paper C.1:
-AdamW, lr 5e-3, weight decay 0.01, batch 64) and scores with the same exact NLL (SPEC §1, §4),
-and a number from one task means the same as the number of the same name from another.
+AdamW, lr 5e-3, weight decay 0.01, batch 64) and scores with the same NLL (SPEC §1, §4), and a
+number from one task means the same as the number of the same name from another. Every NLL a
+task records goes through :func:`nll_records`, whose unit says what the number is: ``"nats,
+exact"`` for the flows with an exact density, ``"nats, IW estimate K=64"`` for real NVP's
+importance-weighted CoM marginal (paper B.2), with the gap to K = 1 recorded beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from eqbench.flows.base import Flow
+    from eqbench.records import Record
     from eqbench.tasks.base import CellContext
     from eqbench.train import TrainResult
 
@@ -25,6 +29,8 @@ __all__ = [
     "positive_int",
     "fraction",
     "mean_nll",
+    "nll_unit",
+    "nll_records",
     "train_flow",
     "sample_with_log_q",
     "show_progress",
@@ -75,16 +81,55 @@ def show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else bool(progress)
 
 
-def mean_nll(flow: Flow, x: torch.Tensor, batch_size: int = 500) -> float:
-    """Mean of ``-log q(x)`` over ``x`` in batches, without gradients (exact trace in eval mode)."""
+def mean_nll(flow: Flow, x: torch.Tensor, batch_size: int = 500, **options: Any) -> float:
+    """Mean of ``-flow.log_prob(x, **options)`` over ``x`` in batches, without gradients.
+
+    ``log_prob`` is exact for every flow whose :attr:`~eqbench.flows.base.Flow.density_estimate`
+    is ``None`` (in either module mode); ``options`` pass ``iw_draws``/``generator`` to an
+    importance-weighted one. Record NLLs with :func:`nll_records`, which says which it was.
+    """
     import torch
 
     flow.eval()
     total = 0.0
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            total += float(-flow.log_prob(x[start:start + batch_size]).sum())
+            total += float(-flow.log_prob(x[start:start + batch_size], **options).sum())
     return total / len(x)
+
+
+def nll_unit(flow: Flow, detail: str = "") -> str:
+    """The unit of an NLL of ``flow``: ``"nats, exact"`` or ``"nats, IW estimate K=64"`` (+ ``detail``).
+
+    SPEC §1: "every NLL record states whether its trace was exact or estimated"; K is part of
+    what an importance-weighted number is (the estimate rises towards the marginal with K).
+    """
+    what = flow.density_estimate or "exact"
+    return f"nats, {what}" + (f", {detail}" if detail else "")
+
+
+def nll_records(ctx: CellContext, flow: Flow, x: torch.Tensor, metric: str, *, detail: str = "",
+                batch_size: int = 500) -> list[Record]:
+    """Records of the mean NLL of ``x`` under ``flow`` as ``metric``, with a unit that says what it is.
+
+    Exact flows: one record, unit ``"nats, exact"``. Flows whose ``log_prob`` is an
+    importance-weighted estimate with K = ``flow.iw_draws`` draws (real NVP's CoM marginal,
+    paper B.2): the estimate (unit ``"nats, IW estimate K=64"``) and ``<metric>_k1_gap``, the
+    one-draw NLL minus the K-draw NLL — positive in expectation (the K-draw estimate is the
+    tighter bound), and the size of the bias a one-draw evaluation would carry. Draws
+    come from a generator seeded with the cell's seed, so a rerun records the same numbers.
+    ``detail`` is appended to the unit (e.g. the solver).
+    """
+    import torch
+
+    k = flow.iw_draws
+    if k is None:
+        return [ctx.record(metric, mean_nll(flow, x, batch_size), nll_unit(flow, detail))]
+    value = mean_nll(flow, x, batch_size, generator=torch.Generator().manual_seed(ctx.seed))
+    one = mean_nll(flow, x, batch_size, iw_draws=1, generator=torch.Generator().manual_seed(ctx.seed))
+    return [ctx.record(metric, value, nll_unit(flow, detail)),
+            ctx.record(f"{metric}_k1_gap", one - value,
+                       f"nats, NLL(K=1) - NLL(K={k})" + (f", {detail}" if detail else ""))]
 
 
 def train_flow(

@@ -39,6 +39,7 @@ the system of Fig. 4.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
@@ -49,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import check_finite, mean_nll, positive_int
+from eqbench.tasks.common import check_finite, nll_records, positive_int
 
 if TYPE_CHECKING:
     import pandas
@@ -191,16 +192,21 @@ class DtoVsOtd(Task):
 
         # Test NLL: first with the solver of training, then with the shared reference solver.
         start = time.perf_counter()
-        own = mean_nll(flow, test, batch_size=p["eval_batch_size"])
         solver_name = _solver_label(flow)
+        own = nll_records(ctx, flow, test, "nll_test_train_solver", detail=solver_name,
+                          batch_size=p["eval_batch_size"])
         if p["eval_solver"] == "otd":
             flow.with_solver(mode="otd")
         else:
             flow.with_solver(mode="dto", steps=p["eval_steps"])
         reference_name = _solver_label(flow)
-        reference = own if reference_name == solver_name else mean_nll(flow, test, batch_size=p["eval_batch_size"])
-        records += [ctx.record("nll_test_train_solver", own, f"nats, exact, {solver_name}"),
-                    ctx.record("nll_test", reference, f"nats, exact, {reference_name}"),
+        if reference_name == solver_name:  # the same solve: the same numbers under the reference names
+            reference = [dataclasses.replace(r, metric=r.metric.replace("nll_test_train_solver", "nll_test"))
+                         for r in own]
+        else:
+            reference = nll_records(ctx, flow, test, "nll_test", detail=reference_name,
+                                    batch_size=p["eval_batch_size"])
+        records += [*own, *reference,
                     ctx.record("eval_nfe_per_solve", flow.last_solve_nfe, f"function evaluations, {reference_name}"),
                     ctx.record("eval_wall_s", time.perf_counter() - start, "s")]
         check_finite(records)

@@ -17,7 +17,7 @@ from typing import Any
 
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import check_finite, mean_nll, positive_int, train_flow
+from eqbench.tasks.common import check_finite, mean_nll, nll_records, positive_int, train_flow
 
 __all__ = ["TestNLL", "TASK", "mean_nll"]
 
@@ -49,15 +49,15 @@ class TestNLL(Task):
         test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device)
         torch.manual_seed(ctx.seed)
         records = [ctx.record("n_parameters", flow.n_parameters, "count"),
-                   ctx.record("nll_test_untrained", mean_nll(flow, test), "nats, exact")]
+                   *nll_records(ctx, flow, test, "nll_test_untrained")]
         start = time.perf_counter()
         result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
                             augment=bool(p.get("augment", False)))
         if result.history:
             records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats"))
         records.append(ctx.record("fit_wall_s", time.perf_counter() - start, "s"))
-        records.append(ctx.record("nll_train", mean_nll(flow, train), "nats, exact"))
-        records.append(ctx.record("nll_test", mean_nll(flow, test), "nats, exact"))
+        records += nll_records(ctx, flow, train, "nll_train")
+        records += nll_records(ctx, flow, test, "nll_test")
         check_finite(records)
         return records
 
