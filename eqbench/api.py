@@ -53,9 +53,13 @@ def load_data(
     """CoM-free configurations ``[n, N, D]`` of a split.
 
     ``source="eqbench"`` (default) uses eqbench's own MCMC data (generated and cached on first
-    use; splits ``train`` = the training pool, ``test``); ``n`` rows are drawn from the split
-    with a permutation seeded by ``seed`` (``n=None``: the whole split). ``source="community"``
-    loads the public DEM/EFM files (see ``eqbench data --source community``).
+    use). Splits (SPEC §3), each from its own chains and seed, with zero overlap between any two:
+    ``train`` (the 10,000-configuration training pool), ``val`` (2,000 configurations for model
+    selection: choosing a checkpoint or a hyperparameter on it leaves the test set unseen) and
+    ``test`` (the independent 10,000-configuration test set). ``n`` rows are drawn from the split
+    with a permutation seeded by ``seed`` (``n=None``: the whole split), so for one seed the
+    subsets are nested. ``source="community"`` loads the public DEM/EFM files (see
+    ``eqbench data --source community``).
     """
     system = get_system(system)
     if source == "eqbench":

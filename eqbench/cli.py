@@ -121,13 +121,18 @@ def _print_eqbench_diagnostics(name: str, split: str, d: dict[str, Any]) -> None
         ("acceptance", _fmt(d["acceptance"])),
         ("configurational temperature", f"{d['configurational_temperature']:.4f} ± "
                                         f"{d['configurational_temperature_stderr']:.4f}  (must be 1 ± 0.03)"),
-        ("mean energy", f"{d['energy_mean']:.4f} ± {d['energy_stderr']:.4f}  (kT, ± s.e. over chains)"),
+        ("mean energy", f"{d['energy_mean']:.4f} ± {d['energy_stderr']:.4f}  (kT, ± s.e. by "
+                        f"{d.get('energy_stderr_method', 'batch means over chains')})"),
         ("autocorrelation time", f"energy {d['autocorrelation_time']:.1f}, mean distance "
                                  f"{d['autocorrelation_time_mean_distance']:.1f} steps  (stride "
                                  f"{d['protocol']['stride']} = {d['stride_over_autocorrelation']:.1f}x the larger)"),
-        ("energy drift (2nd - 1st half)", f"{d['energy_drift_z']:.2f} s.e."),
+        ("burn-in", f"{d['protocol']['burn_in']} steps = "
+                    f"{d.get('burn_in_over_autocorrelation', float('nan')):.1f}x the larger autocorrelation time"),
+        ("drift (2nd - 1st half)", f"energy {d['energy_drift_z']:.2f} s.e., mean distance "
+                                   f"{d.get('mean_distance_drift_z', float('nan')):.2f} s.e."),
         ("duplicate rows", f"{d['duplicate_rows']}  (dropped while generating: {d['duplicate_rows_dropped']})"),
-        ("chains x burn-in, step", f"{d['protocol']['n_chains']} x {d['protocol']['burn_in']}, {d['protocol']['step_size']}"),
+        ("chains x samples, step", f"{d.get('n_chains', d['protocol']['n_chains'])} x "
+                                   f"{d.get('samples_per_chain', '?')}, {d['protocol']['step_size']}"),
         ("seed", d["seed"]),
         ("generation wall time", f"{d['wall_s']:.1f} s"),
         ("sha256", d.get("sha256", "")[:16] + "..."),
@@ -175,11 +180,16 @@ def cmd_data(args: argparse.Namespace) -> int:
             arrays[split] = store.load_pool(system, split)[0]
             if not args.json:
                 _print_eqbench_diagnostics(name, split, d)
-        if len(arrays) == 2:
-            overlap = diag.count_overlapping_rows(arrays["train"], arrays["test"])
-            report[name]["train_test_overlap_rows"] = overlap
+        if len(arrays) > 1:
+            splits = list(arrays)
+            for k, first in enumerate(splits):
+                for second in splits[k + 1:]:
+                    overlap = diag.count_overlapping_rows(arrays[first], arrays[second])
+                    report[name][f"{first}_{second}_overlap_rows"] = overlap
+                    if not args.json:
+                        print(f"{name} {first}/{second} overlap: {overlap} rows")
             if not args.json:
-                print(f"{name} train/test overlap: {overlap} rows\n")
+                print()
     if args.json:
         print(json.dumps(report, indent=2))
     return exit_code
@@ -447,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="generate or verify reference data and print its diagnostics",
                        description="Generate (once, cached in $EQBENCH_CACHE or ~/.cache/eqbench) and check "
-                                   "the MCMC reference data of SPEC §3, or inspect the community data files.")
+                                   "the MCMC reference data of SPEC §3 (splits train, val, test: disjoint chains, "
+                                   "own seeds), or inspect the community data files.")
     p.add_argument("systems", nargs="*", metavar="SYSTEM", help="systems (default: all)")
     p.add_argument("--source", choices=("eqbench", "community"), default="eqbench",
                    help="eqbench's own MCMC data (default) or the public DEM/EFM files")

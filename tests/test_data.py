@@ -11,13 +11,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import integrate, stats
+from scipy import integrate, signal, stats
 
 import eqbench
 from eqbench.data import diagnostics as diag
 from eqbench.data import external, store
 from eqbench.data.mcmc import run_metropolis
 from eqbench.errors import ConfigError, DataError
+from eqbench.geometry import pairwise_distances
 
 
 def _pool(name: str, split: str):
@@ -28,20 +29,48 @@ def _pool(name: str, split: str):
 @pytest.mark.parametrize("name", ["dw4", "lj13"])
 def test_own_data_passes_spec_checks(name):
     """Configurational temperature within 1 ± 0.03 (SPEC §3), stride >= autocorrelation time,
-    no repeated rows, CoM-free, zero train/test overlap."""
-    train, d_train = _pool(name, "train")
-    test, d_test = _pool(name, "test")
-    for d in (d_train, d_test):
+    burn-in >= 10 autocorrelation times of the slowest mode, no drift between the halves of the
+    chains, no repeated rows, CoM-free, zero overlap between any two of train / val / test."""
+    system = eqbench.get_system(name)
+    pools = {split: _pool(name, split) for split in store.SPLITS}
+    for split, (x, d) in pools.items():
         assert abs(d["configurational_temperature"] - 1.0) <= store.TEMPERATURE_TOLERANCE, d
         assert all(d["checks"].values()), d["checks"]
-        assert d["n_samples"] == 10_000
-    assert diag.count_duplicate_rows(np.concatenate([train, test])) == 0
-    assert diag.count_overlapping_rows(train, test) == 0
+        assert d["n_samples"] == len(x) == system.data_protocol.size(split)
+        assert d["energy_stderr_method"].startswith("batch means, one batch per chain"), d
+    assert pools["train"][1]["n_samples"] == pools["test"][1]["n_samples"] == 10_000
+    assert diag.count_duplicate_rows(np.concatenate([x for x, _ in pools.values()])) == 0
+    for first, second in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert diag.count_overlapping_rows(pools[first][0], pools[second][0]) == 0
+    train, test = pools["train"][0], pools["test"][0]
     # Independently recomputed from the arrays, not read from the diagnostics.
-    system = eqbench.get_system(name)
     t_conf = system.configurational_temperature(torch.from_numpy(test))
     assert abs(t_conf - 1.0) <= store.TEMPERATURE_TOLERANCE
     assert np.abs(test.mean(axis=1)).max() < 1e-10
+
+
+@pytest.mark.parametrize("name", ["dw2", "dw4", "lj13"])
+def test_splits_agree_within_batch_means_errors(name):
+    """Train, val and test are independent draws of one distribution: their mean energies (and
+    mean pair distances, the slow mode of DW-4) agree within 3 combined batch-means standard
+    errors. This fails when the burn-in leaves a bias that differs between seeds or when the
+    errors are too small (DW-4 with a 2,000-step burn-in: train and test 3.8 s.e. apart).
+
+    Each split's mean is recomputed from its stored rows; its error is the diagnostics'
+    batch-means error over chains (the stored rows are those chains' states minus at most one
+    per chain, so the two means differ by far less than the error)."""
+    pools = {split: _pool(name, split) for split in store.SPLITS}
+    system = eqbench.get_system(name)
+    means = {}
+    for split, (x, d) in pools.items():
+        energy = system.energy(torch.from_numpy(x)).mean().item()
+        assert abs(energy - d["energy_mean"]) < 0.5 * d["energy_stderr"], (split, energy, d["energy_mean"])
+        distance = pairwise_distances(torch.from_numpy(x)).mean().item()
+        means[split] = (energy, d["energy_stderr"], distance, d["mean_distance_stderr"])
+    for first, second in [("train", "val"), ("train", "test"), ("val", "test")]:
+        (e1, se1, r1, sr1), (e2, se2, r2, sr2) = means[first], means[second]
+        assert abs(e1 - e2) < 3 * math.hypot(se1, se2), (first, second, means)
+        assert abs(r1 - r2) < 3 * math.hypot(sr1, sr2), (first, second, means)
 
 
 def test_dw2_distance_distribution_matches_exact_boltzmann():
@@ -164,7 +193,89 @@ def test_autocorrelation_time_of_ar1_process():
     assert abs(diag.integrated_autocorrelation_time(x) - expected) < 0.1 * expected
 
 
-# ------------------------------------------------------------------------------------- the cache
+def _ar1(a: float, steps: int, chains: int, seed: int) -> np.ndarray:
+    """``[steps, chains]`` of the stationary AR(1) process ``x_t = a x_{t-1} + ε_t``, ε ~ N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    start = rng.normal(scale=1.0 / math.sqrt(1.0 - a * a), size=chains)  # the stationary law
+    noise = rng.normal(size=(steps, chains))
+    x, _ = signal.lfilter([1.0], [1.0, -a], noise, axis=0, zi=(a * start)[None, :])
+    return x
+
+
+def _ar1_stderr_of_mean(a: float, steps: int, chains: int) -> float:
+    """Exact standard error of the grand mean of ``chains`` independent stationary AR(1) chains:
+    ``Var(chain mean) = σ² / T² [T + 2 Σ_{k<T} (T - k) a^k]`` with ``σ² = 1 / (1 - a²)``."""
+    k = np.arange(1, steps)
+    variance = (steps + 2.0 * np.sum((steps - k) * a**k)) / steps**2 / (1.0 - a * a)
+    return math.sqrt(variance / chains)
+
+
+def test_batch_means_stderr_is_right_for_correlated_chains():
+    """On AR(1) chains (a = 0.9, τ = 19) the batch-means error must match the exact one within
+    15 % (its own relative noise with 400 batches is 1/sqrt(2 * 399) = 3.5 %, so 15 % is four
+    of those and an error off by a factor 2 fails), while the independent-rows formula is
+    ~sqrt(τ) = 4.4x too small, which is why the diagnostics never use it."""
+    a, steps, chains = 0.9, 1_000, 400
+    x = _ar1(a, steps, chains, seed=11)
+    exact = _ar1_stderr_of_mean(a, steps, chains)
+    estimate = diag.batch_means(x)
+    assert estimate.n_batches == chains and estimate.batch_length == steps
+    assert "one batch per chain" in estimate.method
+    assert abs(estimate.stderr / exact - 1.0) < 0.15, (estimate.stderr, exact)
+    assert abs(estimate.mean) < 4 * exact
+    naive = x.std() / math.sqrt(x.size)
+    assert exact / naive > 3.5
+
+
+def test_batch_means_along_one_long_chain():
+    """One AR(1) chain of 400,000 steps cut into 200 batches of 2,000 (≫ τ = 19): the error
+    matches the exact one within 20 % (relative noise 1/sqrt(2 * 199) = 5 %); cut into 40,000
+    batches of 10 (half a τ) it is ~40 % too small (measured 0.62x), the reason batches along a
+    chain must outlast τ and the reason the data diagnostics use one batch per chain."""
+    a, steps = 0.9, 400_000
+    x = _ar1(a, steps, 1, seed=12)[:, 0]
+    exact = _ar1_stderr_of_mean(a, steps, 1)
+    long_batches = diag.batch_means(x, batches_per_chain=200)
+    assert long_batches.n_batches == 200 and "contiguous batches" in long_batches.method
+    assert abs(long_batches.stderr / exact - 1.0) < 0.2, (long_batches.stderr, exact)
+    short_batches = diag.batch_means(x, batches_per_chain=40_000)
+    assert short_batches.stderr < 0.75 * exact
+    with pytest.raises(ValueError, match="batches"):
+        diag.batch_means(x[:10], batches_per_chain=20)
+
+
+def test_drift_z_flags_a_relaxing_chain_and_passes_a_stationary_one():
+    """A burn-in that is too short leaves a relaxation in the stored samples; drift_z sees it."""
+    stationary = _ar1(0.5, 40, 300, seed=13)
+    assert abs(diag.drift_z(stationary)) < 4
+    relaxing = stationary + 2.0 * np.exp(-np.arange(40) / 10.0)[:, None]
+    assert diag.drift_z(relaxing) < -10
+    assert math.isnan(diag.drift_z(stationary[:1]))
+
+
+# ------------------------------------------------------------------------- the cache and the splits
+def test_dataset_key_changes_with_the_format_version(monkeypatch):
+    """The cache key hashes the format version, so bumping it never reuses data of an old format."""
+    system = eqbench.get_system("dw4")
+    keys = {split: store.dataset_key(system, split) for split in store.SPLITS}
+    assert len(set(keys.values())) == len(store.SPLITS)
+    monkeypatch.setattr(store, "DATA_FORMAT_VERSION", store.DATA_FORMAT_VERSION + 1)
+    for split in store.SPLITS:
+        assert store.dataset_key(system, split) != keys[split]
+
+
+def test_validation_split_has_its_own_seed_and_size():
+    """``val`` is its own data set: protocol seed and size, different from train and test."""
+    for name in ("dw2", "dw4", "lj13"):
+        protocol = eqbench.get_system(name).data_protocol
+        assert len({protocol.seed(split) for split in store.SPLITS}) == 3
+        assert protocol.size("val") == 2_000 < protocol.size("test")
+    x = eqbench.load_data("dw4", "val", n=50, seed=1)
+    assert x.shape == (50, 4, 2)
+    assert torch.equal(x, eqbench.load_data("dw4", "val", n=50, seed=1))
+    assert eqbench.load_data("dw4", "val").shape == (2_000, 4, 2)
+
+
 def test_corrupt_cache_is_regenerated_identically(tmp_path, monkeypatch):
     """Generation is deterministic: a corrupted file is regenerated bit-for-bit (same sha256)."""
     monkeypatch.setenv("EQBENCH_CACHE", str(tmp_path))
@@ -207,7 +318,7 @@ def test_load_data_rejects_bad_sample_counts(n):
 
 
 def test_load_data_rejects_unknown_split_and_source():
-    with pytest.raises(ConfigError, match="valid: train, test"):
+    with pytest.raises(ConfigError, match="valid: train, val, test"):
         eqbench.load_data("dw4", "validation")
     with pytest.raises(ConfigError, match="valid: eqbench, community"):
         eqbench.load_data("dw4", "train", source="internet")

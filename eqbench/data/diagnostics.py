@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 __all__ = [
     "autocorrelation_function",
     "integrated_autocorrelation_time",
-    "chain_mean_stderr",
+    "BatchMeans",
+    "batch_means",
+    "drift_z",
     "row_hashes",
     "count_duplicate_rows",
     "count_overlapping_rows",
@@ -58,17 +61,72 @@ def integrated_autocorrelation_time(trace: np.ndarray, window_factor: float = 5.
     return float(taus[m])
 
 
-def chain_mean_stderr(values: np.ndarray) -> tuple[float, float]:
-    """Mean of ``[samples_per_chain, chains]`` values and its standard error from chain means.
+@dataclass(frozen=True)
+class BatchMeans:
+    """A mean and its batch-means standard error, with what the batches were.
 
-    Treating each independent chain as one measurement makes the error honest even if the
-    samples within a chain are still correlated.
+    ``method`` is a sentence for the diagnostics file, so a reader knows which error was quoted
+    (one batch per chain, or ``batches_per_chain`` contiguous batches along each chain).
+    """
+
+    mean: float
+    stderr: float
+    n_batches: int
+    batch_length: int
+    method: str
+
+
+def batch_means(values: np.ndarray, batches_per_chain: int = 1) -> BatchMeans:
+    """Mean of ``[samples_per_chain, chains]`` values and its standard error by batch means.
+
+    Each chain is cut into ``batches_per_chain`` contiguous batches of equal length (a remainder
+    at the end of each chain is left out of both the mean and the error); the error is the
+    standard deviation of the batch means over ``sqrt(n_batches)``. With the default, one batch
+    per chain, the batches are independent whatever the correlation inside a chain, so the error
+    is honest for correlated samples; a formula that assumes independent rows (``std / sqrt(n)``)
+    underestimates it by ``sqrt(τ)`` whenever rows are correlated. Batches along a chain are
+    only independent if they are much longer than the autocorrelation time: use more than one
+    per chain only for few, long chains. A 1-D input is one chain.
     """
     values = np.asarray(values, dtype=np.float64)
-    chain_means = values.mean(axis=0)
-    n_chains = chain_means.size
-    stderr = float(chain_means.std(ddof=1) / math.sqrt(n_chains)) if n_chains > 1 else float("nan")
-    return float(values.mean()), stderr
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2:
+        raise ValueError(f"values must be [samples_per_chain, chains], got shape {values.shape}")
+    if batches_per_chain < 1:
+        raise ValueError(f"batches_per_chain must be >= 1, got {batches_per_chain}")
+    steps, chains = values.shape
+    length = steps // batches_per_chain
+    if length < 1:
+        raise ValueError(f"{steps} samples per chain cannot make {batches_per_chain} batches")
+    used = values[: length * batches_per_chain]
+    means = used.reshape(batches_per_chain, length, chains).mean(axis=1).ravel()
+    n_batches = means.size
+    stderr = float(means.std(ddof=1) / math.sqrt(n_batches)) if n_batches > 1 else float("nan")
+    if batches_per_chain == 1:
+        method = f"batch means, one batch per chain ({chains} independent chains x {length} samples)"
+    else:
+        method = (f"batch means along chains ({chains} chains x {batches_per_chain} contiguous batches "
+                  f"of {length} samples)")
+    return BatchMeans(float(used.mean()), stderr, int(n_batches), int(length), method)
+
+
+def drift_z(values: np.ndarray) -> float:
+    """Second-half minus first-half mean of ``[samples_per_chain, chains]`` values, in standard errors.
+
+    The difference is taken per chain and its error by batch means over chains, so correlated
+    samples inside a chain do not inflate the score. A burn-in shorter than the slowest
+    relaxation shows as a drift; ``nan`` when chains hold fewer than two samples.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 1:
+        values = values[:, None]
+    half = values.shape[0] // 2
+    if half < 1 or values.shape[1] < 2:
+        return float("nan")
+    difference = values[-half:].mean(axis=0) - values[:half].mean(axis=0)
+    stderr = difference.std(ddof=1) / math.sqrt(difference.size)
+    return float(difference.mean() / stderr) if stderr > 0 else float("nan")
 
 
 def row_hashes(x: np.ndarray) -> list[bytes]:

@@ -6,9 +6,11 @@ the sha256 of the array file. The key hashes everything that determines the samp
 parameters, protocol, split seed, format version), so a changed protocol never reuses stale
 data. A missing or corrupt file is regenerated (deterministically: same seed, same samples).
 
-The training pool and the test set come from disjoint chains with different seeds (paper
-§7.3: "an independent 10,000 trajectory"); ``load_data`` draws training subsets from the pool
-with a seeded permutation, so the subsets for one seed are nested (10 ⊂ 100 ⊂ 1,000).
+The training pool, the validation set and the test set come from disjoint chains with
+different seeds (paper §7.3: "an independent 10,000 trajectory"); ``load_data`` draws subsets
+from a split with a seeded permutation, so the subsets for one seed are nested
+(10 ⊂ 100 ⊂ 1,000). Mean energies carry batch-means standard errors over the independent chains
+(each chain's mean is one batch), and the diagnostics say so.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from eqbench.atomic import atomic_save_npy, atomic_write_bytes
 from eqbench.data import diagnostics as diag
 from eqbench.data.mcmc import run_metropolis
 from eqbench.errors import ConfigError, DataError
-from eqbench.systems.base import ParticleSystem
+from eqbench.geometry import pairwise_distances
+from eqbench.systems.base import DATA_SPLITS, ParticleSystem
 
 __all__ = [
     "SPLITS",
@@ -47,9 +50,18 @@ __all__ = [
     "verify_dataset",
 ]
 
-#: Bump when the generation procedure changes in a way the protocol fields do not capture.
-DATA_FORMAT_VERSION = 1
-SPLITS = ("train", "test")
+#: Bump when the generated bits change in a way the protocol fields do not capture. Version 2:
+#: validation split, burn-in from the slowest mode, batch-means errors in the diagnostics.
+DATA_FORMAT_VERSION = 2
+#: ``train`` (the training pool), ``val`` (model selection), ``test``: disjoint chains, own seeds.
+SPLITS = DATA_SPLITS
+#: The protocol's burn-in must be at least this many integrated autocorrelation times of the
+#: slowest measured mode; the protocols aim at 20 or more, so the check fails only when a
+#: measured time is twice what the protocol was designed for.
+MIN_BURN_IN_OVER_AUTOCORRELATION = 10.0
+#: The second half of the chains may not differ from the first by more than this many standard
+#: errors (mean energy, mean pair distance): a larger drift means the burn-in was too short.
+MAX_DRIFT_Z = 4.0
 #: SPEC §3: the configurational temperature of reference data must lie within 1 ± 0.03.
 TEMPERATURE_TOLERANCE = 0.03
 
@@ -60,16 +72,6 @@ def cache_dir() -> Path:
     """Root of eqbench's cache: ``$EQBENCH_CACHE`` or ``~/.cache/eqbench``."""
     root = os.environ.get("EQBENCH_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "eqbench"
-
-
-def _split_seed(system: ParticleSystem, split: str) -> int:
-    protocol = system.data_protocol
-    return protocol.train_seed if split == "train" else protocol.test_seed
-
-
-def _split_size(system: ParticleSystem, split: str) -> int:
-    protocol = system.data_protocol
-    return protocol.n_train if split == "train" else protocol.n_test
 
 
 def _check_split(split: str) -> None:
@@ -85,8 +87,9 @@ def dataset_key(system: ParticleSystem, split: str) -> str:
         "system": repr(system),
         "protocol": dataclasses.asdict(system.data_protocol),
         "split": split,
-        "seed": _split_seed(system, split),
-        "n": _split_size(system, split),
+        "seed": system.data_protocol.seed(split),
+        "n": system.data_protocol.size(split),
+        "chains": system.data_protocol.chains(split),
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return f"{system.name}-{split}-{digest}"
@@ -146,12 +149,13 @@ def generate_dataset(
     """
     _check_split(split)
     protocol = system.data_protocol
-    n = _split_size(system, split)
-    seed = _split_seed(system, split)
-    per_chain = math.ceil(n / protocol.n_chains) + 1
+    n = protocol.size(split)
+    seed = protocol.seed(split)
+    n_chains = protocol.chains(split)
+    per_chain = math.ceil(n / n_chains) + 1
     run = run_metropolis(
         system,
-        n_chains=protocol.n_chains,
+        n_chains=n_chains,
         samples_per_chain=per_chain,
         burn_in=protocol.burn_in,
         stride=protocol.stride,
@@ -175,13 +179,12 @@ def generate_dataset(
     samples = flat[keep[:n]]
     tau = diag.integrated_autocorrelation_time(run.trace)
     tau_distance = diag.integrated_autocorrelation_time(run.distance_trace)
-    mean, stderr = diag.chain_mean_stderr(run.energies)
-    half = max(per_chain // 2, 1)
-    drift_z = float("nan")
-    if per_chain >= 2:
-        first, _ = diag.chain_mean_stderr(run.energies[:half])
-        second, _ = diag.chain_mean_stderr(run.energies[half:])
-        drift_z = (second - first) / (2.0 * stderr) if stderr > 0 else float("nan")
+    slowest = max(tau, tau_distance)
+    # Errors by batch means over the independent chains, never std/sqrt(rows): the rows of a
+    # chain are only as independent as the stride makes them.
+    energy = diag.batch_means(run.energies)
+    chain_distances = pairwise_distances(torch.from_numpy(run.samples)).mean(dim=-1).numpy()
+    distance = diag.batch_means(chain_distances)
     x = torch.from_numpy(samples)
     temperature, temperature_stderr = configurational_temperature_with_error(system, x)
     energies = system.energy(x).numpy()
@@ -192,17 +195,26 @@ def generate_dataset(
         "n_samples": int(samples.shape[0]),
         "shape": list(samples.shape),
         "seed": seed,
+        "n_chains": n_chains,
+        "samples_per_chain": per_chain,
         "protocol": dataclasses.asdict(protocol),
         "acceptance": run.acceptance,
         "configurational_temperature": temperature,
         "configurational_temperature_stderr": temperature_stderr,
-        "energy_mean": mean,
-        "energy_stderr": stderr,
+        "energy_mean": energy.mean,
+        "energy_stderr": energy.stderr,
+        "energy_stderr_method": energy.method,
         "energy_std": float(energies.std()),
+        "mean_distance_mean": distance.mean,
+        "mean_distance_stderr": distance.stderr,
         "autocorrelation_time": tau,
         "autocorrelation_time_mean_distance": tau_distance,
-        "stride_over_autocorrelation": protocol.stride / max(tau, tau_distance),
-        "energy_drift_z": drift_z,
+        "autocorrelation_trace": f"first {run.trace.shape[1]} chains, every step of production "
+                                 f"({run.trace.shape[0]} steps, Sokal window)",
+        "stride_over_autocorrelation": protocol.stride / slowest,
+        "burn_in_over_autocorrelation": protocol.burn_in / slowest,
+        "energy_drift_z": diag.drift_z(run.energies),
+        "mean_distance_drift_z": diag.drift_z(chain_distances),
         "duplicate_rows_dropped": int(duplicates),
         "duplicate_rows": diag.count_duplicate_rows(samples),
         "max_abs_com": float(np.abs(samples.mean(axis=1)).max()),
@@ -240,6 +252,11 @@ def quality_checks(d: dict[str, Any]) -> dict[str, bool]:
     }
     if "stride_over_autocorrelation" in d:
         checks["stride_at_least_autocorrelation_time"] = d["stride_over_autocorrelation"] >= 1.0
+    if "burn_in_over_autocorrelation" in d:
+        checks["burn_in_long_enough"] = d["burn_in_over_autocorrelation"] >= MIN_BURN_IN_OVER_AUTOCORRELATION
+    for key in ("energy_drift_z", "mean_distance_drift_z"):
+        if key in d:  # NaN (one sample per chain) passes: there is no second half to compare
+            checks[f"{key.removesuffix('_z')}_within_{MAX_DRIFT_Z:g}_se"] = not abs(d[key]) > MAX_DRIFT_Z
     return checks
 
 

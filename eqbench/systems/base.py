@@ -19,18 +19,30 @@ import torch
 
 from eqbench.geometry import pair_vectors, remove_com
 
-__all__ = ["DataProtocol", "ParticleSystem", "SYMMETRIES"]
+__all__ = ["DATA_SPLITS", "DataProtocol", "ParticleSystem", "SYMMETRIES"]
 
 #: The symmetry names a system or a model may claim (paper §5, S1-S3; reflections are part of O(D)).
 SYMMETRIES = ("permutation", "rotation", "reflection", "translation")
+
+
+#: The reference-data splits, each from its own disjoint chains and seed (SPEC §3).
+DATA_SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class DataProtocol:
     """How the reference data of a system is generated (paper C.4, SPEC §3).
 
-    ``stride`` must be at least the integrated autocorrelation time of the energy; the data
-    diagnostics measure that time and flag a stride that is too short.
+    ``burn_in`` and ``stride`` follow the slowest mode measured (energy or mean pair distance),
+    not the energy alone: the burn-in is at least 20 integrated autocorrelation times of that
+    mode, so the bias left from the starting distribution (which decays like
+    ``exp(-burn_in / τ)``) is far below the standard error, and the stride is at least one τ.
+    The data diagnostics measure both times and flag a protocol that falls short.
+
+    The training pool and the test set each come from ``n_chains`` chains; the validation set
+    (for model selection) is smaller and comes from ``n_val_chains`` chains with the same
+    samples per chain, so its chains are as long (and as well decorrelated) as the others
+    while costing a fifth. Every split has its own seed, hence disjoint chains.
     """
 
     step_size: float
@@ -42,6 +54,28 @@ class DataProtocol:
     train_seed: int = 1
     test_seed: int = 2
     init_scale: float = 1.0
+    n_val: int = 2_000
+    n_val_chains: int = 100
+    val_seed: int = 3
+
+    def _check(self, split: str) -> None:
+        if split not in DATA_SPLITS:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(DATA_SPLITS)}")
+
+    def size(self, split: str) -> int:
+        """Number of stored configurations of ``split``."""
+        self._check(split)
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
+
+    def seed(self, split: str) -> int:
+        """Seed of the generator that drives every chain of ``split``."""
+        self._check(split)
+        return {"train": self.train_seed, "val": self.val_seed, "test": self.test_seed}[split]
+
+    def chains(self, split: str) -> int:
+        """Number of independent chains of ``split`` (also its number of batch-means batches)."""
+        self._check(split)
+        return self.n_val_chains if split == "val" else self.n_chains
 
 
 @dataclass(frozen=True)
