@@ -14,8 +14,13 @@ Conventions (SPEC §1):
   self-normalised quantity below. A weight of zero (``log w = -inf``, e.g. an infinite energy) is
   a valid weight; ``NaN`` and ``+inf`` are not and raise, so callers decide explicitly what to do
   with broken samples instead of having them silently dropped.
+- **Which samples count** (:func:`importance_weights`): a sample with ``u = +inf`` (an LJ clash)
+  and a finite ``log q`` has weight exactly zero: it stays in every count, because dropping it
+  would flatter a flow that produces clashes. Only a sample whose weight is undefined — ``log q``
+  NaN or ±inf, energy NaN or ``-inf`` — is left out of the weighted sums, and counted.
 - **ESS** is Kish's ``(Σw)² / Σw²`` reported as a fraction of the number of samples: 1 for equal
-  weights, ``1/n`` when one weight dominates.
+  weights, ``1/n`` when one weight dominates. Zero weights are part of ``n``; pass ``n_total``
+  to make the fraction relative to every sample drawn, undefined ones included.
 
 Bootstrap helpers resample whole samples (rows) with replacement: paper C.7 gives Fig. 3b's error
 bars as the standard deviation over 100 reweighted bootstrap resamples, and the same recipe gives
@@ -25,6 +30,7 @@ errors of reweighted means.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +39,8 @@ __all__ = [
     "as_array",
     "nll",
     "log_weights",
+    "ImportanceWeights",
+    "importance_weights",
     "normalized_weights",
     "ess_fraction",
     "weighted_mean",
@@ -73,6 +81,47 @@ def log_weights(energy: Any, log_q: Any) -> np.ndarray:
     return -energy - log_q
 
 
+@dataclass(frozen=True)
+class ImportanceWeights:
+    """Log-weights of a sample set, with what was counted and what was left out.
+
+    ``log_w`` holds one entry per *defined* sample (``defined[i]`` is true), ``-inf`` for the
+    zero weights; ``n_total = len(defined)`` counts every sample scored.
+    """
+
+    log_w: np.ndarray
+    defined: np.ndarray
+    n_zero_weight: int
+    n_undefined: int
+
+    @property
+    def n_total(self) -> int:
+        return int(self.defined.size)
+
+
+def importance_weights(energy: Any, log_q: Any) -> ImportanceWeights:
+    """Log importance weights ``-u - log q`` of samples ``x ~ q``, sorted into zero and undefined.
+
+    Why: a sample with infinite energy (``u = +inf``, e.g. two Lennard-Jones particles on top of
+    each other) has target density exactly zero, so its importance weight is exactly zero — a
+    valid weight that belongs in the ESS denominator and in every count. Removing such samples
+    before the ESS (as "non-finite") reports an ESS as if the flow never produced them. A sample
+    whose weight cannot be computed — ``log q`` NaN or ±inf (the flow's density is broken there),
+    energy NaN, or energy ``-inf`` (an infinite weight) — is *undefined* and left out of
+    ``log_w``; it is counted in ``n_undefined`` so the caller can report it and keep it in the
+    denominator of the ESS fraction (:func:`ess_fraction` with ``n_total``).
+    """
+    energy, log_q = as_array(energy), as_array(log_q)
+    if energy.shape != log_q.shape or energy.ndim != 1:
+        raise ValueError(f"energy and log_q must be 1-D with one value per sample; got {energy.shape} and {log_q.shape}")
+    zero = np.isposinf(energy) & np.isfinite(log_q)
+    defined = zero | (np.isfinite(energy) & np.isfinite(log_q))
+    with np.errstate(invalid="ignore"):
+        log_w = -energy[defined] - log_q[defined]
+    return ImportanceWeights(log_w=log_w, defined=defined, n_zero_weight=int(zero.sum()),
+                             n_undefined=int((~defined).sum()))
+
+
 def normalized_weights(log_w: Any) -> np.ndarray:
     """Self-normalised weights ``w_i / Σ_j w_j`` from log-weights, computed stably (max shift).
 
@@ -91,25 +140,37 @@ def normalized_weights(log_w: Any) -> np.ndarray:
     return w / w.sum()
 
 
-def ess_fraction(log_w: Any) -> float:
+def ess_fraction(log_w: Any, n_total: int | None = None) -> float:
     """Kish's effective sample size ``(Σw)² / Σw²`` as a fraction of ``n`` (SPEC §1), in ``[1/n, 1]``.
 
+    ``n`` is the number of log-weights, zero weights (``-inf``) included: a sample with weight
+    zero was drawn and is useless, so it lowers the fraction. ``n_total`` (at least the number of
+    log-weights) makes the fraction relative to more samples, e.g. every sample drawn when some
+    had an undefined weight and were left out (:func:`importance_weights`).
     Invariant to a constant shift of the log-weights, so the unknown ``log Z`` does not matter.
     """
     w = normalized_weights(log_w)
-    return float(1.0 / (w.size * np.square(w).sum()))
+    n = w.size if n_total is None else int(n_total)
+    if n < w.size:
+        raise ValueError(f"n_total ({n}) cannot be smaller than the number of weights ({w.size})")
+    return float(1.0 / (n * np.square(w).sum()))
 
 
 def weighted_mean(values: Any, log_w: Any | None = None) -> float:
     """Mean of ``values``; with ``log_w`` the self-normalised importance-sampling estimate
-    ``Σ w_i f_i / Σ w_i`` of the target expectation (consistent as n → ∞, paper §2)."""
+    ``Σ w_i f_i / Σ w_i`` of the target expectation (consistent as n → ∞, paper §2).
+
+    A sample of weight zero contributes nothing, whatever its value: the energy of a clash is
+    ``+inf`` and its weight 0, and ``0 · inf`` is 0 in the sum (not NaN).
+    """
     values = as_array(values)
     if log_w is None:
         return float(values.mean())
     w = normalized_weights(log_w)
     if w.shape != values.shape:
         raise ValueError(f"values and log_w must have one entry per sample; got {values.shape} and {w.shape}")
-    return float(np.dot(w, values))
+    keep = w > 0
+    return float(np.dot(w[keep], values[keep]))
 
 
 def bootstrap(
@@ -258,7 +319,8 @@ def wasserstein_1d(
     distributions, integrated exactly over the merged cumulative-weight breakpoints. For equal,
     unweighted sample sizes this is the mean of ``|sorted(a) - sorted(b)|^p``. Weights are
     non-negative and need not be normalised (pass :func:`normalized_weights` of log-weights for a
-    reweighted distribution). Used for the energy and distance W2 of later work (seed 003).
+    reweighted distribution). Values of weight zero do not enter the quantile function, so they
+    may be infinite (a clash's energy). Used for the energy and distance W2 of later work (seed 003).
     """
     if p < 1:
         raise ValueError(f"p must be >= 1, got {p}")
@@ -272,16 +334,20 @@ def wasserstein_1d(
 
 
 def _quantile_steps(values: Any, weights: Any | None, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted values and their cumulative weights (last exactly 1): the quantile step function."""
+    """Sorted values and their cumulative weights (last exactly 1): the quantile step function.
+
+    Values of weight zero are dropped first: they carry no probability mass.
+    """
     values = as_array(values).ravel()
-    if values.size == 0 or not np.isfinite(values).all():
-        raise ValueError(f"sample {name} must be non-empty and finite")
     if weights is None:
         w = np.ones_like(values)
     else:
         w = as_array(weights).ravel()
         if w.shape != values.shape or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError(f"weights of sample {name} must be finite, non-negative, not all zero, one per value")
+        values, w = values[w > 0], w[w > 0]
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ValueError(f"sample {name} must be non-empty and finite (where its weight is not zero)")
     order = np.argsort(values, kind="stable")
     cum = np.cumsum(w[order])
     cum /= cum[-1]

@@ -72,6 +72,56 @@ def test_ess_of_gaussian_proposal_matches_the_closed_form():
     assert metrics.ess_fraction(log_w) == pytest.approx(expected, abs=0.01)
 
 
+def test_infinite_energies_are_zero_weights_that_count_in_the_ess():
+    """Issue "every number means one thing", item 4: six samples, weights 1, 2, 3 (finite energy),
+    two clashes (u = +inf: weight 0) and one NaN log q (undefined). By hand: Σw = 6, Σw² = 14,
+    Kish ESS = 36/14; as a fraction of the 5 defined samples 36/70, of all 6 drawn 36/84.
+    Dropping the clashes as "non-finite" (the old rule) gave 36/42 = 0.857."""
+    weights = np.array([1.0, 2.0, 3.0])
+    u = np.array([0.5, -1.0, 2.0, np.inf, np.inf, 1.0])
+    log_q = np.concatenate([-u[:3] - np.log(weights), [0.3, -7.0, np.nan]])  # log w = -u - log q = log w_i
+    iw = metrics.importance_weights(u, log_q)
+    assert (iw.n_total, iw.n_zero_weight, iw.n_undefined) == (6, 2, 1)
+    np.testing.assert_array_equal(iw.defined, [True, True, True, True, True, False])
+    np.testing.assert_allclose(iw.log_w[:3], np.log(weights), rtol=0, atol=1e-12)
+    assert np.isneginf(iw.log_w[3:]).all()
+    assert metrics.ess_fraction(iw.log_w) == pytest.approx(36 / 70, rel=1e-12)
+    assert metrics.ess_fraction(iw.log_w, n_total=iw.n_total) == pytest.approx(36 / 84, rel=1e-12)
+    dropped = metrics.ess_fraction(np.log(weights))  # what removing the clashes reports
+    assert dropped == pytest.approx(36 / 42) and abs(dropped - 36 / 84) > 0.4
+    # The reweighted mean ignores the clashes' infinite energy (0 · inf is 0 in the sum, not NaN).
+    assert metrics.weighted_mean(u[iw.defined], iw.log_w) == pytest.approx((0.5 - 2.0 + 6.0) / 6.0, rel=1e-12)
+    with pytest.raises(ValueError, match="n_total"):
+        metrics.ess_fraction(iw.log_w, n_total=4)
+
+
+@pytest.mark.parametrize("energy, log_q", [
+    (np.nan, 0.0),       # energy undefined
+    (-np.inf, 0.0),      # infinite weight
+    (1.0, np.nan),       # log q undefined
+    (1.0, np.inf),       # infinite density
+    (1.0, -np.inf),      # zero density at a sample of q: an infinite weight
+    (np.inf, np.nan),    # a clash whose log q is undefined is undefined, not zero
+])
+def test_undefined_weights_are_left_out_and_counted(energy, log_q):
+    iw = metrics.importance_weights([0.0, energy], [0.0, log_q])
+    assert (iw.n_total, iw.n_zero_weight, iw.n_undefined) == (2, 0, 1)
+    assert iw.log_w.tolist() == [0.0]
+
+
+def test_weighted_histogram_and_w2_keep_zero_weights_out_of_the_mass():
+    """A clash (u = +inf, weight 0) adds no mass to a reweighted histogram or W2; unweighted, it is
+    mass beyond the bins (missing area), not dropped."""
+    u = np.array([0.25, 0.75, np.inf])
+    log_w = np.array([0.0, np.log(3.0), -np.inf])
+    edges = np.array([0.0, 0.5, 1.0])
+    np.testing.assert_allclose(metrics.histogram_density(u, edges, log_w), [0.5, 1.5])  # (1/4, 3/4) / 0.5
+    np.testing.assert_allclose(metrics.histogram_density(u, edges), [2 / 3, 2 / 3])  # 1/3 of the mass beyond
+    w = metrics.normalized_weights(log_w)
+    # The weighted quantile function of {0.25: 1/4, 0.75: 3/4} against the point mass at 0.75: W2² = 1/4 · 0.5².
+    assert metrics.wasserstein_1d(u, [0.75], weights_a=w) == pytest.approx(0.25)
+
+
 # -- reweighted means and the bootstrap ------------------------------------------------------------
 
 def test_weighted_mean_hand_computed_and_unweighted():
