@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import CellResult, CellStore
+from eqbench.tasks.pricing import phase_estimate, phase_seconds, remainder_seconds
 
 if TYPE_CHECKING:
-    from eqbench.runner import CellPlan
-    from eqbench.tasks.base import Task
+    from eqbench.planning import CellPlan
 
 __all__ = ["CellEstimate", "CostModel", "PriceCheck", "check_prices", "device_kind", "phase_estimate", "phase_seconds", "wall_seconds"]
 
@@ -61,64 +61,6 @@ def device_kind(device: str | None) -> str:
         except ImportError:  # pragma: no cover - torch is a dependency
             return "cpu"
     return "cuda" if device.startswith("cuda") else device.split(":")[0]
-
-
-def phase_seconds(cell: CellResult, phases: Iterable[str]) -> dict[str, float]:
-    """Measured seconds of each phase in ``phases`` that ``cell`` recorded (summed over steps,
-    e.g. over the rounds of a metastable-states cell)."""
-    wanted = set(phases)
-    seconds: dict[str, float] = {}
-    for record in cell.records:
-        if record.metric in wanted and math.isfinite(record.value):
-            seconds[record.metric] = seconds.get(record.metric, 0.0) + float(record.value)
-    return seconds
-
-
-def remainder_seconds(cell: CellResult, accounted_s: float) -> float:
-    """What the phases of a cell do not account for (never negative)."""
-    return max(0.0, float(cell.duration_s) - accounted_s)
-
-
-def phase_estimate(task: Task, params: Mapping[str, Any], system: str,
-                   calibration: Sequence[CellResult]) -> float | None:
-    """The default price of a cell: work x pooled seconds per unit of work, phase by phase, plus
-    the unaccounted remainder of the calibration cells nearest in total work.
-
-    ``None`` when the task defines no phases or a phase with work has never been measured.
-    """
-    work = {phase: float(w) for phase, w in task.cost_phases(params, system).items()}
-    if not work or not calibration:
-        return None
-    seconds_sum: dict[str, float] = {}
-    work_sum: dict[str, float] = {}
-    sized_remainders: list[tuple[float, float]] = []  # (log total work, remainder seconds)
-    for cell in calibration:
-        try:
-            cell_work = task.cost_phases(cell.config.get("params", {}), system)
-        except (ConfigError, KeyError, TypeError, ValueError):
-            continue  # settings of an older version of the task: not comparable
-        measured = phase_seconds(cell, cell_work)
-        for phase, amount in cell_work.items():
-            if amount > 0 and phase in measured:
-                seconds_sum[phase] = seconds_sum.get(phase, 0.0) + measured[phase]
-                work_sum[phase] = work_sum.get(phase, 0.0) + float(amount)
-        total = sum(cell_work.values())
-        sized_remainders.append((math.log(total) if total > 0 else 0.0,
-                                 remainder_seconds(cell, sum(measured.values()))))
-    if not sized_remainders:
-        return None
-    price = 0.0
-    for phase, amount in work.items():
-        if amount <= 0:
-            continue
-        if not work_sum.get(phase):
-            return None
-        price += amount * seconds_sum[phase] / work_sum[phase]
-    total_new = sum(work.values())
-    size = math.log(total_new) if total_new > 0 else 0.0
-    nearest = min(abs(s - size) for s, _ in sized_remainders)
-    price += statistics.median(r for s, r in sized_remainders if abs(s - size) == nearest)
-    return price
 
 
 def _without_seed(config: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -212,7 +154,7 @@ def check_prices(results_dir: str | Path, calibration_dirs: Sequence[str | Path]
     ``calibration_dirs`` other than itself (leave one out), as ``--dry-run`` would have before
     it ran, for comparison with its measured duration: how far a price can be trusted. Each
     cell is calibrated on its own kind of device."""
-    from eqbench.runner import CellPlan
+    from eqbench.planning import CellPlan
 
     pool = [c for d in calibration_dirs for c in CellStore(d).iter_cells()]
     models: dict[str, CostModel] = {}  # one per kind of device

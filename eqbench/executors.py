@@ -32,7 +32,7 @@ from typing import Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import CellResult, CellStore, now_iso, provenance
-from eqbench.runner import CellPlan
+from eqbench.planning import CellPlan
 
 __all__ = [
     "EXECUTORS",

@@ -1,4 +1,5 @@
-"""Run a task: expand its profile into cells, skip finished ones, record each cell atomically.
+"""Run a task: plan its cells (:mod:`eqbench.planning`), check the model, skip finished cells,
+record each cell atomically.
 
 A cell that raises or produces a non-finite value is stored as a failed cell with its reason
 and never stops the others (Standards: "a crash or a NaN in one cell ... never corrupts other
@@ -12,17 +13,16 @@ import math
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from eqbench.config import apply_overrides, expand_grid
 from eqbench.devices import resolve_device
-from eqbench.errors import ConfigError, EqbenchError
-from eqbench.records import CellResult, CellStore, Record, cell_id, now_iso, provenance, settings_key
-from eqbench.registry import MODELS, SYSTEMS, TASKS
-from eqbench.tasks.base import CellContext, Task
-from eqbench.versions import eqbench_code_version, object_code_version
+from eqbench.errors import EqbenchError
+from eqbench.planning import CellPlan, code_versions, default_results_dir, plan_cells
+from eqbench.records import CellResult, CellStore, Record, now_iso, provenance
+from eqbench.registry import SYSTEMS, TASKS
+from eqbench.tasks.base import CellContext
 
 __all__ = ["CellPlan", "ContractError", "code_versions", "default_results_dir", "plan_cells", "preflight", "run",
            "run_cell"]
@@ -30,95 +30,6 @@ __all__ = ["CellPlan", "ContractError", "code_versions", "default_results_dir", 
 
 class ContractError(EqbenchError):
     """A model that breaks the flow contract (:mod:`eqbench.testing`) is refused before it is scored."""
-
-
-@dataclass(frozen=True)
-class CellPlan:
-    """One cell to run: its identity (``config``: names, profile, seed, settings, code versions)
-    and, not part of the identity, what the pre-flight check learnt about the model."""
-
-    task: str
-    model: str
-    system: str
-    profile: str
-    seed: int
-    params: Mapping[str, Any]
-    #: Versions of the code that computes the cell (:func:`code_versions`); part of its id.
-    code: Mapping[str, str] = field(default_factory=dict)
-    #: Facts about the model from :func:`preflight` (capabilities, density kind, parameters).
-    model_info: Mapping[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        config = {"task": self.task, "model": self.model, "system": self.system, "profile": self.profile,
-                  "seed": self.seed, "params": dict(self.params)}
-        if self.code:
-            config["code"] = dict(self.code)
-        return config
-
-    @property
-    def cell_id(self) -> str:
-        return cell_id(self.config)
-
-    @property
-    def settings_key(self) -> str:
-        """The cell's identity without its seed: cells that differ only in seed share it."""
-        return settings_key(self.config)
-
-
-def code_versions(task: str, model: str) -> dict[str, str]:
-    """``{"eqbench": ...}`` plus ``"model"`` / ``"task"`` where those come from other code
-    (a plugin, a ``module:attr`` path): see :mod:`eqbench.versions`."""
-    versions = {"eqbench": eqbench_code_version()}
-    for kind, obj in (("model", MODELS.get(model)), ("task", type(TASKS.get(task)))):
-        version = object_code_version(obj)
-        if version != versions["eqbench"]:
-            versions[kind] = version
-    return versions
-
-
-def default_results_dir(profile: str) -> Path:
-    """``results/<profile>``: one directory per profile, so cells of different profiles never
-    meet in one table by accident (a smoke cell is not a seed of a quick cell)."""
-    return Path("results") / profile
-
-
-def _seed_list(params: Mapping[str, Any], seed: int | None) -> list[int]:
-    if seed is not None:
-        seeds: Any = [seed]
-    else:
-        seeds = params.get("seeds", [0])
-        seeds = seeds if isinstance(seeds, list) else [seeds]
-    for value in seeds:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"seeds must be non-negative integers, got {value!r}")
-    return list(seeds)
-
-
-def plan_cells(
-    task: str,
-    model: str,
-    system: str,
-    profile: str = "smoke",
-    *,
-    seed: int | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> list[CellPlan]:
-    """Resolve names and settings and list the cells to run; raises before any work if invalid."""
-    task_obj: Task = TASKS.get(task)
-    SYSTEMS.get(system)
-    MODELS.get(model)
-    task_obj.check_supported(system, model)
-    params = apply_overrides(task_obj.profile(profile), overrides or {}, f"task {task} profile {profile}")
-    seeds = _seed_list(params, seed)
-    params.pop("seeds", None)
-    code = code_versions(task, model)
-    plans = []
-    for point in expand_grid(params, task_obj.grid_axes):
-        task_obj.validate(point)
-        for cell_params in task_obj.expand_cell(point, model, system):
-            plans.extend(CellPlan(task, model, system, profile, s, cell_params, code) for s in seeds)
-    return plans
 
 
 _PREFLIGHT_CACHE: dict[str, dict[str, Any]] = {}

@@ -20,7 +20,8 @@ from eqbench.errors import ConfigError
 from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
 from eqbench.records import CellResult, CellStore
 from eqbench.registry import MODELS, SYSTEMS, TASKS
-from eqbench.runner import CellPlan, default_results_dir, plan_cells, preflight
+from eqbench.planning import CellPlan, default_results_dir, plan_cells
+from eqbench.runner import preflight
 
 __all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
 

@@ -13,6 +13,14 @@ Both terms use the model's *training* estimator, named explicitly
 one Hutchinson probe for the CNFs without closed-form trace (paper §7.3), one CoM draw for real
 NVP (B.2), the exact density otherwise. ``flow.log_prob`` itself is exact in either module mode,
 so the loss history is a training estimator and never a score.
+
+Model selection (``selection``): scoring whatever the last iteration left is a lottery when the
+test NLL of a flow trained on few samples swings by tens of nats between checkpoints (measured:
+the kernel flow on 10 LJ-13 samples, 41.0 / 76.6 / 42.8 / 39.3 / 33.8 / 33.3 every 100
+iterations). With a ``validation`` set (the reference pool's validation split, disjoint from
+train and test), :func:`fit` scores the exact NLL on it every ``validate_every`` iterations and,
+with ``selection="best-validation"``, restores the parameters of the best one at the end, as the
+E(n)-equivariant-flow protocol does. ``"last"`` keeps the last iteration (the paper's text).
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ from eqbench.flows.base import Flow
 from eqbench.geometry import apply_permutation, random_orthogonal, random_permutations
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["TrainConfig", "TrainResult", "augment", "fit", "lambda_at"]
+__all__ = ["SELECTIONS", "TrainConfig", "TrainResult", "augment", "fit", "lambda_at", "mean_nll"]
+
+#: How :func:`fit` picks the parameters it returns: the last iteration's, or those with the
+#: lowest exact validation NLL among the checkpoints it scored.
+SELECTIONS = ("last", "best-validation")
 
 
 @dataclass(frozen=True)
@@ -49,9 +61,13 @@ class TrainConfig:
     grad_clip: float | None = 100.0
     seed: int = 0
     log_every: int = 10
+    selection: str = "last"
+    validate_every: int = 50
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "batch_size", "kl_batch_size", "log_every"):
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown model selection {self.selection!r}; valid: {', '.join(SELECTIONS)}")
+        for name in ("iterations", "batch_size", "kl_batch_size", "log_every", "validate_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}")
         for name in ("lambda_start", "lambda_end"):
@@ -71,6 +87,13 @@ class TrainResult:
     wall_s: float
     history: list[dict[str, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: ``(iterations done, exact validation NLL)`` at every checkpoint scored (0 = before training).
+    validation: list[tuple[int, float]] = field(default_factory=list)
+    #: Iterations done by the parameters returned (``iterations_done`` unless selection restored
+    #: an earlier checkpoint).
+    selected_iteration: int = 0
+    #: Seconds spent scoring the validation set (not included in ``wall_s``).
+    validation_wall_s: float = 0.0
 
 
 def lambda_at(config: TrainConfig, iteration: int) -> float:
@@ -103,8 +126,26 @@ def fit(
     config: TrainConfig,
     *,
     progress: bool | None = None,
+    validation: torch.Tensor | None = None,
 ) -> TrainResult:
-    """Train ``flow`` in place; returns a :class:`TrainResult` (never raises on divergence)."""
+    """Train ``flow`` in place; returns a :class:`TrainResult` (never raises on divergence).
+
+    ``validation``: configurations whose exact mean NLL is recorded before training, every
+    ``config.validate_every`` iterations and after the last; needed by
+    ``selection="best-validation"``, which then returns the best checkpoint's parameters.
+
+    Example:
+        >>> import eqbench
+        >>> system = eqbench.get_system("dw2")
+        >>> flow = eqbench.build_model("kernel-flow", system)
+        >>> x = torch.randn(32, 2, 2) * 2; x = x - x.mean(1, keepdim=True)
+        >>> cfg = TrainConfig(iterations=4, batch_size=8, selection="best-validation", validate_every=2)
+        >>> result = fit(flow, system, x[:16], cfg, validation=x[16:], progress=False)
+        >>> [step for step, _ in result.validation], result.selected_iteration in (0, 2, 4)
+        ([0, 2, 4], True)
+    """
+    if config.selection == "best-validation" and (validation is None or len(validation) == 0):
+        raise ConfigError("selection 'best-validation' needs validation configurations")
     needs_data = config.lambda_start < 1.0 or config.lambda_end < 1.0
     if needs_data and (data is None or len(data) == 0):
         raise ConfigError("maximum-likelihood training (λ < 1) needs training data")
@@ -114,10 +155,31 @@ def fit(
     if data is not None:
         data = data.to(device=ref.device, dtype=ref.dtype)
     optimizer = torch.optim.AdamW(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if validation is not None:
+        validation = validation.to(device=ref.device, dtype=ref.dtype)
+    scores: list[tuple[int, float]] = []
+    validation_wall = [0.0]
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+
+    def checkpoint(done_so_far: int) -> None:
+        nonlocal best
+        if validation is None:
+            return
+        tick = time.perf_counter()
+        # An importance-weighted density gets fixed draws, so checkpoints differ by the model only.
+        draws = {"generator": torch.Generator(device=ref.device).manual_seed(config.seed)} \
+            if getattr(flow, "iw_draws", None) else {}
+        value = mean_nll(flow, validation, **draws)
+        validation_wall[0] += time.perf_counter() - tick
+        scores.append((done_so_far, value))
+        if config.selection == "best-validation" and math.isfinite(value) and (best is None or value < best[0]):
+            best = (value, done_so_far, {k: v.detach().clone() for k, v in flow.state_dict().items()})
+
+    start = time.perf_counter()
+    checkpoint(0)
     flow.train()
     history: list[dict[str, float]] = []
     status, reason, done = "ok", "", 0
-    start = time.perf_counter()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(config.iterations), desc=f"train {type(flow).__name__}", disable=not show, leave=False)
     for iteration in bar:
@@ -155,6 +217,31 @@ def fit(
                      "wall_s": time.perf_counter() - start}
             history.append(entry)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if validation is not None and (done % config.validate_every == 0 or done == config.iterations):
+            checkpoint(done)
+            flow.train()
     bar.close()
     flow.eval()
-    return TrainResult(status, reason, done, time.perf_counter() - start, history, asdict(config))
+    selected = done
+    if status == "ok" and best is not None:
+        flow.load_state_dict(best[2])
+        selected = best[1]
+    return TrainResult(status, reason, done, time.perf_counter() - start - validation_wall[0], history,
+                       asdict(config), validation=scores, selected_iteration=selected,
+                       validation_wall_s=validation_wall[0])
+
+
+def mean_nll(flow: Flow, x: torch.Tensor, batch_size: int = 500, **options: Any) -> float:
+    """Mean of ``-flow.log_prob(x, **options)`` over ``x`` in batches, without gradients.
+
+    ``log_prob`` is exact for every flow whose :attr:`~eqbench.flows.base.Flow.density_estimate`
+    is ``None`` (in either module mode); ``options`` pass ``iw_draws``/``generator`` to an
+    importance-weighted one. Tasks record NLLs with :func:`eqbench.tasks.common.nll_records`,
+    which says which it was.
+    """
+    flow.eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            total += float(-flow.log_prob(x[start:start + batch_size], **options).sum())
+    return total / len(x)

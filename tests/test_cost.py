@@ -222,7 +222,7 @@ def test_dry_run_and_price_check_from_measured_cells(tmp_path):
 # other setting (batch sizes, solvers, particle counts, chains, thresholds) sets the cost of one
 # unit and must be the paper's, or calibrate cells would price paper cells wrongly.
 CALIBRATE_MAY_CHANGE = {
-    "density-estimation": {"n_train", "n_test", "n_train_eval", "iterations", "seeds"},
+    "density-estimation": {"n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "seeds"},
     "bg-reweighting": {"n_train", "pretrain_iterations", "mix_iterations", "n_samples", "n_test", "seeds"},
     "metastable-states": {"rounds", "n_train", "n_samples", "ml_iterations", "mix_iterations", "mcmc_short_samples",
                           "mcmc_long_samples", "mcmc_burn_in", "mcmc_stride", "seeds"},

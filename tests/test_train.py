@@ -97,3 +97,44 @@ def test_function_evaluations_are_counted_per_solve(dw4, train_data):
     flow.with_solver(mode="otd")
     flow.log_prob(x)
     assert flow.last_solve_nfe >= 6
+
+
+def _exact_nll(flow, x):
+    from eqbench.train import mean_nll
+
+    return mean_nll(flow, x)
+
+
+@pytest.mark.parametrize("selection", ["best-validation", "last"])
+def test_model_selection_returns_the_checkpoint_it_names(dw4, train_data, selection):
+    """Validation configurations far from the training data (scaled by 2.5) get worse as the
+    flow fits the training data, so the best checkpoint is the untrained one: best-validation
+    must return exactly those parameters and score, "last" the trained ones."""
+    torch.manual_seed(0)
+    flow = eqbench.build_model("kernel-flow", dw4, {"steps": 4})
+    initial = [p.detach().clone() for p in flow.parameters()]
+    validation = train_data[100:160] * 2.5
+    config = TrainConfig(iterations=20, batch_size=32, seed=1, lr=2e-2, selection=selection, validate_every=5)
+    result = fit(flow, dw4, train_data[:100], config, validation=validation, progress=False)
+    assert result.status == "ok"
+    steps = [step for step, _ in result.validation]
+    assert steps == [0, 5, 10, 15, 20]
+    scores = [value for _, value in result.validation]
+    assert scores[-1] > scores[0] + 0.1, scores  # the premise: training moves away from the validation set
+    now = _exact_nll(flow, validation)
+    if selection == "best-validation":
+        assert result.selected_iteration == 0
+        assert all(torch.equal(p, q) for p, q in zip(flow.parameters(), initial))
+        assert now == pytest.approx(min(scores), abs=1e-6)
+    else:
+        assert result.selected_iteration == 20
+        assert now == pytest.approx(scores[-1], abs=1e-6)
+    assert result.validation_wall_s > 0
+
+
+def test_best_validation_needs_validation_data(dw4, train_data):
+    flow = eqbench.build_model("kernel-flow", dw4, {"steps": 4})
+    with pytest.raises(ConfigError, match="needs validation"):
+        fit(flow, dw4, train_data, TrainConfig(iterations=2, selection="best-validation"))
+    with pytest.raises(ConfigError, match="unknown model selection"):
+        TrainConfig(selection="best")

@@ -1,0 +1,112 @@
+"""Planning: a task profile plus overrides becomes cells, each with an identity and a settings key.
+
+The layer between the tasks and whatever runs cells (:mod:`eqbench.runner`, :mod:`eqbench.sweep`,
+:mod:`eqbench.cost`): it resolves names and settings, refuses invalid requests before any work,
+and says what a cell *is* (its config: names, profile, seed, settings, code versions), so two
+cells that differ only in their seed share one settings key, the unit of aggregation everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eqbench.config import apply_overrides, expand_grid
+from eqbench.errors import ConfigError
+from eqbench.records import cell_id, settings_key
+from eqbench.registry import MODELS, SYSTEMS, TASKS
+from eqbench.tasks.base import Task
+from eqbench.versions import eqbench_code_version, object_code_version
+
+__all__ = ["CellPlan", "code_versions", "default_results_dir", "plan_cells"]
+
+
+@dataclass(frozen=True)
+class CellPlan:
+    """One cell to run: its identity (``config``: names, profile, seed, settings, code versions)
+    and, not part of the identity, what the pre-flight check learnt about the model."""
+
+    task: str
+    model: str
+    system: str
+    profile: str
+    seed: int
+    params: Mapping[str, Any]
+    #: Versions of the code that computes the cell (:func:`code_versions`); part of its id.
+    code: Mapping[str, str] = field(default_factory=dict)
+    #: Facts about the model from :func:`preflight` (capabilities, density kind, parameters).
+    model_info: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config = {"task": self.task, "model": self.model, "system": self.system, "profile": self.profile,
+                  "seed": self.seed, "params": dict(self.params)}
+        if self.code:
+            config["code"] = dict(self.code)
+        return config
+
+    @property
+    def cell_id(self) -> str:
+        return cell_id(self.config)
+
+    @property
+    def settings_key(self) -> str:
+        """The cell's identity without its seed: cells that differ only in seed share it."""
+        return settings_key(self.config)
+
+
+def code_versions(task: str, model: str) -> dict[str, str]:
+    """``{"eqbench": ...}`` plus ``"model"`` / ``"task"`` where those come from other code
+    (a plugin, a ``module:attr`` path): see :mod:`eqbench.versions`."""
+    versions = {"eqbench": eqbench_code_version()}
+    for kind, obj in (("model", MODELS.get(model)), ("task", type(TASKS.get(task)))):
+        version = object_code_version(obj)
+        if version != versions["eqbench"]:
+            versions[kind] = version
+    return versions
+
+
+def default_results_dir(profile: str) -> Path:
+    """``results/<profile>``: one directory per profile, so cells of different profiles never
+    meet in one table by accident (a smoke cell is not a seed of a quick cell)."""
+    return Path("results") / profile
+
+
+def _seed_list(params: Mapping[str, Any], seed: int | None) -> list[int]:
+    if seed is not None:
+        seeds: Any = [seed]
+    else:
+        seeds = params.get("seeds", [0])
+        seeds = seeds if isinstance(seeds, list) else [seeds]
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"seeds must be non-negative integers, got {value!r}")
+    return list(seeds)
+
+
+def plan_cells(
+    task: str,
+    model: str,
+    system: str,
+    profile: str = "smoke",
+    *,
+    seed: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> list[CellPlan]:
+    """Resolve names and settings and list the cells to run; raises before any work if invalid."""
+    task_obj: Task = TASKS.get(task)
+    SYSTEMS.get(system)
+    MODELS.get(model)
+    task_obj.check_supported(system, model)
+    params = apply_overrides(task_obj.profile(profile), overrides or {}, f"task {task} profile {profile}")
+    seeds = _seed_list(params, seed)
+    params.pop("seeds", None)
+    code = code_versions(task, model)
+    plans = []
+    for point in expand_grid(params, task_obj.grid_axes):
+        task_obj.validate(point)
+        for cell_params in task_obj.expand_cell(point, model, system):
+            plans.extend(CellPlan(task, model, system, profile, s, cell_params, code) for s in seeds)
+    return plans
