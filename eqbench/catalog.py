@@ -14,6 +14,8 @@ SYSTEMS.register("dw4", "eqbench.systems.double_well:make_dw4",
                  description="4 particles, 2-D double-well pair potential, five metastable minima (paper §6)")
 SYSTEMS.register("lj13", "eqbench.systems.lennard_jones:make_lj13",
                  description="13 Lennard-Jones particles in 3-D + CoM oscillator, ordered-pair energy (paper §6)")
+SYSTEMS.register("harmonic", "eqbench.systems.harmonic:make_harmonic",
+                 description="known answer: 4 particles in 3-D, u = ½|x|² on the CoM-free subspace (target = prior)")
 
 MODELS.register("kernel-flow", "eqbench.flows.kernel_flow:build",
                 description="equivariant RBF kernel CNF, closed-form exact divergence (paper §5, C.1: 620 params)")

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from conftest import run_task_smoke
 
 import eqbench
+from eqbench import metrics
 from eqbench.errors import ConfigError
 from eqbench.runner import plan_cells
-from eqbench.tasks.bg_reweighting import sample_cnf_log_q
+from eqbench.tasks.base import CellContext
+from eqbench.tasks.bg_reweighting import TASK, sample_cnf_log_q
 
 MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"]
 NON_EQUIVARIANT = {"node", "real-nvp"}
-SCALARS = ("ess_fraction", "finite_fraction", "nll_train", "nll_test", "mean_energy_flow", "mean_energy_flow_std",
+SCALARS = ("ess_fraction", "n_samples", "n_samples_zero_weight", "n_samples_undefined", "nll_train", "nll_test",
+           "mean_energy_flow", "mean_energy_flow_std",
            "mean_energy_reweighted", "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std",
            "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted",
            "train_wall_s", "score_wall_s", "sample_wall_s")
@@ -141,3 +146,83 @@ def test_hutchinson_log_q_is_of_the_same_samples():
     error = log_q["hutchinson"] - log_q["exact"]
     assert float(error.std()) > 0.1  # a real estimate, not the exact trace again
     assert abs(float(error.mean())) < 4 * float(error.std()) / 16  # unbiased: mean within 4 s.e.
+
+
+def test_clashes_are_zero_weights_in_the_records():
+    """Item 4 of "every number means one thing", at task level on LJ-13: six flow samples with
+    weights 1, 2, 3, two clashes (particles 1e-30 apart: u = +inf, weight 0) and one NaN log q.
+    By hand: Kish ESS = (1+2+3)² / (1+4+9) = 36/14, as a fraction of the 6 drawn 36/84 = 0.4286;
+    removing the clashes as "non-finite" reported 36/42 = 0.857."""
+    system = eqbench.get_system("lj13")
+    grid = torch.stack(torch.meshgrid(*[torch.arange(3.0)] * 3, indexing="ij"), -1).reshape(-1, 3)[:13] * 1.1
+    base = grid - grid.mean(0)
+    x = base.repeat(6, 1, 1) + 0.01 * torch.randn(6, 13, 3, generator=torch.Generator().manual_seed(0),
+                                                   dtype=torch.float64)
+    for k in (3, 4):  # a clash: particle 1 a hair's breadth from particle 0 at the origin
+        x[k, 0] = 0.0
+        x[k, 1] = torch.tensor([1e-30, 0.0, 0.0], dtype=torch.float64)
+    u = system.energy(x).numpy()
+    assert np.isfinite(u[[0, 1, 2, 5]]).all() and np.isposinf(u[[3, 4]]).all()
+    weights = np.array([1.0, 2.0, 3.0])
+    log_q = np.concatenate([-u[:3] - np.log(weights), [0.0, 0.0, np.nan]])
+    ctx = CellContext(task="bg-reweighting", model="hand-made", system=system,
+                      params={"n_bootstrap": 20, "energy_bins": 10, "n_train": 6}, seed=0)
+    records = {r.metric: r for r in TASK.reweighting_records(ctx, x, log_q, x[:3]) if r.step is None}
+    assert (records["n_samples"].value, records["n_samples_zero_weight"].value,
+            records["n_samples_undefined"].value) == (6, 2, 1)
+    ess = records["ess_fraction"].value
+    assert ess == pytest.approx(36 / 84, rel=1e-9)
+    assert abs(ess - 36 / 42) > 0.4  # the old rule's answer fails
+    assert "all samples drawn" in records["ess_fraction"].unit
+    assert records["mean_energy_reweighted"].value == pytest.approx(float(np.dot(weights, u[:3]) / 6), rel=1e-9)
+    assert records["mean_energy_flow"].value == pytest.approx(float(u[:3].mean()), rel=1e-9)
+    assert "finite energy" in records["mean_energy_flow"].unit
+    assert all(math.isfinite(r.value) for r in records.values())
+    # Every sample has zero or undefined weight: nothing to reweight, the cell fails.
+    with pytest.raises(FloatingPointError, match="positive importance weight"):
+        TASK.reweighting_records(ctx, x[3:], np.array([0.0, 0.0, np.nan]), x[:3])
+
+
+def _only(table, metric):
+    rows = table[table["metric"] == metric]
+    assert len(rows) == 1, (metric, len(rows))
+    return float(rows["value"].iloc[0])
+
+
+def test_harmonic_prior_flow_end_to_end(tmp_path):
+    """Item 8b: the known-answer run. On ``harmonic`` (u = ½|x|² on U, k = (N-1) D = 9) the target
+    is the prior; ``PriorFlow`` is the prior and stays it through training, so by hand:
+    log w = 0.5 k log 2π for every sample, ESS = 1 exactly; ⟨u⟩_reweighted = k/2 = 4.5 with
+    standard error sqrt(k/2 / n); NLL of the test data = mean ½|x|² + 0.5 k log 2π exactly, and
+    k/2 (1 + log 2π) = 12.770 within its standard error. A missing Gaussian constant (-8.27), a
+    doubled NLL or energy, or a sign error in log w lands far outside each tolerance (checked)."""
+    _, table = run_task_smoke("bg-reweighting", "known_answer_models:prior_flow", "harmonic", tmp_path,
+                              expect_metrics=SCALARS + HISTOGRAMS)
+    system = eqbench.get_system("harmonic")
+    k, n_samples, n_test = system.n_dof, 200, 200  # the smoke profile's n_samples and n_test
+    constant = 0.5 * k * math.log(2 * math.pi)
+    assert (k, round(constant, 3)) == (9, 8.27)
+    assert (_only(table, "n_samples"), _only(table, "n_samples_zero_weight"), _only(table, "n_samples_undefined")) \
+        == (n_samples, 0, 0)
+    # ESS: all weights equal (to rounding of ½|x|² computed from pair distances vs from z).
+    assert _only(table, "ess_fraction") == pytest.approx(1.0, abs=1e-12)
+    # Reweighted and flow mean energy: k/2 within 4 standard errors; a doubled energy is 4.5 off.
+    se_u = math.sqrt(0.5 * k / n_samples)  # Var u = k/2 for u = ½ χ²_k
+    for metric in ("mean_energy_reweighted", "mean_energy_flow", "mean_energy_mcmc"):
+        assert abs(_only(table, metric) - 0.5 * k) < 4 * se_u, metric
+        assert abs(2 * _only(table, metric) - 0.5 * k) > 4 * se_u
+    assert _only(table, "mean_energy_reweighted") == pytest.approx(_only(table, "mean_energy_flow"), abs=1e-9)
+    # The bootstrap error is the standard error (10 resamples: within a factor 2), not a variance.
+    assert 0.5 * se_u < _only(table, "mean_energy_reweighted_std") < 2 * se_u
+    # NLL: exact on the same test data, and the analytic value within its standard error.
+    test = eqbench.load_data("harmonic", "test", n=n_test, seed=0).numpy()
+    half_sq = 0.5 * (test**2).sum(axis=(1, 2))
+    nll = _only(table, "nll_test")
+    assert nll == pytest.approx(half_sq.mean() + constant, abs=1e-9)
+    analytic, se_nll = 0.5 * k * (1 + math.log(2 * math.pi)), math.sqrt(0.5 * k / n_test)
+    assert abs(nll - analytic) < 4 * se_nll
+    for wrong in (nll - constant, 2 * nll, -nll):  # missing constant, doubled, sign error
+        assert abs(wrong - analytic) > 4 * se_nll
+    # A sign error in log w (log w = -u + log q = -|x|² - const) gives ESS (E w)² / E w² = (5/9)^(k/2) ≈ 0.07:
+    z = np.random.default_rng(0).standard_normal((n_samples, k))
+    assert metrics.ess_fraction(-(z**2).sum(1)) == pytest.approx((5 / 9) ** (k / 2), abs=0.05)

@@ -51,6 +51,22 @@ def model_capabilities(model: str, system: Any) -> frozenset[str]:
     return frozenset(caps)
 
 
+def refuse_unbuildable(task: str, system: str, model: str) -> None:
+    """Raise :class:`ConfigError` naming ``task`` when ``model`` has no build for ``system``.
+
+    Why: a task may list a system that not every model supports (the known-answer ``harmonic``
+    system has no kernel placement or block count of its own); such a pair must be refused
+    before any work, with the task named (a sweep then lists it as unsupported), instead of
+    failing later when a cell is expanded or run.
+    """
+    from eqbench.api import build_model, get_system
+
+    try:
+        build_model(model, get_system(system))
+    except ConfigError as exc:
+        raise ConfigError(f"task {task} cannot run model {model!r} on system {system!r}: {exc}") from exc
+
+
 @dataclass
 class CellContext:
     """What a task needs to run one cell; built by :mod:`eqbench.runner`, never from argparse."""

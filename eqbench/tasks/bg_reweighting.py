@@ -20,9 +20,17 @@ with the independent MCMC test set (``n_test`` configurations, SPEC §3):
 - ``-log q`` of the training and the test configurations after training (paper §7.4 quotes the
   collapsed nODE's train / test values, 10.85 / 11.40 on DW-4).
 
-Samples whose energy or ``log q`` is not finite are removed from every statistic and counted
-(``finite_fraction``; the ESS is a fraction of the finite samples); a flow with no finite sample
-fails the cell.
+**Every sample counts** (:func:`eqbench.metrics.importance_weights`). A sample with infinite
+energy (``u = +inf``: an LJ clash) and a finite ``log q`` has importance weight exactly zero: it
+stays in the ESS denominator, in the reweighted statistics (contributing nothing) and in the flow
+histogram (as mass beyond the bins); dropping it would flatter a flow that produces clashes. Only
+samples whose weight is undefined — ``log q`` NaN or ±inf, energy NaN or ``-inf``, a non-finite
+coordinate — are left out of the statistics. The records count all three: ``n_samples`` (drawn
+and scored), ``n_samples_zero_weight``, ``n_samples_undefined``. The ESS fraction is Kish's ESS of
+the defined weights divided by ``n_samples``, *all* samples drawn: neither zero nor undefined
+weights raise it. The unweighted flow statistics that an infinite energy would make infinite
+(``mean_energy_flow`` and its std, ``energy_w2_flow``) are over the samples of finite energy, and
+say so in their unit. A cell whose samples all have zero or undefined weight fails.
 
 **DW-2 free-energy profile (paper §7.1, Fig. 3b).** On ``dw2`` the cell also estimates the free
 energy ``F(d) = -log p(d)`` along the particle distance ``d = |x_1 - x_2|`` from the flow samples:
@@ -45,14 +53,19 @@ random rotation/reflection and permutation of every ML batch, paper §7.4's "aug
 equivariant models only without (their likelihood is invariant, augmentation changes nothing).
 
 **Records** (long format; stepped ones carry the bin index in ``step``): ``ess_fraction``,
-``finite_fraction``, ``mean_energy_{flow,reweighted,mcmc}`` and their ``_std``,
+``n_samples``, ``n_samples_zero_weight``, ``n_samples_undefined``,
+``mean_energy_{flow,reweighted,mcmc}`` and their ``_std``,
 ``energy_w2_{flow,reweighted}``, ``distance_w2_{flow,reweighted}``, ``nll_train``, ``nll_test``,
 ``energy_fraction_above_range``, wall times; stepped ``energy_edge`` and
 ``energy_hist_{flow,reweighted,mcmc}``. DW-2 adds stepped ``distance_edge``,
 ``free_energy_exact`` and ``free_energy_{flow,reweighted,hutchinson}`` (with ``_std``; bins
 without samples are omitted), ``free_energy_rmse_*`` and ``free_energy_coverage_*``, and for
-continuous flows ``ess_fraction_hutchinson``, ``mean_energy_hutchinson(_std)`` and
-``log_q_hutchinson_error_std`` (std of Hutchinson minus exact ``log q`` over the samples).
+continuous flows ``ess_fraction_hutchinson``, ``mean_energy_hutchinson(_std)``,
+``n_samples_undefined_hutchinson`` and ``log_q_hutchinson_error_std`` (std of Hutchinson minus
+exact ``log q`` over the samples where both are finite).
+
+**Known answer** (``harmonic``, :mod:`eqbench.systems.harmonic`): the target is the prior, so a
+flow equal to its prior has ESS 1 and reweighted ``⟨u⟩ = (N-1) D / 2``; tests run it end to end.
 
 Cost: sampling with the exact ``log q`` costs one backward pass per coordinate per ODE step for
 flows without a closed-form divergence (gradient flows, nODE), so ``n_samples`` and ``n_test`` are
@@ -69,7 +82,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
 from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
                                   sample_with_log_q, show_progress, train_flow)
 
@@ -80,7 +93,7 @@ if TYPE_CHECKING:
 
     from eqbench.flows.cnf import CNF
 
-__all__ = ["BGReweighting", "TASK", "FREE_ENERGY_SYSTEM", "energy_edges"]
+__all__ = ["BGReweighting", "TASK", "FREE_ENERGY_SYSTEM", "energy_edges", "FINITE_ENERGY_UNIT"]
 
 #: The system whose pair-distance free energy is known exactly (two particles; paper Fig. 3b).
 FREE_ENERGY_SYSTEM = "dw2"
@@ -91,6 +104,12 @@ FREE_ENERGY_SYSTEM = "dw2"
 ENERGY_MARGINS = (0.1, 1.0)
 
 DISTANCE_UNIT = "length (reduced)"
+
+#: Unit suffix of the unweighted flow statistics an infinite energy would make infinite.
+FINITE_ENERGY_UNIT = "flow samples of finite energy"
+
+#: Unit of every ESS fraction this task records (see the module docstring).
+ESS_UNIT = "fraction of all samples drawn (Kish; zero weights count, undefined weights count as drawn)"
 
 
 def energy_edges(u_reference: np.ndarray, n_bins: int) -> np.ndarray:
@@ -145,9 +164,16 @@ class BGReweighting(Task):
     name = "bg-reweighting"
     summary = ("ML then λ-mixed KL training; energy histograms, reweighting, ESS, W2; "
                "DW-2 free energy exact vs Hutchinson (paper §7.4, B.3, Fig. 3b, 6, 10)")
-    systems = ("dw2", "dw4", "lj13")
+    #: ``harmonic``: the known-answer system (target = prior), for end-to-end checks.
+    systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("augment",)
     requires = ("trainable",)
+
+    def check_supported(self, system: str, model: str) -> None:
+        """Also refuse, naming this task, a model that has no build for the system (the
+        known-answer ``harmonic`` system has no kernel placement or block count of its own)."""
+        refuse_unbuildable(self.name, system, model)
+        super().check_supported(system, model)
 
     # ------------------------------------------------------------------ settings
     def validate(self, params: Mapping[str, Any]) -> None:
@@ -185,7 +211,6 @@ class BGReweighting(Task):
                 "sample_wall_s": params["n_samples"]}
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
-        import numpy as np
         import torch
 
         from eqbench import metrics
@@ -231,56 +256,92 @@ class BGReweighting(Task):
             x, log_q = sample_with_log_q(flow, p["n_samples"], batch_size=p["sample_batch_size"], seed=ctx.seed,
                                          progress=ctx.progress)
         records.append(ctx.record("sample_wall_s", time.perf_counter() - start, "s"))
+        log_q_hutch = metrics.as_array(log_qs["hutchinson"]) if hutchinson else None
+        records += self.reweighting_records(ctx, x, metrics.as_array(log_q), test, log_q_hutch)
+        check_finite(records)
+        return records
+
+    def reweighting_records(self, ctx: CellContext, x: torch.Tensor, log_q: np.ndarray, test: torch.Tensor,
+                            log_q_hutchinson: np.ndarray | None = None) -> list[Record]:
+        """Everything computed from the flow samples ``x`` and their ``log q`` against the MCMC
+        ``test`` set: counts, ESS, mean energies, histograms, W2s and (DW-2) free energies.
+
+        Separate from :meth:`run_cell` so the counting convention of the module docstring (zero
+        weights stay, undefined ones are left out and counted) is testable on hand-made samples.
+        """
+        import numpy as np
+        import torch
+
+        from eqbench import metrics
+
         x = x.detach().to("cpu", torch.float64)
-        u = metrics.as_array(ctx.system.energy(x))
-        log_q_np = metrics.as_array(log_q)
-        finite = np.isfinite(u) & np.isfinite(log_q_np)
-        if hutchinson:
-            log_q_hutch = metrics.as_array(log_qs["hutchinson"])
-            finite &= np.isfinite(log_q_hutch)
-        records.append(ctx.record("finite_fraction", finite.mean(), "fraction of samples"))
-        if not finite.any():
-            raise FloatingPointError("no flow sample has a finite energy and log q")
-        x_np, u, log_q_np = metrics.as_array(x)[finite], u[finite], log_q_np[finite]
-        log_w = metrics.log_weights(u, log_q_np)
+        x_np = metrics.as_array(x)
+        # A configuration with a non-finite coordinate has no defined energy (and no distances).
+        u = np.where(np.isfinite(x_np).all(axis=(1, 2)), metrics.as_array(ctx.system.energy(x)), np.nan)
+        iw = metrics.importance_weights(u, log_q)
+        n = iw.n_total
+        records = [
+            ctx.record("n_samples", n, "count (flow samples drawn and scored)"),
+            ctx.record("n_samples_zero_weight", iw.n_zero_weight, "count (u = +inf: weight 0, kept in every statistic)"),
+            ctx.record("n_samples_undefined", iw.n_undefined,
+                       "count (log q NaN/±inf or u NaN/-inf: left out, counted in the ESS denominator)"),
+        ]
+        if iw.n_zero_weight + iw.n_undefined == n:
+            raise FloatingPointError(f"no flow sample has a positive importance weight ({iw.n_zero_weight} of {n} "
+                                     f"have infinite energy, {iw.n_undefined} an undefined log q or energy)")
+        x_ok, u_ok, log_w = x_np[iw.defined], u[iw.defined], iw.log_w
 
         # -- reweighting against the MCMC test set
         u_mcmc = metrics.as_array(ctx.system.energy(test))
         x_mcmc = metrics.as_array(test)
-        records += self._energy_records(ctx, u, log_w, u_mcmc)
+        records += self._energy_records(ctx, u_ok, log_w, u_mcmc, n)
         weights = metrics.normalized_weights(log_w)
+        finite_u = u_ok[np.isfinite(u_ok)]
         records += [
-            ctx.record("energy_w2_flow", metrics.wasserstein_1d(u, u_mcmc), "kT"),
-            ctx.record("energy_w2_reweighted", metrics.wasserstein_1d(u, u_mcmc, weights_a=weights), "kT"),
-            ctx.record("distance_w2_flow", metrics.distance_wasserstein(x_np, x_mcmc), DISTANCE_UNIT),
-            ctx.record("distance_w2_reweighted", metrics.distance_wasserstein(x_np, x_mcmc, weights_a=weights),
+            ctx.record("energy_w2_flow", metrics.wasserstein_1d(finite_u, u_mcmc), f"kT, {FINITE_ENERGY_UNIT}"),
+            ctx.record("energy_w2_reweighted", metrics.wasserstein_1d(u_ok, u_mcmc, weights_a=weights), "kT"),
+            ctx.record("distance_w2_flow", metrics.distance_wasserstein(x_ok, x_mcmc), DISTANCE_UNIT),
+            ctx.record("distance_w2_reweighted", metrics.distance_wasserstein(x_ok, x_mcmc, weights_a=weights),
                        DISTANCE_UNIT),
         ]
-        if free_energy:
-            d = metrics.pair_distances(x_np)[:, 0]
-            estimates = {"flow": None, "reweighted": log_w}
-            if hutchinson:
-                log_w_hutch = metrics.log_weights(u, log_q_hutch[finite])
-                estimates["hutchinson"] = log_w_hutch
-                records += self._hutchinson_records(ctx, u, log_w_hutch, log_q_hutch[finite] - log_q_np)
-            records += self._free_energy_records(ctx, d, estimates)
-        check_finite(records)
+        d = metrics.pair_distances(x_np)[:, 0] if ctx.system.name == FREE_ENERGY_SYSTEM else None
+        estimates: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        if d is not None:
+            estimates = {"flow": (d[iw.defined], None), "reweighted": (d[iw.defined], log_w)}
+        if log_q_hutchinson is not None:
+            iw_h = metrics.importance_weights(u, log_q_hutchinson)
+            both = np.isfinite(log_q) & np.isfinite(log_q_hutchinson)
+            records.append(ctx.record("n_samples_undefined_hutchinson", iw_h.n_undefined,
+                                      "count (Hutchinson log q or u undefined: left out)"))
+            records += self._hutchinson_records(ctx, u[iw_h.defined], iw_h.log_w, log_q_hutchinson[both] - log_q[both],
+                                                n)
+            if d is not None:
+                estimates["hutchinson"] = (d[iw_h.defined], iw_h.log_w)
+        if estimates:
+            records += self._free_energy_records(ctx, estimates)
         return records
 
-    def _energy_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, u_mcmc: np.ndarray) -> list[Record]:
-        """ESS, mean energies with bootstrap errors, and the three energy histograms (Fig. 6, 10)."""
+    def _energy_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, u_mcmc: np.ndarray,
+                        n_total: int) -> list[Record]:
+        """ESS, mean energies with bootstrap errors, and the three energy histograms (Fig. 6, 10).
+
+        ``u`` and ``log_w`` are of the samples with a defined weight (``u`` may be ``+inf`` where
+        the weight is zero); ``n_total`` counts every sample drawn (the ESS denominator).
+        """
         import numpy as np
 
         from eqbench import metrics
 
         p = ctx.params
         boot = {"n_resamples": p["n_bootstrap"], "seed": ctx.seed}
+        finite_u = u[np.isfinite(u)]
         records = [
-            ctx.record("ess_fraction", metrics.ess_fraction(log_w), "fraction of samples (Kish)"),
-            ctx.record("mean_energy_flow", u.mean(), "kT"),
-            ctx.record("mean_energy_flow_std", metrics.bootstrap_std(np.mean, u, **boot), "kT, bootstrap std"),
+            ctx.record("ess_fraction", metrics.ess_fraction(log_w, n_total=n_total), ESS_UNIT),
+            ctx.record("mean_energy_flow", finite_u.mean(), f"kT, {FINITE_ENERGY_UNIT}"),
+            ctx.record("mean_energy_flow_std", metrics.bootstrap_std(np.mean, finite_u, **boot),
+                       f"kT, bootstrap std, {FINITE_ENERGY_UNIT}"),
             ctx.record("mean_energy_reweighted", metrics.weighted_mean(u, log_w), "kT"),
-            ctx.record("mean_energy_reweighted_std", metrics.bootstrap_std(metrics.weighted_mean, u, log_w, **boot),
+            ctx.record("mean_energy_reweighted_std", metrics.bootstrap_std(_reweighted_mean, u, log_w, **boot),
                        "kT, bootstrap std"),
             ctx.record("mean_energy_mcmc", u_mcmc.mean(), "kT"),
             ctx.record("mean_energy_mcmc_std", metrics.bootstrap_std(np.mean, u_mcmc, **boot), "kT, bootstrap std"),
@@ -293,23 +354,27 @@ class BGReweighting(Task):
             records += [ctx.record(f"energy_hist_{name}", v, "1/kT (density)", step=k) for k, v in enumerate(density)]
         return records
 
-    def _hutchinson_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, log_q_error: np.ndarray
-                            ) -> list[Record]:
-        """Reweighting with a Hutchinson ``log q`` of the same samples (paper §7.1, Fig. 3b)."""
+    def _hutchinson_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, log_q_error: np.ndarray,
+                            n_total: int) -> list[Record]:
+        """Reweighting with a Hutchinson ``log q`` of the same samples (paper §7.1, Fig. 3b); ``u``
+        and ``log_w`` of the samples whose Hutchinson weight is defined, ``n_total`` all drawn."""
         from eqbench import metrics
 
         boot = {"n_resamples": ctx.params["n_bootstrap"], "seed": ctx.seed}
         return [
-            ctx.record("ess_fraction_hutchinson", metrics.ess_fraction(log_w), "fraction of samples (Kish)"),
+            ctx.record("ess_fraction_hutchinson", metrics.ess_fraction(log_w, n_total=n_total), ESS_UNIT),
             ctx.record("mean_energy_hutchinson", metrics.weighted_mean(u, log_w), "kT"),
-            ctx.record("mean_energy_hutchinson_std", metrics.bootstrap_std(metrics.weighted_mean, u, log_w, **boot),
+            ctx.record("mean_energy_hutchinson_std", metrics.bootstrap_std(_reweighted_mean, u, log_w, **boot),
                        "kT, bootstrap std"),
             ctx.record("log_q_hutchinson_error_std", log_q_error.std(), "nats (Hutchinson - exact log q)"),
         ]
 
-    def _free_energy_records(self, ctx: CellContext, d: np.ndarray, estimates: dict[str, np.ndarray | None]
-                             ) -> list[Record]:
-        """Exact and estimated ``F(d)`` per bin with bootstrap std, and their RMSE (Fig. 3b)."""
+    def _free_energy_records(self, ctx: CellContext,
+                             estimates: dict[str, tuple[np.ndarray, np.ndarray | None]]) -> list[Record]:
+        """Exact and estimated ``F(d)`` per bin with bootstrap std, and their RMSE (Fig. 3b).
+
+        ``estimates`` maps a name to ``(distances, log-weights or None)`` of the samples that
+        estimate uses (those with a defined weight; zero weights included)."""
         import numpy as np
 
         from eqbench import metrics
@@ -332,9 +397,11 @@ class BGReweighting(Task):
         boot = {"n_resamples": p["n_bootstrap"], "seed": ctx.seed}
 
         def profile(dist: np.ndarray, lw: np.ndarray | None = None) -> np.ndarray:
+            if lw is not None and not np.isfinite(lw).any():  # a bootstrap resample of zero weights only
+                return np.full(len(edges) - 1, np.inf)
             return metrics.free_energy_profile(dist, edges, lw)
 
-        for name, log_w in estimates.items():
+        for name, (d, log_w) in estimates.items():
             arrays = (d,) if log_w is None else (d, log_w)
             estimate = profile(*arrays) - shift
             std = metrics.bootstrap_std(profile, *arrays, **boot)
@@ -363,6 +430,16 @@ class BGReweighting(Task):
             if any("free_energy_exact" in set(cell["metric"]) for _, cell in panels):
                 written += _plot_free_energy(system, panels, out_dir)
         return written
+
+
+def _reweighted_mean(values: np.ndarray, log_w: np.ndarray) -> float:
+    """:func:`eqbench.metrics.weighted_mean` of one bootstrap resample; NaN (skipped by
+    :func:`eqbench.metrics.bootstrap_std`) when the resample drew only zero weights."""
+    import numpy as np
+
+    from eqbench import metrics
+
+    return metrics.weighted_mean(values, log_w) if np.isfinite(log_w).any() else float("nan")
 
 
 def _panels(rows: pandas.DataFrame) -> list[tuple[str, pandas.DataFrame]]:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
 from eqbench.tasks.common import augmentation_cells, check_finite, nll_records, positive_int, train_flow
 
 if TYPE_CHECKING:
@@ -46,8 +46,16 @@ class DensityEstimation(Task):
 
     name = "density-estimation"
     summary = "NLL on train and test vs training-set size, with/without augmentation (paper §7.3, Fig. 5, 8, 9)"
-    systems = ("dw2", "dw4", "lj13")
+    #: ``harmonic``: the known-answer system (target = prior; NLL of the prior known in closed form).
+    systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("n_train", "augment")
+
+    def check_supported(self, system: str, model: str) -> None:
+        """Also refuse, naming this task, a model that has no build for the system (expanding a
+        cell builds the model, so without this a sweep would stop there instead of listing the
+        pair as unsupported)."""
+        super().check_supported(system, model)
+        refuse_unbuildable(self.name, system, model)
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "n_test", "n_train_eval", "iterations", "batch_size"):
