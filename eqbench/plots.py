@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import pandas
     from matplotlib.figure import Figure
 
-__all__ = ["FORMATS", "new_figure", "save_figure", "write_task_plots", "metric_rows"]
+__all__ = ["FORMATS", "distinguish_settings", "new_figure", "save_figure", "write_task_plots", "metric_rows"]
 
 #: Every figure is written in these formats, side by side.
 FORMATS: tuple[str, ...] = ("png", "svg")
@@ -76,24 +76,57 @@ def metric_rows(table: pandas.DataFrame, metric: str | list[str]) -> pandas.Data
 def write_task_plots(task: str, results_dir: Path | str, *, table: pandas.DataFrame | None = None) -> list[Path]:
     """Draw ``task``'s figures into ``results_dir/plots/<task>/`` from the collected table.
 
+    Never pools settings: the task's ``plot`` is called once per profile (a smoke and a quick cell
+    of one model share its seed and its step axis, and pooling them drew nonsense or nothing);
+    when several profiles are present each file name gets ``_<profile>`` appended. Within a
+    profile, rows of settings keys that would show the same model get the differing settings
+    appended to their ``model`` label (``node lr=0.001``), so every figure that groups by model
+    keeps them apart. The rows carry :func:`eqbench.tasks.reporting.with_settings`' columns.
+
     A task without ok rows draws nothing. A plotting error is a warning, not a failed run: the
     records are the result, the figure only shows them.
     """
     import pandas as pd
 
     from eqbench.registry import TASKS
+    from eqbench.tasks.reporting import with_settings
 
     results_dir = Path(results_dir)
     if table is None:
         csv = results_dir / "results.csv"
         if not csv.exists():
             return []
-        table = pd.read_csv(csv)
+        table = pd.read_csv(csv, low_memory=False)
     rows = table[(table["task"] == task) & (table["status"] == "ok")]
     if rows.empty:
         return []
-    try:
-        return TASKS.get(task).plot(rows.reset_index(drop=True), results_dir / "plots" / task)
-    except Exception as exc:  # noqa: BLE001  (a figure must never lose the records)
-        warnings.warn(f"plotting task {task} failed: {type(exc).__name__}: {exc}", stacklevel=2)
-        return []
+    rows = distinguish_settings(with_settings(rows.reset_index(drop=True)))
+    out_dir = results_dir / "plots" / task
+    profiles = sorted(rows["profile"].unique())
+    written: list[Path] = []
+    for profile in profiles:
+        sub = rows[rows["profile"] == profile].reset_index(drop=True)
+        try:
+            if len(profiles) == 1:
+                written += TASKS.get(task).plot(sub, out_dir)
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=".plot-", dir=out_dir) as tmp:
+                for path in TASKS.get(task).plot(sub, Path(tmp)):
+                    stem = path.stem if path.stem.endswith(f"_{profile}") else f"{path.stem}_{profile or 'none'}"
+                    target = out_dir / f"{stem}{path.suffix}"
+                    os.replace(path, target)
+                    written.append(target)
+        except Exception as exc:  # noqa: BLE001  (a figure must never lose the records)
+            warnings.warn(f"plotting task {task} (profile {profile or 'none'}) failed: {type(exc).__name__}: {exc}",
+                          stacklevel=2)
+    return written
+
+
+def distinguish_settings(rows: pandas.DataFrame) -> pandas.DataFrame:
+    """``rows`` with the ``settings`` label appended to ``model`` where it is not empty, so that
+    figures grouping by model draw two settings of one model as two series (never their mean)."""
+    rows = rows.copy()
+    extra = rows["settings"].astype(str)
+    rows["model"] = rows["model"].astype(str).where(extra == "", rows["model"].astype(str) + " " + extra)
+    return rows

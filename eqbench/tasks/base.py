@@ -59,7 +59,7 @@ def refuse_unbuildable(task: str, system: str, model: str) -> None:
     before any work, with the task named (a sweep then lists it as unsupported), instead of
     failing later when a cell is expanded or run.
     """
-    from eqbench.api import build_model, get_system
+    from eqbench.components import build_model, get_system
 
     try:
         build_model(model, get_system(system))

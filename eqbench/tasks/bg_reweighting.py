@@ -75,6 +75,7 @@ minutes on one core).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,6 +86,24 @@ from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
 from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
                                   sample_with_log_q, show_progress, train_flow)
+
+from eqbench.tasks.reporting import (
+    NLL_CONVENTION,
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    Claim,
+    ClaimResult,
+    TaskSection,
+    describe,
+    fmt,
+    has_capability,
+    point,
+    seed_stats,
+    settings_name,
+    short_name,
+    with_settings,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -431,6 +450,11 @@ class BGReweighting(Task):
                 written += _plot_free_energy(system, panels, out_dir)
         return written
 
+    def report_section(self) -> TaskSection:
+        """Headline ESS, mean energies and free-energy errors per settings key beside §7.4 and the
+        peer's ESS; decides the reweighting and the exact-divergence claims."""
+        return _report_section()
+
 
 def _reweighted_mean(values: np.ndarray, log_w: np.ndarray) -> float:
     """:func:`eqbench.metrics.weighted_mean` of one bootstrap resample; NaN (skipped by
@@ -443,14 +467,26 @@ def _reweighted_mean(values: np.ndarray, log_w: np.ndarray) -> float:
 
 
 def _panels(rows: pandas.DataFrame) -> list[tuple[str, pandas.DataFrame]]:
-    """``(label, rows of the lowest seed)`` per (model, variant), sorted by label."""
-    rows = rows.assign(variant=rows["variant"].fillna("").astype(str))
+    """``(label, rows of the lowest seed)`` per settings key, sorted by label.
+
+    One panel per settings key, never per (model, variant): cells of two profiles or two settings
+    share a model and a seed, and pooling their stepped histograms would draw nothing sensible.
+    The label is the model variant plus what else differs (``settings``; n_train and profile when
+    they vary)."""
+    rows = with_settings(rows) if "settings" not in rows.columns else rows
+    vary_n = rows["n_train"].nunique(dropna=False) > 1
+    vary_profile = rows["profile"].nunique() > 1
     panels = []
-    for (model, variant), group in rows.groupby(["model", "variant"], sort=True):
+    for _, group in rows.groupby("settings_key", sort=False):
+        first = group.iloc[0]
+        label = short_name(first)
+        if vary_n:
+            label += f" n_train={first['n_train']}"
+        if vary_profile:
+            label += f" [{first['profile']}]"
         seed = group["seed"].min()
-        label = model if not variant else f"{model} ({variant})"
         panels.append((label, group[group["seed"] == seed]))
-    return panels
+    return sorted(panels, key=lambda panel: panel[0])
 
 
 def _series(cell: pandas.DataFrame, metric: str) -> pandas.Series:
@@ -512,6 +548,121 @@ def _plot_free_energy(system: str, panels: list[tuple[str, pandas.DataFrame]], o
         ax.set_ylabel("free energy F(d) (kT)")
         ax.legend(fontsize="x-small")
     return save_figure(fig, out_dir, f"free_energy_{system}")
+
+
+# -- report (what eqbench.report shows of this task) --------------------------------------------
+
+_REWEIGHTING_METRICS = ("mean_energy_reweighted", "mean_energy_reweighted_std", "mean_energy_mcmc",
+                        "mean_energy_mcmc_std", "ess_fraction")
+
+
+def claim_reweighting(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> ClaimResult:
+    """Reweighting works for equivariant flows only (§7.4, Fig. 6, 10).
+
+    Judged per system for every settings key of a model with capability ``equivariant``.
+    Thresholds: reproduced when its reweighted mean energy (mean over seeds) agrees with the MCMC
+    mean within 3 combined bootstrap standard deviations (sqrt(σ_rw² + σ_mcmc²), each σ the mean
+    over seeds of the bootstrap std recorded in the cell) or within 0.05 kT, *and* its ESS
+    fraction (mean over seeds) exceeds that of every settings key of every model without
+    ``equivariant`` on the same system (with and without augmentation: the paper's
+    non-equivariant flows reweight with a handful of effective samples). A system without
+    non-equivariant rows is judged on the agreement alone. Every equivariant settings key must pass.
+    """
+    rows = ok[(ok["task"] == "bg-reweighting") & ok["step"].isna()]
+    stats = seed_stats(rows, _REWEIGHTING_METRICS)
+    rw = stats[stats["metric"] == "mean_energy_reweighted"]
+    eq_rw = rw[has_capability(rw, "equivariant")]
+    if eq_rw.empty:
+        return ClaimResult(NOT_MEASURED, "needs bg-reweighting mean energies of a model with capability "
+                                         "'equivariant'.")
+    lookup = {(r["settings_key"], r["metric"]): r for _, r in stats.iterrows()}
+    ess_rows = stats[stats["metric"] == "ess_fraction"]
+    neq_ess = ess_rows[~has_capability(ess_rows, "equivariant")]
+
+    def mean(key: str, metric: str) -> float:
+        r = lookup.get((key, metric))
+        return math.nan if r is None else float(r["mean"])
+
+    parts, points, passed = [], [], True
+    for _, e in eq_rw.iterrows():
+        key, system = e["settings_key"], e["system"]
+        mc = mean(key, "mean_energy_mcmc")
+        if math.isnan(mc):
+            continue
+        rw_s, mc_s = mean(key, "mean_energy_reweighted_std"), mean(key, "mean_energy_mcmc_std")
+        sigma = math.hypot(0.0 if math.isnan(rw_s) else rw_s, 0.0 if math.isnan(mc_s) else mc_s)
+        diff = abs(float(e["mean"]) - mc)
+        agree = diff <= max(3 * sigma, 0.05)
+        ess = lookup.get((key, "ess_fraction"))
+        others = neq_ess[neq_ess["system"] == system]
+        ess_ok = ess is not None and all(float(ess["mean"]) > float(o["mean"]) for _, o in others.iterrows())
+        passed = passed and agree and ess_ok
+        nsig = f"{diff / sigma:.1f}σ" if sigma > 0 else "σ unknown"
+        parts.append(f"{system} {settings_name(e)}: reweighted ⟨u⟩ {describe(e)} vs MCMC {fmt(mc)} "
+                     f"(|Δ| {fmt(diff, 2)} kT, {nsig}), ESS {describe(ess, 3) if ess is not None else '–'}"
+                     + ("" if agree else " — disagrees") + ("" if ess_ok else " — ESS not the highest"))
+        if ess is not None:
+            points.append(point(ess, short_name(ess, system=True)))
+    if not parts:
+        return ClaimResult(NOT_MEASURED, "the equivariant models' bg-reweighting rows lack MCMC mean energies.")
+    if not neq_ess.empty:
+        parts.append("without 'equivariant': " + "; ".join(
+            f"{o['system']} {settings_name(o)} ESS {describe(o, 3)}" for _, o in neq_ess.iterrows()))
+        points += [point(o, short_name(o, system=True)) for _, o in neq_ess.iterrows()]
+    return ClaimResult(REPRODUCED if passed else NOT_REPRODUCED, "; ".join(parts) + ".", tuple(points),
+                       "ESS fraction")
+
+
+def claim_exact_divergence(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> ClaimResult:
+    """Exact divergence is needed for reweighting (§7.1, Fig. 3b).
+
+    For every settings key of a model with capability ``cnf`` that recorded both free-energy
+    RMSEs (DW-2 profile against the exact one): reproduced when the RMSE of the profile reweighted
+    with the exact log q is smaller than with the one-probe Hutchinson log q of the same samples
+    (each the mean over seeds), for every such settings key.
+    """
+    rows = ok[(ok["task"] == "bg-reweighting") & ok["step"].isna()]
+    stats = seed_stats(rows, ["free_energy_rmse_reweighted", "free_energy_rmse_hutchinson"])
+    stats = stats[has_capability(stats, "cnf")]
+    parts, points, passed = [], [], True
+    for _, g in stats.groupby("settings_key", sort=False):
+        by = {r["metric"]: r for _, r in g.iterrows()}
+        exact, hutch = by.get("free_energy_rmse_reweighted"), by.get("free_energy_rmse_hutchinson")
+        if exact is None or hutch is None:
+            continue
+        passed = passed and float(exact["mean"]) < float(hutch["mean"])
+        parts.append(f"{exact['system']} {settings_name(exact)}: RMSE exact {describe(exact, 3)} vs "
+                     f"Hutchinson {describe(hutch, 3)} kT")
+        name = short_name(exact, system=True)
+        points += [point(exact, f"{name}: exact"), point(hutch, f"{name}: Hutchinson")]
+    if not parts:
+        return ClaimResult(NOT_MEASURED, "needs bg-reweighting rows with free_energy_rmse_reweighted and "
+                                         "free_energy_rmse_hutchinson of a model with capability 'cnf' (dw2).")
+    return ClaimResult(REPRODUCED if passed else NOT_REPRODUCED, "; ".join(parts) + ".", tuple(points),
+                       "free-energy RMSE (kT)")
+
+
+def _report_section() -> TaskSection:
+    return TaskSection(
+        task="bg-reweighting",
+        title="Boltzmann generator: reweighting to the target",
+        paper="§7.4, B.3, Fig. 3b, 6, 10",
+        conventions="Energies in kT (reduced units). ESS is Kish's (Σw)²/Σw² as a fraction of the finite "
+                    "samples, log w = −u − log q. Mean energies of the flow samples, the reweighted samples and "
+                    "the MCMC test set; the 'cell error' column is the mean over seeds of the bootstrap standard "
+                    "deviation recorded in the cell. DW-2 free-energy RMSEs are against the exact profile, "
+                    "reweighted with the exact log q ('reweighted') and with a one-probe Hutchinson log q "
+                    "('hutchinson'). " + NLL_CONVENTION,
+        metrics=("ess_fraction", "ess_fraction_hutchinson", "mean_energy_flow", "mean_energy_reweighted",
+                 "mean_energy_mcmc", "mean_energy_hutchinson", "free_energy_rmse_flow",
+                 "free_energy_rmse_reweighted", "free_energy_rmse_hutchinson", "nll_train", "nll_test"),
+        baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "reverse_ess",
+        claims=(Claim("reweighting", "Reweighting works for equivariant flows only", "§7.4, Fig. 6, 10",
+                      claim_reweighting, needs=("equivariant",)),
+                Claim("exact-divergence", "Exact divergence is needed for reweighting", "§7.1, Fig. 3b",
+                      claim_exact_divergence, needs=("cnf",))),
+        order=2,
+    )
 
 
 TASK = BGReweighting()

@@ -21,6 +21,7 @@ configurations scored) are profile settings too; each record's unit says the tra
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,24 @@ from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
 from eqbench.tasks.common import augmentation_cells, check_finite, nll_records, positive_int, train_flow
+
+from eqbench.tasks.reporting import (
+    NLL_CONVENTION,
+    NOT_MEASURED,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    Claim,
+    ClaimResult,
+    TaskSection,
+    concat_rows,
+    describe,
+    fmt,
+    has_capability,
+    point,
+    seed_stats,
+    settings_name,
+    short_name,
+)
 
 if TYPE_CHECKING:
     import pandas
@@ -145,6 +164,84 @@ class DensityEstimation(Task):
             else:
                 ax.get_legend().remove()
         return save_figure(fig, out_dir, "nll_vs_training_size")
+
+    def report_section(self) -> TaskSection:
+        """Headline NLLs per settings key beside §7.4, the peer's NLLs and C.1-C.5's parameter
+        counts; decides the claim that equivariant flows generalise from few samples."""
+        return _report_section()
+
+
+# -- report (what eqbench.report shows of this task) --------------------------------------------
+
+
+def claim_generalisation(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> ClaimResult:
+    """Equivariant flows generalise from few samples (§7.3, Fig. 5).
+
+    Every model with capability ``equivariant`` is compared with every model without it (each of
+    their variants: as they are and with augmentation ``aug``), settings key by settings key, per
+    system at the smallest ``n_train`` where both kinds have a test NLL. Thresholds: reproduced
+    when, at that size, each equivariant settings key's test NLL (mean over its seeds) is lower
+    than every non-equivariant settings key's, *and* its train-test gap (test - train NLL) is at
+    most 1 nat per configuration or smaller than the gap of every non-augmented non-equivariant
+    settings key (these overfit a few samples: their gap is the failure the paper shows). Every
+    system measured must pass.
+    """
+    rows = ok[(ok["task"] == "density-estimation") & ok["metric"].isin(["nll_test", "nll_train"])]
+    stats = seed_stats(rows, ["nll_test", "nll_train"])
+    test = stats[stats["metric"] == "nll_test"]
+    eq_mask = has_capability(test, "equivariant")
+    eq, neq = test[eq_mask], test[~eq_mask]
+    if eq.empty or neq.empty:
+        return ClaimResult(NOT_MEASURED, "needs density-estimation test NLLs of a model with capability "
+                                         "'equivariant' and of a model without it.")
+    train = stats[stats["metric"] == "nll_train"].set_index("settings_key")["mean"]
+    parts, points, passed = [], [], True
+    for system in sorted(eq["system"].unique()):
+        e_sys, o_sys = eq[eq["system"] == system], neq[neq["system"] == system]
+        common = sorted(set(e_sys["n_train"].dropna()) & set(o_sys["n_train"].dropna()))
+        if not common:
+            continue
+        n = common[0]
+        e_at, o_at = e_sys[e_sys["n_train"] == n], o_sys[o_sys["n_train"] == n]
+        o_gaps = [o["mean"] - train.get(o["settings_key"], math.nan)
+                  for _, o in o_at.iterrows() if o["variant"] != "aug"]
+        judged = []
+        for _, e in e_at.iterrows():
+            gap = e["mean"] - train.get(e["settings_key"], math.nan)
+            beaten = all(e["mean"] < o["mean"] for _, o in o_at.iterrows())
+            gap_ok = gap <= 1.0 or (bool(o_gaps) and all(gap < g for g in o_gaps))
+            passed = passed and beaten and gap_ok
+            judged.append(f"{settings_name(e, n_train=False)} test NLL {describe(e)}, gap {fmt(gap, 2)}"
+                          + ("" if beaten else " — not the lowest") + ("" if gap_ok else " — gap too large"))
+        others = [f"{settings_name(o, n_train=False)} {describe(o)}" for _, o in o_at.iterrows()]
+        parts.append(f"{system}, n_train={int(n)}: " + "; ".join(judged) + " vs " + "; ".join(others))
+        points += [point(s, short_name(s, system=True)) for _, s in concat_rows(e_at, o_at).iterrows()]
+    if not parts:
+        return ClaimResult(NOT_MEASURED, "no training-set size where both an equivariant and a non-equivariant "
+                                         "model were scored.")
+    return ClaimResult(REPRODUCED if passed else NOT_REPRODUCED, "; ".join(parts) + ".", tuple(points),
+                       "test NLL at the smallest n_train (nats)")
+
+
+def _pair_parameters(row: dict[str, Any]) -> tuple[str, str, str] | None:
+    """C.1-C.5 parameter counts are recorded under the same metric name by every training task."""
+    return (row["model"], "", "n_parameters") if row["metric"] == "n_parameters" else None
+
+
+def _report_section() -> TaskSection:
+    return TaskSection(
+        task="density-estimation",
+        title="Density estimation: NLL vs training-set size",
+        paper="§7.3, Fig. 5, 8, 9",
+        conventions=NLL_CONVENTION + " Variant 'aug': non-equivariant model trained with random rotations and "
+                    "permutations of every batch.",
+        metrics=("nll_train", "nll_test", "final_train_loss", "n_parameters"),
+        baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "nll_test" or r["metric"] == "n_parameters",
+        pair=_pair_parameters,
+        claims=(Claim("generalisation", "Equivariant flows generalise from few samples", "§7.3, Fig. 5",
+                      claim_generalisation, needs=("equivariant",)),),
+        order=1,
+    )
 
 
 TASK = DensityEstimation()

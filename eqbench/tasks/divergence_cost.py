@@ -91,6 +91,8 @@ from eqbench.records import CellResult, Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import check_finite, positive_int, show_progress
 
+from eqbench.tasks.reporting import TaskSection
+
 if TYPE_CHECKING:
     import pandas
     import torch
@@ -633,6 +635,23 @@ class DivergenceCost(Task):
                 continue
             written += save_figure(fig, out_dir, f"divergence-cost_{system}")
         return written
+
+    def report_section(self) -> TaskSection:
+        """Fitted exponents per settings key and method, the per-N numbers behind Fig. 3a, 3c."""
+        return TaskSection(
+            task="divergence-cost",
+            title="Divergence: Hutchinson error and cost vs number of particles",
+            paper="§7.1, Fig. 3a, 3c",
+            conventions="Wall time (median, seconds) of one velocity + divergence evaluation on this machine; "
+                        "Hutchinson relative error = mean |estimate − exact| / RMS exact divergence; exponents are "
+                        "least-squares slopes in log-log space over the largest particle counts. Variant = method.",
+            metrics=("time_exponent", "hutchinson_rel_error_exponent", "hutchinson_abs_error_exponent"),
+            axis_metrics=("eval_time_s", "hutchinson_rel_error", "hutchinson_abs_error"),
+            axis_label="N",
+            no_baseline="The paper reports these results only as figures (Fig. 3a, 3c); there are no published "
+                        "numbers to place beside them.",
+            order=4,
+        )
 
 
 def _by_step(rows: pandas.DataFrame) -> pandas.Series:
