@@ -20,6 +20,8 @@ from eqbench.records import CellResult, Record
 if TYPE_CHECKING:
     import pandas
 
+    from eqbench.tasks.reporting import TaskSection
+
 __all__ = ["CAPABILITIES", "CellContext", "Task", "model_capabilities"]
 
 #: What a task may require of a model, and the phrase used when a model lacks it.
@@ -169,5 +171,16 @@ class Task(ABC):
         rows are passed) into ``out_dir``; returns the written files (PNG and SVG per figure).
 
         Reads nothing but ``table``: a figure can always be redrawn from ``results.csv``.
+        The rows are those of one profile (:func:`eqbench.plots.write_task_plots` calls this once
+        per profile and suffixes the file names when several are present) and carry the columns
+        of :func:`eqbench.tasks.reporting.with_settings`: a figure must keep rows of different
+        ``settings_key`` apart (never average them); the ``settings`` column names what differs.
         """
         return []
+
+    def report_section(self) -> TaskSection | None:
+        """What :mod:`eqbench.report` shows of this task (a
+        :class:`~eqbench.tasks.reporting.TaskSection`: headline metrics and how they aggregate,
+        conventions, the published rows beside them and their pairing, the paper's claims these
+        rows decide), or ``None`` (default) for a task the report lists only by name."""
+        return None
