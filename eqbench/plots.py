@@ -96,7 +96,8 @@ def write_task_plots(task: str, results_dir: Path | str, *, table: pandas.DataFr
         csv = results_dir / "results.csv"
         if not csv.exists():
             return []
-        table = pd.read_csv(csv, low_memory=False)
+        text = {c: str for c in ("cell_id", "settings_key", "capabilities", "code_version", "config_json")}
+        table = pd.read_csv(csv, low_memory=False, dtype=text)
     rows = table[(table["task"] == task) & (table["status"] == "ok")]
     if rows.empty:
         return []

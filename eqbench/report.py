@@ -170,7 +170,9 @@ def _read_results(results_dir: Path) -> pandas.DataFrame:
     csv = results_dir / "results.csv"
     if not csv.exists():
         raise EqbenchError(f"no results table at {csv}; run a task or `eqbench collect --results {results_dir}` first")
-    table = pd.read_csv(csv, low_memory=False)
+    # Hex ids are text: a key such as "12e4..." must not be read as a number.
+    text = {c: str for c in ("cell_id", "settings_key", "capabilities", "code_version", "config_json")}
+    table = pd.read_csv(csv, low_memory=False, dtype=text)
     missing = {"cell_id", "task", "system", "model", "variant", "n_train", "seed", "metric", "value", "unit", "step",
                "status", "reason"} - set(table.columns)
     if missing:

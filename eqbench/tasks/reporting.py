@@ -226,13 +226,13 @@ def with_settings(table: pandas.DataFrame) -> pandas.DataFrame:
       ``config_json`` without ``seed`` (older tables), else a hash of the display columns;
     * ``capabilities``: kept where recorded (``"cnf;equivariant;trainable"``), else ``""``
       (unknown: claims that select by capability then say so);
-    * ``profile``, ``variant``: strings, ``""`` when absent;
+    * ``profile``, ``variant``, ``unit``: strings, ``""`` when absent;
     * ``settings``: the parameters that differ between the settings keys that share task, system,
       model, variant and profile, other than n_train (a column of its own), as
       ``"lr=0.001, code.git=abc"``; ``""`` when nothing else differs.
     """
     out = table.copy()
-    for col in ("profile", "variant", "capabilities", "settings_key"):
+    for col in ("profile", "variant", "capabilities", "settings_key", "unit"):
         if col not in out.columns:
             out[col] = ""
         out[col] = out[col].astype(object).where(out[col].notna(), "").astype(str)
