@@ -29,7 +29,7 @@ from eqbench.flows.cnf import CNF
 from eqbench.geometry import apply_permutation, random_permutations, random_reflections, random_rotations, remove_com
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["FlowCheckReport", "check_flow", "com_free_basis"]
+__all__ = ["FlowCheckReport", "check_flow", "check_flow_quick", "com_free_basis"]
 
 
 @dataclass
@@ -94,43 +94,8 @@ def check_flow(
         if value is not None:
             report.measured[check] = value
 
-    # 1. sampling: shapes, finiteness, CoM-free --------------------------------------------
-    with torch.no_grad():
-        x, log_q = flow.sample(batch, generator=gen)
-    assert x.shape == (batch, n, d), f"{name}: sample shape {tuple(x.shape)}, expected {(batch, n, d)}"
-    assert log_q.shape == (batch,), f"{name}: log-density shape {tuple(log_q.shape)}, expected {(batch,)}"
-    assert torch.isfinite(x).all() and torch.isfinite(log_q).all(), f"{name}: non-finite samples or densities"
-    com = float(x.mean(dim=1).abs().max())
-    assert com < 1e-8, f"{name}: samples are not CoM-free (max |CoM| {com:.2e})"
-    ok("sample_shapes_finite_com_free", com)
-
-    # 2. sample and log_prob agree (on the extended space for CoM-augmented flows) -----------
-    if not augmented:
-        with torch.no_grad():
-            log_p = flow.log_prob(x)
-        dev = _max_rel(log_p, log_q)
-        assert dev < density_tol, f"{name}: log_prob(sample) differs from sample's log-density by {dev:.2e}"
-        ok("sample_log_prob_agree", dev)
-
-    # 2b. the density does not depend on the module's mode (no estimator unless named) --------
-    estimated = getattr(flow, "iw_draws", None) is not None
-    xm = x[:2]
-
-    def density() -> torch.Tensor:
-        with torch.no_grad():
-            if estimated:  # same draws in both modes
-                return flow.log_prob(xm, generator=torch.Generator().manual_seed(0))
-            return flow.log_prob(xm)
-
-    eval_density = density()
-    flow.train()
-    try:
-        train_density = density()
-    finally:
-        flow.eval()
-    dev = _max_rel(train_density, eval_density)
-    assert dev < 1e-10, f"{name}: log_prob in training mode differs from evaluation mode by {dev:.2e}"
-    ok("log_prob_independent_of_mode", dev)
+    # 1-2. sampling: shapes, finiteness, CoM-free; sample and log_prob agree ------------------
+    x, _ = _check_samples(flow, system, gen, batch, density_tol, ok)
 
     # 3. inverse(forward(z)) round trip -------------------------------------------------------
     z = torch.randn(batch, n, d, generator=gen, dtype=dtype)
@@ -176,31 +141,7 @@ def check_flow(
         ok("divergence_vs_autograd_trace", dev)
 
     # 6. symmetries: claimed ones hold, unclaimed rotation/permutation are broken -------------
-    claimed = set(getattr(flow, "symmetries", ()))
-    rot = random_rotations(batch, d, generator=gen)
-    ref = random_reflections(batch, d, generator=gen)
-    perm = random_permutations(batch, n, generator=gen)
-    shift = torch.randn(batch, 1, d, generator=gen, dtype=dtype) * 3.0
-    transforms = {
-        "rotation": lambda v: v @ rot.transpose(-1, -2),
-        "reflection": lambda v: v @ ref.transpose(-1, -2),
-        "permutation": lambda v: apply_permutation(v, perm),
-    }
-    with torch.no_grad():
-        fz, ld = flow.forward(z)
-        for sym, g in transforms.items():
-            gz, gld = flow.forward(g(z))
-            dev = float((gz - g(fz)).abs().max()) + float((gld - ld).abs().max())
-            if sym in claimed:
-                assert dev < symmetry_tol, f"{name}: claims {sym} equivariance but deviates by {dev:.2e}"
-                ok(f"{sym}_equivariant", dev)
-            elif sym in ("rotation", "permutation"):
-                assert dev > broken_tol, f"{name}: does not claim {sym} equivariance but shows it ({dev:.2e})"
-                ok(f"{sym}_not_equivariant", dev)
-        if "translation" in claimed and not augmented:
-            dev = float((flow.log_prob(xz + shift) - flow.log_prob(xz)).abs().max())
-            assert dev < symmetry_tol * 100, f"{name}: claims translation invariance but log_prob changes by {dev:.2e}"
-            ok("translation_invariant", dev)
+    _check_symmetries(flow, system, z, gen, symmetry_tol, broken_tol, ok)
 
     # 7. every parameter gets a gradient of the training objective ---------------------------
     flow.train()
@@ -222,4 +163,115 @@ def check_flow(
         b, _ = twin.forward(z)
     assert torch.equal(a, b), f"{name}: a rebuilt model with the loaded state_dict maps z differently"
     ok("state_dict_round_trip")
+    return report
+
+
+def _check_samples(flow: Flow, system: ParticleSystem, gen: torch.Generator, batch: int, density_tol: float,
+                   ok: Callable[..., None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples have the right shapes, are finite and CoM-free, and ``log_prob`` of them equals the
+    log-density ``sample`` returned (on the extended space, CoM-augmented flows skip the latter)."""
+    name = type(flow).__name__
+    n, d = system.n_particles, system.n_dims
+    with torch.no_grad():
+        x, log_q = flow.sample(batch, generator=gen)
+    assert x.shape == (batch, n, d), f"{name}: sample shape {tuple(x.shape)}, expected {(batch, n, d)}"
+    assert log_q.shape == (batch,), f"{name}: log-density shape {tuple(log_q.shape)}, expected {(batch,)}"
+    assert torch.isfinite(x).all() and torch.isfinite(log_q).all(), f"{name}: non-finite samples or densities"
+    com = float(x.mean(dim=1).abs().max())
+    assert com < 1e-8, f"{name}: samples are not CoM-free (max |CoM| {com:.2e})"
+    ok("sample_shapes_finite_com_free", com)
+    if not getattr(flow, "com_augmented", False):
+        with torch.no_grad():
+            log_p = flow.log_prob(x)
+        dev = _max_rel(log_p, log_q)
+        assert dev < density_tol, f"{name}: log_prob(sample) differs from sample's log-density by {dev:.2e}"
+        ok("sample_log_prob_agree", dev)
+
+    # 2b. the density does not depend on the module's mode (no estimator unless named) --------
+    estimated = getattr(flow, "iw_draws", None) is not None
+    xm = x[:2]
+
+    def density() -> torch.Tensor:
+        with torch.no_grad():
+            if estimated:  # same draws in both modes
+                return flow.log_prob(xm, generator=torch.Generator().manual_seed(0))
+            return flow.log_prob(xm)
+
+    eval_density = density()
+    flow.train()
+    try:
+        train_density = density()
+    finally:
+        flow.eval()
+    dev = _max_rel(train_density, eval_density)
+    assert dev < 1e-10, f"{name}: log_prob in training mode differs from evaluation mode by {dev:.2e}"
+    ok("log_prob_independent_of_mode", dev)
+    return x, log_q
+
+
+def _check_symmetries(flow: Flow, system: ParticleSystem, z: torch.Tensor, gen: torch.Generator,
+                      symmetry_tol: float, broken_tol: float, ok: Callable[..., None]) -> None:
+    """Each claimed symmetry holds under random group elements; unclaimed rotation and
+    permutation are shown to be broken (a model that is secretly equivariant should say so)."""
+    name = type(flow).__name__
+    batch, n, d = z.shape
+    claimed = set(getattr(flow, "symmetries", ()))
+    rot = random_rotations(batch, d, generator=gen)
+    ref = random_reflections(batch, d, generator=gen)
+    perm = random_permutations(batch, n, generator=gen)
+    shift = torch.randn(batch, 1, d, generator=gen, dtype=z.dtype) * 3.0
+    transforms = {
+        "rotation": lambda v: v @ rot.transpose(-1, -2),
+        "reflection": lambda v: v @ ref.transpose(-1, -2),
+        "permutation": lambda v: apply_permutation(v, perm),
+    }
+    with torch.no_grad():
+        fz, ld = flow.forward(z)
+        for sym, g in transforms.items():
+            gz, gld = flow.forward(g(z))
+            dev = float((gz - g(fz)).abs().max()) + float((gld - ld).abs().max())
+            if sym in claimed:
+                assert dev < symmetry_tol, f"{name}: claims {sym} equivariance but deviates by {dev:.2e}"
+                ok(f"{sym}_equivariant", dev)
+            elif sym in ("rotation", "permutation"):
+                assert dev > broken_tol, f"{name}: does not claim {sym} equivariance but shows it ({dev:.2e})"
+                ok(f"{sym}_not_equivariant", dev)
+        if "translation" in claimed and not getattr(flow, "com_augmented", False):
+            dev = float((flow.log_prob(fz + shift) - flow.log_prob(fz)).abs().max())
+            assert dev < symmetry_tol * 100, f"{name}: claims translation invariance but log_prob changes by {dev:.2e}"
+            ok("translation_invariant", dev)
+
+
+def check_flow_quick(flow: Flow, system: ParticleSystem, *, batch: int = 3, seed: int = 0,
+                     density_tol: float = 1e-4, symmetry_tol: float = 1e-6,
+                     broken_tol: float = 1e-3) -> FlowCheckReport:
+    """The cheap part of the contract, run on every model before its first cell is scored.
+
+    Samples CoM-free, finite and of the right shape; ``sample`` and ``log_prob`` agree; every
+    claimed symmetry holds (and unclaimed rotation/permutation are broken). Seconds, not the
+    minutes of :func:`check_flow`'s brute-force Jacobians. Runs on a float64 copy in eval mode,
+    so the caller's model is untouched. Raises AssertionError naming the broken property.
+
+    Example:
+        >>> import eqbench
+        >>> system = eqbench.get_system("dw4")
+        >>> check_flow_quick(eqbench.build_model("kernel-flow", system), system).passed[0]
+        'sample_shapes_finite_com_free'
+    """
+    twin = copy.deepcopy(flow).double()
+    twin.eval()
+    report = FlowCheckReport(model=type(flow).__name__)
+
+    def ok(check: str, value: float | None = None) -> None:
+        report.passed.append(check)
+        if value is not None:
+            report.measured[check] = value
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        _check_samples(twin, system, gen, batch, density_tol, ok)
+        z = torch.randn(batch, system.n_particles, system.n_dims, generator=gen, dtype=torch.float64)
+        z = z if getattr(twin, "com_augmented", False) else remove_com(z)
+        _check_symmetries(twin, system, z, gen, symmetry_tol, broken_tol, ok)
     return report

@@ -282,7 +282,7 @@ def time_model(
     Sampling ``n_samples`` is measured only when the 64-sample timing predicts it fits in
     ``budget_s``; otherwise ``sample_many_s`` is None and ``note`` says why.
     """
-    from eqbench.api import build_model
+    from eqbench.components import build_model
 
     torch.manual_seed(0)
     flow = build_model(model, system, config or {})

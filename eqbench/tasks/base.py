@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eqbench.components import CAPABILITIES
 from eqbench.config import load_profiles
 from eqbench.errors import ConfigError
 from eqbench.records import CellResult, Record
@@ -24,33 +25,15 @@ if TYPE_CHECKING:
 
 __all__ = ["CAPABILITIES", "CellContext", "Task", "model_capabilities"]
 
-#: What a task may require of a model, and the phrase used when a model lacks it.
-CAPABILITIES: dict[str, str] = {
-    "cnf": "is not a continuous flow: it has no velocity field or divergence",
-    "trainable": "is fitted in closed form: it has no gradient-based training to run",
-    "equivariant": "is not equivariant (claims no rotation/permutation symmetry)",
-}
-
-
 def model_capabilities(model: str, system: Any) -> frozenset[str]:
     """Capabilities of ``model`` built for ``system`` with its default settings (cheap: no data).
 
     Built rather than looked up so that plugin models are judged by what they are, not by a
-    list of names: ``cnf`` (a :class:`~eqbench.flows.cnf.CNF`), ``trainable`` (has gradient-trained
-    parameters and no closed-form fit), ``equivariant`` (claims rotation and permutation symmetry).
+    list of names (:func:`eqbench.components.capabilities_of`).
     """
-    from eqbench.api import build_model
-    from eqbench.flows.cnf import CNF
+    from eqbench.components import build_model, capabilities_of
 
-    flow = build_model(model, system)
-    caps = set()
-    if isinstance(flow, CNF):
-        caps.add("cnf")
-    if not hasattr(flow, "fit_closed_form") and flow.n_parameters > 0:
-        caps.add("trainable")
-    if {"rotation", "permutation"} <= set(flow.symmetries):
-        caps.add("equivariant")
-    return frozenset(caps)
+    return capabilities_of(build_model(model, system))
 
 
 def refuse_unbuildable(task: str, system: str, model: str) -> None:
@@ -115,13 +98,16 @@ class Task(ABC):
         return dict(profiles[name])
 
     def check_supported(self, system: str, model: str) -> None:
-        """Raise :class:`ConfigError` saying why, when the combination cannot run."""
+        """Raise :class:`ConfigError` saying why, when the combination cannot run: a system the
+        protocol is not defined for, a model without a build for the system
+        (:func:`refuse_unbuildable`), or a model that lacks a required capability."""
         if self.systems is not None and system not in self.systems:
             raise ConfigError(
                 f"task {self.name} does not support system {system!r}; supported: {', '.join(self.systems)}"
             )
+        refuse_unbuildable(self.name, system, model)
         if self.requires:
-            from eqbench.api import get_system
+            from eqbench.components import get_system
 
             caps = model_capabilities(model, get_system(system))
             for need in self.requires:
@@ -158,7 +144,7 @@ class Task(ABC):
         Default: :func:`eqbench.cost.phase_estimate` over :meth:`cost_phases`. Override when
         the cost is not linear in counts, e.g. when repeats adapt to a time budget.
         """
-        from eqbench.cost import phase_estimate
+        from eqbench.tasks.pricing import phase_estimate
 
         return phase_estimate(self, params, system, calibration)
 

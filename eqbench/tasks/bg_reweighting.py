@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
+from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
                                   sample_with_log_q, show_progress, train_flow)
 
@@ -188,12 +188,6 @@ class BGReweighting(Task):
     grid_axes = ("augment",)
     requires = ("trainable",)
 
-    def check_supported(self, system: str, model: str) -> None:
-        """Also refuse, naming this task, a model that has no build for the system (the
-        known-answer ``harmonic`` system has no kernel placement or block count of its own)."""
-        refuse_unbuildable(self.name, system, model)
-        super().check_supported(system, model)
-
     # ------------------------------------------------------------------ settings
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "pretrain_iterations", "mix_iterations", "batch_size", "n_samples",
@@ -233,7 +227,8 @@ class BGReweighting(Task):
         import torch
 
         from eqbench import metrics
-        from eqbench.api import build_model, load_data
+        from eqbench.components import build_model
+        from eqbench.data.loading import load_data
         from eqbench.flows.cnf import CNF
 
         p = ctx.params

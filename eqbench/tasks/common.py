@@ -32,6 +32,7 @@ __all__ = [
     "nll_unit",
     "nll_records",
     "train_flow",
+    "selection_records",
     "sample_with_log_q",
     "show_progress",
     "variant_name",
@@ -66,7 +67,7 @@ def augmentation_cells(params: Mapping[str, Any], model: str, system: str) -> li
     equivariant (its likelihood is invariant, so augmentation would change nothing but the noise),
     else the point with its ``variant`` named (``"aug"`` or ``""``). Shared by the tasks that
     compare non-equivariant models with and without augmentation (paper §7.3, §7.4)."""
-    from eqbench.api import get_system
+    from eqbench.components import get_system
     from eqbench.tasks.base import model_capabilities
 
     point = dict(params)
@@ -82,20 +83,11 @@ def show_progress(progress: bool | None) -> bool:
 
 
 def mean_nll(flow: Flow, x: torch.Tensor, batch_size: int = 500, **options: Any) -> float:
-    """Mean of ``-flow.log_prob(x, **options)`` over ``x`` in batches, without gradients.
+    """:func:`eqbench.train.mean_nll`, imported on call so that importing a task stays torch-free.
+    Record NLLs with :func:`nll_records`, which says whether they are exact or estimated."""
+    from eqbench.train import mean_nll as batched_mean_nll
 
-    ``log_prob`` is exact for every flow whose :attr:`~eqbench.flows.base.Flow.density_estimate`
-    is ``None`` (in either module mode); ``options`` pass ``iw_draws``/``generator`` to an
-    importance-weighted one. Record NLLs with :func:`nll_records`, which says which it was.
-    """
-    import torch
-
-    flow.eval()
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            total += float(-flow.log_prob(x[start:start + batch_size], **options).sum())
-    return total / len(x)
+    return batched_mean_nll(flow, x, batch_size, **options)
 
 
 def nll_unit(flow: Flow, detail: str = "") -> str:
@@ -143,11 +135,14 @@ def train_flow(
     lambda_start: float = 0.0,
     lambda_end: float = 0.0,
     seed_offset: int = 0,
+    validation: torch.Tensor | None = None,
 ) -> TrainResult:
     """Fit ``flow`` in place: closed form where the model has one, else :func:`eqbench.train.fit`.
 
-    Raises ``FloatingPointError`` with the loop's reason when training diverges, so the runner
-    records the cell as failed instead of scoring a broken model.
+    With ``validation`` configurations, the profile's ``model_selection`` (``"best-validation"``
+    or ``"last"``, :data:`eqbench.train.SELECTIONS`) and ``validate_every`` decide which
+    checkpoint is returned. Raises ``FloatingPointError`` with the loop's reason when training
+    diverges, so the runner records the cell as failed instead of scoring a broken model.
     """
     from eqbench.train import TrainConfig, TrainResult, fit
 
@@ -159,11 +154,30 @@ def train_flow(
         return TrainResult("ok", "", 0, 0.0)
     config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=float(p.get("lr", 5e-3)),
                          weight_decay=float(p.get("weight_decay", 0.01)), augment=augment,
-                         lambda_start=lambda_start, lambda_end=lambda_end, seed=ctx.seed + seed_offset)
-    result = fit(flow, ctx.system, train, config, progress=ctx.progress)
+                         lambda_start=lambda_start, lambda_end=lambda_end, seed=ctx.seed + seed_offset,
+                         selection=str(p.get("model_selection", "last")) if validation is not None else "last",
+                         validate_every=int(p.get("validate_every", 50)))
+    result = fit(flow, ctx.system, train, config, progress=ctx.progress, validation=validation)
     if result.status != "ok":
         raise FloatingPointError(result.reason)
     return result
+
+
+def selection_records(ctx: CellContext, result: TrainResult) -> list[Record]:
+    """The validation NLL curve (``nll_val`` per iteration: exact, on the validation split) and
+    which checkpoint was scored (``selected_iteration``, its unit naming the rule), so every
+    scored number says how its model was chosen."""
+    if result.validation:
+        rule = str(ctx.params.get("model_selection", "last"))
+    else:
+        rule = "last" if result.iterations_done else "closed-form fit"
+    records = [ctx.record("nll_val", value, "nats, exact, validation split", step=step)
+               for step, value in result.validation]
+    records.append(ctx.record("selected_iteration", result.selected_iteration or result.iterations_done,
+                              f"iteration, {rule}"))
+    if result.validation:
+        records.append(ctx.record("validation_wall_s", result.validation_wall_s, "s"))
+    return records
 
 
 def sample_with_log_q(flow: Flow, n: int, *, batch_size: int = 1000, seed: int = 0,

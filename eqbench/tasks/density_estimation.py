@@ -29,8 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
-from eqbench.tasks.common import augmentation_cells, check_finite, nll_records, positive_int, train_flow
+from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.common import (
+    augmentation_cells,
+    check_finite,
+    nll_records,
+    positive_int,
+    selection_records,
+    train_flow,
+)
 
 from eqbench.tasks.reporting import (
     NLL_CONVENTION,
@@ -69,16 +76,14 @@ class DensityEstimation(Task):
     systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("n_train", "augment")
 
-    def check_supported(self, system: str, model: str) -> None:
-        """Also refuse, naming this task, a model that has no build for the system (expanding a
-        cell builds the model, so without this a sweep would stop there instead of listing the
-        pair as unsupported)."""
-        super().check_supported(system, model)
-        refuse_unbuildable(self.name, system, model)
-
     def validate(self, params: Mapping[str, Any]) -> None:
-        for key in ("n_train", "n_test", "n_train_eval", "iterations", "batch_size"):
+        for key in ("n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "batch_size"):
             positive_int(params, key)
+        from eqbench.train import SELECTIONS
+
+        if params.get("model_selection") not in SELECTIONS:
+            raise ConfigError(f"model_selection must be one of {', '.join(SELECTIONS)}, "
+                              f"got {params.get('model_selection')!r}")
         if not isinstance(params.get("augment"), bool):
             raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
 
@@ -88,25 +93,30 @@ class DensityEstimation(Task):
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         """Training costs per configuration-step (iterations x batch), scoring per configuration
         scored (training and test) with the exact trace."""
+        checkpoints = 1 + math.ceil(params["iterations"] / params["validate_every"])
         return {"fit_wall_s": params["iterations"] * params["batch_size"],
-                "eval_wall_s": min(params["n_train"], params["n_train_eval"]) + params["n_test"]}
+                "validation_wall_s": params["n_val"] * checkpoints,
+                "eval_wall_s": min(params["n_train"], params["n_train_eval"]) + params["n_val"] + params["n_test"]}
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 
-        from eqbench.api import build_model, load_data
+        from eqbench.components import build_model
+        from eqbench.data.loading import load_data
 
         p = ctx.params
         flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)
         dtype = next(flow.parameters()).dtype
         train = load_data(ctx.system, split="train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
         test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device)
+        val = load_data(ctx.system, split="val", n=p["n_val"], seed=ctx.seed, dtype=dtype, device=ctx.device)
         torch.manual_seed(ctx.seed)
         start = time.perf_counter()
         result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
-                            augment=bool(p["augment"]))
+                            augment=bool(p["augment"]), validation=val)
         records = [ctx.record("n_parameters", flow.n_parameters, "count"),
-                   ctx.record("fit_wall_s", time.perf_counter() - start, "s")]
+                   ctx.record("fit_wall_s", time.perf_counter() - start - result.validation_wall_s, "s")]
+        records += selection_records(ctx, result)
         if result.history:
             records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats, training estimator"))
             for entry in result.history:
@@ -114,6 +124,7 @@ class DensityEstimation(Task):
                                           step=int(entry["iteration"])))
         start = time.perf_counter()
         records += nll_records(ctx, flow, train[:p["n_train_eval"]], "nll_train")
+        records += nll_records(ctx, flow, val, "nll_val")
         records += nll_records(ctx, flow, test, "nll_test")
         records.append(ctx.record("eval_wall_s", time.perf_counter() - start, "s"))
         check_finite(records)

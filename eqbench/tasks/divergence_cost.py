@@ -376,8 +376,8 @@ class DivergenceCost(Task):
         (model construction, configurations). ``None`` when a needed measurement is missing."""
         import statistics
 
-        from eqbench.api import build_model, get_system
-        from eqbench.cost import remainder_seconds
+        from eqbench.components import build_model, get_system
+        from eqbench.tasks.pricing import remainder_seconds
 
         per_call: dict[tuple[str, int], list[float]] = {}
         study: dict[int, list[float]] = {}
@@ -428,7 +428,8 @@ class DivergenceCost(Task):
         import torch
         from tqdm.auto import tqdm
 
-        from eqbench.api import build_model, load_data
+        from eqbench.components import build_model
+        from eqbench.data.loading import load_data
         from eqbench.timing import TimingStats, evaluation_call, repeat_seconds, stable_malloc
 
         p = ctx.params

@@ -147,7 +147,8 @@ class DtoVsOtd(Task):
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 
-        from eqbench.api import build_model, load_data
+        from eqbench.components import build_model
+        from eqbench.data.loading import load_data
         from eqbench.train import TrainConfig, fit
 
         p = ctx.params

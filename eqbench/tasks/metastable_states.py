@@ -300,7 +300,7 @@ class MetastableStates(Task):
     grid_axes = ("variant",)
 
     def validate(self, params: Mapping[str, Any]) -> None:
-        from eqbench.api import get_system
+        from eqbench.components import get_system
 
         for system in self.systems or ():
             Settings.resolve(params, get_system(system))
@@ -309,7 +309,7 @@ class MetastableStates(Task):
         """Per method: minimising the training set (per configuration), training the flow (per
         configuration-step, a λ-mix step twice), drawing flow samples, the long MCMC (per
         Metropolis step of one chain) and minimising each round's configurations."""
-        from eqbench.api import get_system
+        from eqbench.components import get_system
 
         s = Settings.resolve(params, get_system(system))
         phases: dict[str, float] = {"training_set_wall_s": s.n_train}
@@ -393,7 +393,7 @@ def _training_set(ctx: CellContext, s: Settings) -> torch.Tensor:
     """The cell's training set, float64 on the CPU (see the module docstring)."""
     import torch
 
-    from eqbench.api import load_data
+    from eqbench.data.loading import load_data
     from eqbench.geometry import remove_com
     from eqbench.minima import census_of_minima
 
@@ -431,7 +431,7 @@ def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordF
 
         return draw_flow
     if s.variant == "mcmc-short":
-        from eqbench.api import load_data
+        from eqbench.data.loading import load_data
 
         pool = load_data(system, split="test")
         n = s.mcmc_short_samples
@@ -466,7 +466,7 @@ def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordF
 
 def _trained_flow(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordFn) -> Flow:
     """Build the model and train it: ML, then the λ-mix when ``mix_iterations`` > 0 (paper C)."""
-    from eqbench.api import build_model
+    from eqbench.components import build_model
 
     flow = build_model(ctx.model, ctx.system, s.model_config).to(ctx.device)
     dtype = next(flow.parameters()).dtype

@@ -40,7 +40,8 @@ class TestNLL(Task):
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 
-        from eqbench.api import build_model, load_data
+        from eqbench.components import build_model
+        from eqbench.data.loading import load_data
 
         p = ctx.params
         flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)

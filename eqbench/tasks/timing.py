@@ -133,7 +133,7 @@ class Timing(Task):
         calibration cells measured (scaled linearly to this batch size): warm-up plus the planned
         epochs of each role and phase, plus the calibration cells' remainder (model
         construction, data). ``None`` when a needed iteration time was never measured."""
-        from eqbench.cost import remainder_seconds
+        from eqbench.tasks.pricing import remainder_seconds
         from eqbench.timing import budget_plan
 
         roles = [MODEL, REFERENCE] if self._with_reference(params, model) else [MODEL]
@@ -169,7 +169,8 @@ class Timing(Task):
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
 
-        from eqbench.api import build_model, load_data
+        from eqbench.components import build_model
+        from eqbench.data.loading import load_data
         from eqbench.timing import sample_step, stable_malloc, train_step
 
         p = ctx.params
