@@ -113,12 +113,25 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: Below this many pair terms per batched energy evaluation, extra threads only add
+#: synchronisation: torch splits elementwise work only above ~32k elements (its grain size).
+_THREADED_MIN_PAIR_TERMS = 32_768
+
+
 @contextlib.contextmanager
-def _all_cores() -> Iterator[None]:
-    """Generate with every core: a data set is made once, while the caller waits on it (the test
-    suite runs with one thread, which made LJ-13 generation 1.5x slower)."""
+def _all_cores(system: ParticleSystem, split: str) -> Iterator[None]:
+    """Generate with every core when the batch is large enough to use them.
+
+    A data set is made once, while the caller waits on it: the test suite runs with one thread,
+    which made LJ-13 generation 1.5x slower. But for small batches (DW-2, DW-4: a few thousand
+    pair terms per step) a second thread never gets work and its synchronisation cost dominates:
+    on a busy 2-core machine, 2 threads made DW-2 generation 10x slower (measured, 25 s vs 2.7 s),
+    so those keep the caller's thread count.
+    """
+    n_pairs = system.n_particles * (system.n_particles - 1) // 2
     previous = torch.get_num_threads()
-    torch.set_num_threads(max(previous, os.cpu_count() or 1))
+    if system.data_protocol.chains(split) * n_pairs >= _THREADED_MIN_PAIR_TERMS:
+        torch.set_num_threads(max(previous, os.cpu_count() or 1))
     try:
         yield
     finally:
@@ -133,6 +146,12 @@ def _versions() -> dict[str, str]:
     except PackageNotFoundError:
         eqbench_version = "0+unknown"
     return {"eqbench": eqbench_version, "torch": torch.__version__, "numpy": np.__version__}
+
+
+def _trace_every(stride: int) -> int:
+    """Autocorrelation traces keep ~250 points per stride: the stride is at least one slowest
+    autocorrelation time, so that resolves it, and the trace stays small for long chains."""
+    return max(1, stride // 250)
 
 
 def generate_dataset(
@@ -161,6 +180,7 @@ def generate_dataset(
         stride=protocol.stride,
         step_size=protocol.step_size,
         seed=seed,
+        trace_every=_trace_every(protocol.stride),
         progress=progress,
         description=f"{system.name} {split} MCMC",
     )
@@ -177,8 +197,8 @@ def generate_dataset(
             f"({duplicates} repeated rows); the protocol's stride {protocol.stride} is too short"
         )
     samples = flat[keep[:n]]
-    tau = diag.integrated_autocorrelation_time(run.trace)
-    tau_distance = diag.integrated_autocorrelation_time(run.distance_trace)
+    tau = diag.integrated_autocorrelation_time(run.trace) * run.trace_every
+    tau_distance = diag.integrated_autocorrelation_time(run.distance_trace) * run.trace_every
     slowest = max(tau, tau_distance)
     # Errors by batch means over the independent chains, never std/sqrt(rows): the rows of a
     # chain are only as independent as the stride makes them.
@@ -209,8 +229,8 @@ def generate_dataset(
         "mean_distance_stderr": distance.stderr,
         "autocorrelation_time": tau,
         "autocorrelation_time_mean_distance": tau_distance,
-        "autocorrelation_trace": f"first {run.trace.shape[1]} chains, every step of production "
-                                 f"({run.trace.shape[0]} steps, Sokal window)",
+        "autocorrelation_trace": f"first {run.trace.shape[1]} chains, every {run.trace_every} steps of "
+                                 f"production ({run.trace.shape[0]} trace points, Sokal window)",
         "stride_over_autocorrelation": protocol.stride / slowest,
         "burn_in_over_autocorrelation": protocol.burn_in / slowest,
         "energy_drift_z": diag.drift_z(run.energies),
@@ -302,7 +322,7 @@ def ensure_dataset(
             raise DataError(f"{system.name} {split} reference data is {state}: {detail}; {hint}")
         if state == "corrupt":
             warnings.warn(f"{system.name} {split} reference data is corrupt ({detail}); regenerating", stacklevel=2)
-        with _all_cores():
+        with _all_cores(system, split):
             samples, diagnostics = generate_dataset(system, split, progress=progress)
         atomic_save_npy(array_path, samples)
         diagnostics["sha256"] = diag.sha256_file(array_path)
