@@ -252,3 +252,18 @@ def test_bg_histograms_drawn_per_profile(tmp_path: Path, monkeypatch: pytest.Mon
     assert names == ["energy_histograms_dw4_quick.png", "energy_histograms_dw4_quick.svg",
                      "energy_histograms_dw4_smoke.png", "energy_histograms_dw4_smoke.svg"]
     assert drawn == [4] * 6, "three histograms (MCMC, flow, reweighted) in each profile's figure"
+
+
+def test_closed_form_gaussian_does_not_decide_a_claim_about_flows(tmp_path: Path) -> None:
+    """The Gaussian baseline is equivariant but not trained: its NLL (worse than node-aug here)
+    must neither sink nor carry the verdict on equivariant *flows*."""
+    gaussian = cell("density-estimation", "gaussian", "dw4", "quick", 0, [("nll_test", 30.0), ("nll_train", 29.9)],
+                    n_train=10, caps="equivariant;exact-density")
+    results = write(tmp_path, *_generalisation_cells("quick", "kernel-flow", [10.0]), gaussian)
+    res = verdicts(results)[("generalisation", "quick")].result
+    assert res.verdict == report.REPRODUCED, res.evidence
+    only_gaussian = tmp_path / "g"
+    only_gaussian.mkdir()
+    cells = [c for c in _generalisation_cells("quick", "kernel-flow", [10.0]) if c[0]["model"] == "node"]
+    res = verdicts(write(only_gaussian, *cells, gaussian))[("generalisation", "quick")].result
+    assert res.verdict == report.NOT_MEASURED

@@ -98,6 +98,7 @@ from eqbench.tasks.reporting import (
     describe,
     fmt,
     has_capability,
+    is_equivariant_flow,
     point,
     seed_stats,
     settings_name,
@@ -566,7 +567,7 @@ def claim_reweighting(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> Clai
     rows = ok[(ok["task"] == "bg-reweighting") & ok["step"].isna()]
     stats = seed_stats(rows, _REWEIGHTING_METRICS)
     rw = stats[stats["metric"] == "mean_energy_reweighted"]
-    eq_rw = rw[has_capability(rw, "equivariant")]
+    eq_rw = rw[is_equivariant_flow(rw)]
     if eq_rw.empty:
         return ClaimResult(NOT_MEASURED, "needs bg-reweighting mean energies of a model with capability "
                                          "'equivariant'.")

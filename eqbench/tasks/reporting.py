@@ -47,6 +47,7 @@ __all__ = [
     "describe",
     "fmt",
     "has_capability",
+    "is_equivariant_flow",
     "pm",
     "point",
     "seed_stats",
@@ -282,6 +283,14 @@ def has_capability(rows: pandas.DataFrame, capability: str) -> pandas.Series:
     """Boolean mask: the row's model has ``capability`` (``capabilities`` is ``;``-joined)."""
     caps = rows["capabilities"].astype(str).str.split(";")
     return caps.apply(lambda c: capability in c).astype(bool) if len(rows) else caps.astype(bool)
+
+
+def is_equivariant_flow(rows: pandas.DataFrame) -> pandas.Series:
+    """Boolean mask: a *learned* equivariant model (capabilities ``equivariant`` and ``trainable``),
+    what the paper's claims are about. The closed-form Gaussian baseline is equivariant too but
+    learns nothing beyond a width; judging it as "the equivariant flow" would decide a claim about
+    flows by a baseline."""
+    return has_capability(rows, "equivariant") & has_capability(rows, "trainable")
 
 
 # -- numbers --------------------------------------------------------------------------------------
