@@ -143,13 +143,17 @@ def _print_eqbench_diagnostics(name: str, split: str, d: dict[str, Any]) -> None
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from eqbench.api import get_system
+    from eqbench.components import get_system
     from eqbench.data import diagnostics as diag
     from eqbench.data import external, store
 
     systems = args.systems or SYSTEMS.names()
     exit_code = 0
     report: dict[str, Any] = {}
+    regenerate = "always" if args.regenerate else "auto"
+    if args.jobs > 1 and args.source == "eqbench" and not args.verify:
+        store.ensure_datasets([get_system(name) for name in systems], jobs=args.jobs, regenerate=regenerate)
+        regenerate = "auto"  # made just now: the loop below only reads and prints them
     for name in systems:
         system = get_system(name)
         if args.source == "community":
@@ -175,7 +179,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                 print(f"{name} {split}: {state} ({detail})")
                 exit_code = exit_code or (0 if state == "ok" else 2)
                 continue
-            path, d = store.ensure_dataset(system, split, regenerate="always" if args.regenerate else "auto")
+            path, d = store.ensure_dataset(system, split, regenerate=regenerate)
             report.setdefault(name, {})[split] = d
             arrays[split] = store.load_pool(system, split)[0]
             if not args.json:
@@ -465,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regenerate", action="store_true", help="regenerate even if a verified copy is cached")
     p.add_argument("--verify", action="store_true", help="only check the cached files' checksums (exit 2 if not ok)")
     p.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="generate missing data sets N at a time in separate processes (one thread each; "
+                        "on 2 cores, --jobs 2 halves the time of a fresh cache)")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("run", help="run a task for one model on one system",
@@ -478,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a profile setting (TOML value), e.g. --set n_train=[10,100]; repeatable")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--results", default=None, help="results directory (default: results/<profile>, one per profile)")
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures after the run")
     p.add_argument("--threads", type=int, default=1,
@@ -515,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--gpus-per-job", type=int, default=0, help="SLURM GPUs per cell")
     p.add_argument("--slurm-minutes", type=int, default=60, help="SLURM time limit per cell, minutes")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--results", default=None, help="results directory (default: results/<profile>, one per profile)")
     p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells to run with their estimated cost (from finished cells, any profile); run nothing")
@@ -543,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="redraw task figures (PNG + SVG) from RESULTS/results.csv",
                        description="Each task draws its figures from the long table only, into RESULTS/plots/<task>/.")
     p.add_argument("--task", action="append", help="task id (repeatable; default: every task with results)")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--results", default=None, help="results directory (default: the only results/<profile> there is, "
+                   "else name one)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("timing", help="time training and sampling per model (paper Table 2) on this machine",
@@ -559,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_timing)
 
     p = sub.add_parser("collect", help="concatenate the per-cell records into one long CSV")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--results", default=None, help="results directory (default: the only results/<profile> there is, "
+                   "else name one)")
     p.add_argument("--out", default=None, help="output CSV (default: RESULTS/results.csv)")
     p.set_defaults(func=cmd_collect)
 
@@ -568,16 +577,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "verdict per claim of the paper, each task's figures (inline SVG), measured "
                                    "numbers beside the published ones, failed cells and provenance. Needs no "
                                    "network access to view.")
-    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--results", default=None, help="results directory (default: the only results/<profile> there is, "
+                   "else name one)")
     p.add_argument("--out", default=None, help="output HTML file (default: RESULTS/report.html)")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _default_results(args: argparse.Namespace) -> str:
+    """``results/<profile>`` for commands that run cells; for commands that read them, the one
+    results directory under ``results/`` (one per profile), or an error naming the choices."""
+    from eqbench.runner import default_results_dir
+
+    if getattr(args, "profile", None):
+        return str(default_results_dir(args.profile))
+    root = Path("results")
+    found = sorted(str(d) for d in root.glob("*") if (d / "cells").is_dir() or (d / "results.csv").is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise EqbenchError("no results under results/ (one directory per profile, e.g. results/quick); "
+                           "run a task first or pass --results DIR")
+    raise EqbenchError(f"several results directories, one per profile; pass --results with one of: {', '.join(found)}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "results", "") is None:
+            args.results = _default_results(args)
         return args.func(args)
     except EqbenchError as exc:
         print(f"eqbench: error: {exc}", file=sys.stderr)

@@ -40,6 +40,7 @@ from eqbench.systems.base import DATA_SPLITS, ParticleSystem
 
 __all__ = [
     "SPLITS",
+    "ensure_datasets",
     "TEMPERATURE_TOLERANCE",
     "cache_dir",
     "dataset_paths",
@@ -355,3 +356,37 @@ def subset(pool: np.ndarray, n: int | None, seed: int) -> np.ndarray:
         raise ConfigError(f"sample count must be between 1 and {len(pool)} (the size of the pool), got {n}")
     order = np.random.default_rng(seed).permutation(len(pool))
     return pool[order[:n]]
+
+
+def _ensure_in_worker(system_name: str, split: str, regenerate: Regenerate) -> str:
+    """One data set in a worker process of :func:`ensure_datasets` (one torch thread)."""
+    torch.set_num_threads(1)
+    from eqbench import catalog  # noqa: F401  (registers the built-in systems in a spawned process)
+    from eqbench.registry import SYSTEMS
+
+    ensure_dataset(SYSTEMS.get(system_name)(), split, regenerate=regenerate, progress=False)
+    return f"{system_name} {split}"
+
+
+def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate: Regenerate = "auto") -> None:
+    """Make sure every split of every system is cached, ``jobs`` data sets at a time.
+
+    Why: one Metropolis run of LJ-13's small batches keeps one core busy (a second thread only
+    adds synchronisation, see :func:`_all_cores`), so on a 2-core machine two splits generated
+    side by side in separate processes take half the time of one after the other. Each worker is
+    a spawned process with one torch thread; splits are started largest first. Generation is
+    deterministic per data set, so the files are the same bits either way.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    todo = [(system, split) for system in systems for split in SPLITS
+            if regenerate == "always" or verify_dataset(system, split)[0] != "ok"]
+    if jobs <= 1 or len(todo) <= 1:
+        for system, split in todo:
+            ensure_dataset(system, split, regenerate=regenerate)
+        return
+    todo.sort(key=lambda pair: -pair[0].data_protocol.size(pair[1]) * pair[0].n_particles ** 2)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_ensure_in_worker, system.name, split, regenerate) for system, split in todo]:
+            future.result()
