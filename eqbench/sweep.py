@@ -21,7 +21,6 @@ from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
 from eqbench.records import CellResult, CellStore
 from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.planning import CellPlan, default_results_dir, plan_cells
-from eqbench.runner import preflight
 
 __all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
 
@@ -115,8 +114,10 @@ def sweep(
 ) -> tuple[SweepPlan, list[CellResult]]:
     """Plan and run a sweep; returns the plan and the results of the cells run now.
 
-    ``on_plan`` sees the plan before any cell starts (the CLI prints its price there). Every model
-    passes :func:`eqbench.runner.preflight` before any cell is submitted, or the sweep is refused."""
+    ``on_plan`` sees the plan before any cell starts (the CLI prints its price there). Each worker
+    runs :func:`eqbench.runner.preflight` on a model before that model's first cell in it (model
+    code never runs in this process: a model that kills its process must only fail its cells); a
+    model that breaks the contract fails its cells with the breach as their reason."""
     from tqdm.auto import tqdm
 
     from eqbench.tasks.common import show_progress
@@ -128,7 +129,6 @@ def sweep(
         on_plan(plan)
     if not plan.todo:
         return plan, []
-    plan.todo = preflight(plan.todo)
     if device != "auto":
         from eqbench.devices import resolve_device
 

@@ -188,3 +188,19 @@ def test_reading_commands_name_the_profile_directories(tmp_path, cli):
     out = cli("report", cwd=tmp_path)
     assert out.returncode == 2
     assert "results/quick" in out.stderr and "results/smoke" in out.stderr
+
+
+def test_sweep_checks_models_in_its_workers(tmp_path):
+    """A sweep's parent never runs model code (a model may kill its process); the worker runs the
+    pre-flight before the model's first cell there, and a breach fails the model's cells with the
+    breach as their reason while the other models' cells finish."""
+    from eqbench.sweep import sweep
+
+    _, results = sweep("test-nll", ["gaussian", "test_cell_identity:build_shifted"], ["harmonic"], "smoke",
+                       jobs=2, threads=1, results_dir=tmp_path, progress=False)
+    by_model = {r.config["model"]: r for r in results}
+    assert by_model["gaussian"].status == "ok"
+    assert by_model["gaussian"].model_info["capabilities"] == ["equivariant", "exact-density"]
+    bad = by_model["test_cell_identity:build_shifted"]
+    assert bad.status == "failed" and "fails the flow contract" in bad.reason and "CoM-free" in bad.reason
+    assert not bad.records

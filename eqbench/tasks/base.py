@@ -99,13 +99,14 @@ class Task(ABC):
 
     def check_supported(self, system: str, model: str) -> None:
         """Raise :class:`ConfigError` saying why, when the combination cannot run: a system the
-        protocol is not defined for, a model without a build for the system
-        (:func:`refuse_unbuildable`), or a model that lacks a required capability."""
+        protocol is not defined for, or a model that lacks a required capability. Tasks that build
+        the model while planning anyway (to expand augmentation variants) also refuse a model
+        without a build for the system (:func:`refuse_unbuildable`); the others leave model code
+        to the cell, so a sweep's parent process never runs a model that may crash it."""
         if self.systems is not None and system not in self.systems:
             raise ConfigError(
                 f"task {self.name} does not support system {system!r}; supported: {', '.join(self.systems)}"
             )
-        refuse_unbuildable(self.name, system, model)
         if self.requires:
             from eqbench.components import get_system
 

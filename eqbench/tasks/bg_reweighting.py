@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
 from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
                                   sample_with_log_q, show_progress, train_flow)
 
@@ -188,6 +188,12 @@ class BGReweighting(Task):
     systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("augment",)
     requires = ("trainable",)
+
+    def check_supported(self, system: str, model: str) -> None:
+        """Also refuse, naming this task, a model that has no build for the system (the
+        known-answer ``harmonic`` system has no kernel placement or block count of its own)."""
+        refuse_unbuildable(self.name, system, model)
+        super().check_supported(system, model)
 
     # ------------------------------------------------------------------ settings
     def validate(self, params: Mapping[str, Any]) -> None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
 from eqbench.tasks.common import (
     augmentation_cells,
     check_finite,
@@ -76,6 +76,13 @@ class DensityEstimation(Task):
     #: ``harmonic``: the known-answer system (target = prior; NLL of the prior known in closed form).
     systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("n_train", "augment")
+
+    def check_supported(self, system: str, model: str) -> None:
+        """Also refuse, naming this task, a model without a build for the system (expanding a
+        cell builds the model, so without this a sweep would stop there instead of listing the
+        pair as unsupported)."""
+        super().check_supported(system, model)
+        refuse_unbuildable(self.name, system, model)
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "batch_size"):
