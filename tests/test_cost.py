@@ -14,9 +14,15 @@ from eqbench.records import CellResult, Record
 from eqbench.registry import TASKS
 from eqbench.runner import CellPlan, plan_cells
 
-DE_PARAMS = {"n_train": 10, "augment": False, "variant": "", "n_test": 100, "n_train_eval": 10, "iterations": 100,
-             "batch_size": 64, "model_config": {}}
-FIT_S_PER_STEP, EVAL_S_PER_CONFIG, SETUP_S = 1e-3, 2e-3, 1.0
+DE_PARAMS = {"n_train": 10, "augment": False, "variant": "", "n_test": 100, "n_train_eval": 10, "n_val": 20,
+             "validate_every": 50, "model_selection": "best-validation", "iterations": 100, "batch_size": 64,
+             "model_config": {}}
+FIT_S_PER_STEP, EVAL_S_PER_CONFIG, VALIDATION_S_PER_CONFIG, SETUP_S = 1e-3, 2e-3, 3e-3, 1.0
+
+
+def checkpoints(params: dict) -> int:
+    """Validation scorings of a density-estimation cell: before training, every validate_every, after."""
+    return 1 + math.ceil(params["iterations"] / params["validate_every"])
 
 
 def cell(task: str, model: str, system: str, params: dict, seed: int = 0, *, profile: str = "quick",
@@ -35,9 +41,11 @@ def cell(task: str, model: str, system: str, params: dict, seed: int = 0, *, pro
 def de_cell(iterations: int, seed: int = 0, *, variant: str = "", rate: float = FIT_S_PER_STEP, **kw) -> CellResult:
     params = dict(DE_PARAMS, iterations=iterations, variant=variant, augment=bool(variant))
     steps = iterations * params["batch_size"]
-    configs = params["n_train"] + params["n_test"]
+    configs = params["n_train"] + params["n_val"] + params["n_test"]
+    validation = params["n_val"] * checkpoints(params) * VALIDATION_S_PER_CONFIG
     return cell("density-estimation", "kernel-flow", "dw4", params, seed, cell_id=f"de-{iterations}-{seed}-{variant}",
-                records={"fit_wall_s": steps * rate, "eval_wall_s": configs * EVAL_S_PER_CONFIG}, **kw)
+                records={"fit_wall_s": steps * rate, "eval_wall_s": configs * EVAL_S_PER_CONFIG,
+                         "validation_wall_s": validation}, **kw)
 
 
 def plan_of(task: str, model: str, system: str, params: dict, seed: int = 0, profile: str = "paper") -> CellPlan:
@@ -47,7 +55,8 @@ def plan_of(task: str, model: str, system: str, params: dict, seed: int = 0, pro
 def test_phases_scale_linearly_from_cells_of_another_profile():
     calibration = [de_cell(100, profile="smoke"), de_cell(400)]
     paper = dict(DE_PARAMS, iterations=5000, n_train=1000, n_train_eval=1000, n_test=10000)
-    expected = 5000 * 64 * FIT_S_PER_STEP + (1000 + 10000) * EVAL_S_PER_CONFIG + SETUP_S
+    expected = (5000 * 64 * FIT_S_PER_STEP + (1000 + 20 + 10000) * EVAL_S_PER_CONFIG
+                + 20 * checkpoints(paper) * VALIDATION_S_PER_CONFIG + SETUP_S)
     task = TASKS.get("density-estimation")
     assert phase_estimate(task, paper, "dw4", calibration) == pytest.approx(expected)
     estimate = CostModel(calibration).estimate(plan_of("density-estimation", "kernel-flow", "dw4", paper))
@@ -80,7 +89,7 @@ def test_calibration_needs_the_same_variant_and_the_same_kind_of_device():
     target = dict(DE_PARAMS, iterations=1000, variant="aug", augment=True)
     fit_aug = 1000 * 64 * 5e-3
     assert model.estimate(plan_of("density-estimation", "kernel-flow", "dw4", target)).seconds == pytest.approx(
-        fit_aug + 110 * EVAL_S_PER_CONFIG + SETUP_S)
+        fit_aug + 130 * EVAL_S_PER_CONFIG + 20 * checkpoints(target) * VALIDATION_S_PER_CONFIG + SETUP_S)
     other_variant = CostModel([plain]).estimate(plan_of("density-estimation", "kernel-flow", "dw4", target))
     assert other_variant.seconds is None and "variant 'aug'" in other_variant.basis
     gpu_only = CostModel([de_cell(100, device="cuda:0")], device="cpu")
