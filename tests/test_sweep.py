@@ -89,9 +89,10 @@ def test_crash_and_timeout_become_failed_cells_and_the_rest_finishes(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
 def test_killed_sweep_resumes_with_every_cell_exactly_once(tmp_path, signum):
     args = [sys.executable, "-m", "eqbench", "sweep", "--task", "test-nll", "--model", "gaussian", "kernel-flow",
-            "--system", "dw4", "dw2", "--set", "iterations=3", "--set", "n_test=50", "--seeds", "1",
+            "--system", "dw4", "dw2", "--set", "iterations=3", "--set", "n_test=50", "--seeds", "3",
             "--threads", "1", "--results", str(tmp_path), "--no-plot"]
-    expected = len(plan_sweep("test-nll", ["gaussian", "kernel-flow"], ["dw4", "dw2"], seeds=1,
+    # Twelve cells: enough that the sweep is still running when the first cell file appears.
+    expected = len(plan_sweep("test-nll", ["gaussian", "kernel-flow"], ["dw4", "dw2"], seeds=3,
                               overrides=OVERRIDES, results_dir=tmp_path).todo)
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     cells = tmp_path / "cells" / "test-nll"

@@ -106,8 +106,9 @@ def test_gaussian_is_refused_with_the_reason():
 def test_augmentation_only_for_non_equivariant_models():
     kernel = plan_cells("bg-reweighting", "kernel-flow", "dw4", "quick")
     node = plan_cells("bg-reweighting", "node", "dw4", "quick")
-    assert [c.params["variant"] for c in kernel] == [""]
-    assert sorted(c.params["variant"] for c in node) == ["", "aug"]
+    assert [c.params["variant"] for c in kernel] == [""] * 3  # three seeds
+    assert sorted(c.params["variant"] for c in node) == [""] * 3 + ["aug"] * 3
+    assert sorted(c.seed for c in kernel) == [0, 1, 2]
 
 
 def test_paper_profile_is_the_papers_protocol():

@@ -69,7 +69,9 @@ def test_augmentation_only_for_non_equivariant_models():
     node = plan_cells("density-estimation", "node", "dw4", "quick")
     assert {c.params["variant"] for c in kernel} == {""}
     assert {c.params["variant"] for c in node} == {"", "aug"}
-    assert len(node) == 2 * len(kernel) == 2 * 3
+    assert len(node) == 2 * len(kernel) == 2 * 3 * 3  # three training-set sizes, three seeds
+    assert {c.seed for c in kernel} == {0, 1, 2}
+    assert len({c.settings_key for c in kernel}) == 3  # seeds share a settings key, sizes do not
 
 
 def test_paper_profile_is_the_papers_protocol():

@@ -129,7 +129,9 @@ def test_settings_resolve_per_system_and_plain_values() -> None:
     lj = eqbench.get_system("lj13")
     s = Settings.resolve(cells[3].params, lj)
     assert s.eps == 0.005 and s.n_samples == 1000 and s.rounds == 10
-    assert (s.mcmc_chains, s.mcmc_burn_in, s.mcmc_stride) == (1000, 20000, 2000)  # "protocol"
+    protocol = lj.data_protocol  # "protocol": the reference data's Metropolis settings
+    assert (s.mcmc_chains, s.mcmc_burn_in, s.mcmc_stride) == (protocol.n_chains, protocol.burn_in, protocol.stride)
+    assert (s.mcmc_chains, s.mcmc_burn_in, s.mcmc_stride) == (200, 65000, 4000)
     assert s.energy_bins == ((-70.0, -60.0), (-80.0, -70.0), (-math.inf, -80.0))
     dw = Settings.resolve(cells[0].params, eqbench.get_system("dw4"))
     assert dw.training_set == "minimum" and dw.n_samples == 10000 and dw.energy_bins == ()

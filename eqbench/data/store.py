@@ -358,14 +358,11 @@ def subset(pool: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return pool[order[:n]]
 
 
-def _ensure_in_worker(system_name: str, split: str, regenerate: Regenerate) -> str:
+def _ensure_in_worker(system: ParticleSystem, split: str, regenerate: Regenerate) -> str:
     """One data set in a worker process of :func:`ensure_datasets` (one torch thread)."""
     torch.set_num_threads(1)
-    from eqbench import catalog  # noqa: F401  (registers the built-in systems in a spawned process)
-    from eqbench.registry import SYSTEMS
-
-    ensure_dataset(SYSTEMS.get(system_name)(), split, regenerate=regenerate, progress=False)
-    return f"{system_name} {split}"
+    ensure_dataset(system, split, regenerate=regenerate, progress=False)
+    return f"{system.name} {split}"
 
 
 def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate: Regenerate = "auto") -> None:
@@ -388,5 +385,5 @@ def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate:
         return
     todo.sort(key=lambda pair: -pair[0].data_protocol.size(pair[1]) * pair[0].n_particles ** 2)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_ensure_in_worker, system.name, split, regenerate) for system, split in todo]:
+        for future in [pool.submit(_ensure_in_worker, system, split, regenerate) for system, split in todo]:
             future.result()
