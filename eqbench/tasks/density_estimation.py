@@ -253,8 +253,12 @@ def _report_section() -> TaskSection:
         title="Density estimation: NLL vs training-set size",
         paper="§7.3, Fig. 5, 8, 9",
         conventions=NLL_CONVENTION + " Variant 'aug': non-equivariant model trained with random rotations and "
-                    "permutations of every batch.",
-        metrics=("nll_train", "nll_test", "final_train_loss", "n_parameters"),
+                    "permutations of every batch. The scored model is the checkpoint named by model_selection "
+                    "(selected_iteration; 'best-validation': lowest exact NLL on the validation split, disjoint "
+                    "from train and test). nll_test_k1_gap: for an importance-weighted NLL (real NVP, unit 'IW "
+                    "estimate K=…'), the one-draw NLL minus the K-draw one.",
+        metrics=("nll_train", "nll_val", "nll_test", "nll_test_k1_gap", "selected_iteration", "final_train_loss",
+                 "n_parameters"),
         baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "nll_test" or r["metric"] == "n_parameters",
         pair=_pair_parameters,
         claims=(Claim("generalisation", "Equivariant flows generalise from few samples", "§7.3, Fig. 5",
