@@ -94,7 +94,10 @@ def test_killed_sweep_resumes_with_every_cell_exactly_once(tmp_path, signum):
     # Twelve cells: enough that the sweep is still running when the first cell file appears.
     expected = len(plan_sweep("test-nll", ["gaussian", "kernel-flow"], ["dw4", "dw2"], seeds=3,
                               overrides=OVERRIDES, results_dir=tmp_path).todo)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # SIGINT back to its default in the child: a test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python keeps an inherited SIG_IGN.
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     cells = tmp_path / "cells" / "test-nll"
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cells.glob("*.json"))) < 1:
