@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import CellResult, CellStore
-from eqbench.tasks.pricing import phase_estimate, phase_seconds, remainder_seconds
+from eqbench.tasks.pricing import phase_estimate, phase_seconds
 
 if TYPE_CHECKING:
     from eqbench.planning import CellPlan
