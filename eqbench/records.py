@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eqbench.atomic import atomic_write_text
+from eqbench.atomic import atomic_write_text, remove_orphaned_temps
 
 if TYPE_CHECKING:  # pandas is only needed by collect(); keep `import eqbench.records` light
     import pandas
@@ -337,6 +337,13 @@ class CellStore:
         text = json.dumps(cell.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
         atomic_write_text(path, text)
         return path
+
+    def remove_orphaned_temps(self) -> list[Path]:
+        """Remove temp files of writers that were killed mid-write (see
+        :func:`eqbench.atomic.remove_orphaned_temps`); a resumed run calls this before it starts."""
+        if not self.cells_dir.is_dir():
+            return []
+        return [p for d in sorted(self.cells_dir.iterdir()) if d.is_dir() for p in remove_orphaned_temps(d)]
 
     def _load(self, path: Path) -> CellResult | None:
         """Parse one file; anything unreadable is reported and treated as absent, so the cell

@@ -134,6 +134,8 @@ def run(
     plans = plan_cells(task, model, system, profile, seed=seed, overrides=overrides)
     store = CellStore(default_results_dir(profile) if results_dir is None else results_dir)
     todo = [plan for plan in plans if rerun or not store.is_done(plan.task, plan.cell_id)]
+    if todo:
+        store.remove_orphaned_temps()
     checked = {plan.cell_id: plan for plan in preflight(todo)}
     results = []
     for plan in plans:

@@ -129,6 +129,7 @@ def sweep(
         on_plan(plan)
     if not plan.todo:
         return plan, []
+    CellStore(results_dir).remove_orphaned_temps()  # what a killed earlier sweep left mid-write
     if device != "auto":
         from eqbench.devices import resolve_device
 

@@ -316,3 +316,42 @@ def test_atomic_files_get_the_permissions_of_a_plain_write(tmp_path: Path) -> No
     atomic = tmp_path / "atomic.txt"
     atomic_write_text(atomic, "x")
     assert stat.S_IMODE(os.stat(atomic).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
+def test_orphaned_temp_files_of_killed_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    """SIGKILL mid-write leaves a temp file no writer can clean; the next run removes it, but never
+    the temp file of a writer that is still alive, nor one of another host still fresh."""
+    import os
+    import subprocess
+    import time
+
+    from eqbench import atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = atomic._HOST
+    cells = tmp_path / "cells" / "test-nll"
+    cells.mkdir(parents=True)
+    orphan = cells / f".abc.json.{host}.{dead.pid}.x1y2z3.tmp"
+    live = cells / f".def.json.{host}.{os.getpid()}.q9w8e7.tmp"
+    foreign_fresh = cells / ".ghi.json.otherhost.12345.aaaa.tmp"
+    foreign_stale = cells / ".jkl.json.otherhost.12345.bbbb.tmp"
+    finished = cells / "abc.json"
+    for path in (orphan, live, foreign_fresh, foreign_stale, finished):
+        path.write_text("{")
+    old = time.time() - 2 * 86400
+    os.utime(foreign_stale, (old, old))
+    removed = CellStore(tmp_path).remove_orphaned_temps()
+    assert sorted(removed) == sorted([orphan, foreign_stale])
+    assert live.exists() and foreign_fresh.exists() and finished.exists()
+
+
+def test_atomic_temp_names_carry_the_writers_host_and_pid(tmp_path: Path) -> None:
+    import os
+
+    from eqbench import atomic
+
+    seen = []
+    atomic.atomic_write(tmp_path / "x.json", lambda handle: seen.append(Path(handle.name).name))
+    match = atomic._TEMP_NAME.match(seen[0])
+    assert match and match["host"] == atomic._HOST and int(match["pid"]) == os.getpid()
