@@ -10,22 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from eqbench.capabilities import CAPABILITIES, checked_capabilities, model_builder
+from eqbench.errors import ConfigError, EqbenchError
 from eqbench.registry import MODELS, SYSTEMS
 
 if TYPE_CHECKING:
     from eqbench.flows.base import Flow
     from eqbench.systems.base import ParticleSystem
 
-__all__ = ["CAPABILITIES", "get_system", "build_model", "capabilities_of"]
-
-#: What a task or a claim may require of a model, and the phrase used when a model lacks it.
-CAPABILITIES: dict[str, str] = {
-    "cnf": "is not a continuous flow: it has no velocity field or divergence",
-    "trainable": "is fitted in closed form: it has no gradient-based training to run",
-    "equivariant": "is not equivariant (claims no rotation/permutation symmetry)",
-    "exact-density": "has no exact log-density (its log_prob is an estimate)",
-}
-
+__all__ = ["CAPABILITIES", "get_system", "build_model", "capabilities_of", "model_builder",
+           "declared_capabilities", "model_capabilities"]
 
 def get_system(name: str | ParticleSystem) -> ParticleSystem:
     """A registered system by name (``dw2``, ``dw4``, ``lj13``, or a plugin's).
@@ -41,15 +35,52 @@ def get_system(name: str | ParticleSystem) -> ParticleSystem:
     return SYSTEMS.get(name)()
 
 
+def declared_capabilities(name: str) -> frozenset[str] | None:
+    """The capabilities the builder of model ``name`` declares (:func:`model_builder`), or ``None``."""
+    declared = getattr(MODELS.get(name), "capabilities", None)
+    if declared is None:
+        return None
+    return checked_capabilities(declared, f"model {name!r}")
+
+
 def build_model(name: str, system: str | ParticleSystem, config: Mapping[str, Any] | None = None) -> Flow:
     """Build a registered model (or a ``"module:attr"`` builder) for a system.
+
+    A builder that raises gives a one-line error naming the model and the system (a
+    :class:`~eqbench.errors.ConfigError` for a bad setting, else an
+    :class:`~eqbench.errors.EqbenchError` chained to the original exception).
 
     Example:
         >>> build_model("kernel-flow", "dw4").n_parameters
         620
     """
     builder = MODELS.get(name)
-    return builder(get_system(system), dict(config or {}))
+    system_obj = get_system(system)
+    try:
+        return builder(system_obj, dict(config or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"model {name!r} on {system_obj.name}: {exc}") from exc
+    except EqbenchError:
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        raise EqbenchError(f"model {name!r} failed to build for system {system_obj.name}: "
+                           f"{type(exc).__name__}: {text}") from exc
+
+
+def model_capabilities(name: str, system: str | ParticleSystem,
+                       config: Mapping[str, Any] | None = None) -> frozenset[str]:
+    """What model ``name`` is: the capabilities its builder declares (:func:`model_builder`),
+    or, for a builder that declares none, those of the model built with ``config``.
+
+    Example:
+        >>> sorted(model_capabilities("node", "dw4"))
+        ['cnf', 'exact-density', 'trainable']
+    """
+    declared = declared_capabilities(name)
+    if declared is not None:
+        return declared
+    return capabilities_of(build_model(name, system, config))
 
 
 def capabilities_of(flow: Flow) -> frozenset[str]:

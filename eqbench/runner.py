@@ -40,17 +40,21 @@ def _model_facts(model: str, system: str, model_config: Mapping[str, Any], code:
     key = json.dumps([model, system, dict(model_config), dict(code)], sort_keys=True, default=str)
     if key in _PREFLIGHT_CACHE:
         return _PREFLIGHT_CACHE[key]
-    from eqbench.components import build_model, capabilities_of, get_system
+    from eqbench.components import build_model, capabilities_of, declared_capabilities, get_system
     from eqbench.testing import check_flow_quick
 
     system_obj = get_system(system)
     flow = build_model(model, system_obj, dict(model_config))  # its errors are the cell's, unchanged
+    built, declared = capabilities_of(flow), declared_capabilities(model)
+    if declared is not None and declared != built:
+        raise ContractError(f"model {model!r} declares capabilities {sorted(declared)} but builds a flow "
+                            f"with {sorted(built)} on {system} (eqbench.model_builder; README 'Adding a model')")
     try:
         report = check_flow_quick(flow, system_obj)
     except AssertionError as exc:
         raise ContractError(f"model {model!r} fails the flow contract on {system}: {exc} "
                             f"(eqbench.testing.check_flow_quick; README 'Results store')") from None
-    facts = {"capabilities": sorted(capabilities_of(flow)),
+    facts = {"capabilities": sorted(built),
              "density": getattr(flow, "density_estimate", None) or "exact",
              "n_parameters": int(flow.n_parameters),
              "contract": sorted(report.passed)}

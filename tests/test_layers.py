@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eqbench"
 
 #: Lowest first. A module may import its own layer and the layers below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "atomic", "versions", "registry", "geometry", "config", "devices"),
+    ("errors", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities"),
     ("systems", "records"),
     ("flows", "data", "components"),
     ("metrics", "minima", "train", "testing", "timing"),

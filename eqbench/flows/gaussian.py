@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
@@ -49,6 +50,7 @@ class IsotropicGaussian(Flow):
         self.log_scale.copy_(0.5 * variance.log())
 
 
+@model_builder(capabilities=["equivariant", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> IsotropicGaussian:
     """Registry builder: ``config`` may set ``scale`` (initial σ, default 1)."""
     config = dict(config or {})

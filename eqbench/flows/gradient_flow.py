@@ -50,6 +50,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.geometry import pair_vectors
@@ -209,6 +210,7 @@ def build_gradient_flow(cls: type[GradientFlowBase], model: str, system: Particl
     return cls(system, init_scale=init_scale, **options).to(dtype)
 
 
+@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SimpleGradientFlow:
     """Registry builder for ``gradient-flow`` (dw2, dw4, lj13).
 

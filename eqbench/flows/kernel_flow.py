@@ -73,6 +73,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.geometry import pair_indices
@@ -442,6 +443,7 @@ class KernelFlow(CNF):
         )
 
 
+@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> KernelFlow:
     """Registry builder for ``kernel-flow``.
 

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
 from eqbench.systems.base import ParticleSystem
@@ -115,6 +116,7 @@ def parse_hidden(value: Any, model: str) -> tuple[int, ...]:
     return widths
 
 
+@model_builder(capabilities=["cnf", "trainable", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> NeuralODE:
     """Registry builder for ``node`` (paper C.3). Supported systems: dw2, dw4, lj13."""
     config = dict(config or {})

@@ -101,6 +101,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.flows.prior import StandardNormal
@@ -293,6 +294,7 @@ def _check_draws(k: object) -> int:
     return k
 
 
+@model_builder(capabilities=["trainable"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> RealNVP:
     """Registry builder for ``real-nvp`` (paper B.2, C.5). Supported systems: dw2, dw4, lj13."""
     config = dict(config or {})

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from eqbench.capabilities import model_builder
 from eqbench.flows.gradient_flow import (
     DEFAULT_INIT_SCALE,
     N_RBF,
@@ -83,6 +84,7 @@ class SchNetGradientFlow(GradientFlowBase):
         return F.softplus(self.readout(h).squeeze(-1)).sum(-1)
 
 
+@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SchNetGradientFlow:
     """Registry builder for ``schnet-flow`` (dw2, dw4, lj13).
 

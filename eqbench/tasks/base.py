@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.components import CAPABILITIES
 from eqbench.config import load_profiles
-from eqbench.errors import ConfigError
+from eqbench.errors import ConfigError, EqbenchError
 from eqbench.records import CellResult, Record
 
 if TYPE_CHECKING:
@@ -26,14 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["CAPABILITIES", "CellContext", "Task", "model_capabilities"]
 
 def model_capabilities(model: str, system: Any) -> frozenset[str]:
-    """Capabilities of ``model`` built for ``system`` with its default settings (cheap: no data).
-
-    Built rather than looked up so that plugin models are judged by what they are, not by a
-    list of names (:func:`eqbench.components.capabilities_of`).
+    """Capabilities of ``model`` on ``system``: what its builder declares, without building it
+    (:func:`eqbench.components.model_capabilities`); a builder that declares nothing is built
+    with its default settings and judged by what it is, never by its name.
     """
-    from eqbench.components import build_model, capabilities_of
+    from eqbench.components import model_capabilities as capabilities
 
-    return capabilities_of(build_model(model, system))
+    try:
+        return capabilities(model, system)
+    except EqbenchError as exc:
+        raise ConfigError(f"{exc} (a builder that needs settings to be built should declare its "
+                          "capabilities with eqbench.model_builder(capabilities=...))") from exc
 
 
 def refuse_unbuildable(task: str, system: str, model: str) -> None:
