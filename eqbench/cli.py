@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from eqbench import catalog  # noqa: F401  (registers the built-ins)
+from eqbench.config import TRAINING_DEFAULTS, TRAINING_HELP
 from eqbench.errors import EqbenchError, UnknownNameError
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
 
@@ -91,8 +92,17 @@ def cmd_describe(args: argparse.Namespace) -> int:
         module_doc = sys.modules[type(task).__module__].__doc__ or ""
         print(textwrap.dedent(module_doc).strip() or textwrap.dedent(type(task).__doc__ or "").strip())
         print("\nprofiles:")
-        for profile, params in task.profiles().items():
+        for profile in task.profiles():
+            params = {k: v for k, v in task.profile(profile).items() if k not in TRAINING_DEFAULTS}
             print(f"  {profile}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        if task.trains:
+            print("\ntraining settings (every profile; the paper's protocol unless a profile sets them; --set KEY=VALUE,"
+                  " or a per-model table --set 'lr={default=5e-3, real-nvp=1e-3}'):")
+            for key, value in TRAINING_DEFAULTS.items():
+                shown = {p: task.profile(p)[key] for p in task.profiles()}
+                values = ", ".join(f"{p}={v}" for p, v in shown.items()) if len(set(map(str, shown.values()))) > 1 \
+                    else str(value if not shown else next(iter(shown.values())))
+                print(f"  {key} = {values}: {TRAINING_HELP[key]}")
         found = True
     if name in MODELS:
         entry = MODELS.entry(name)

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eqbench.config import apply_overrides, expand_grid
+from eqbench.config import apply_overrides, check_training_settings, expand_grid, resolve_per_model
 from eqbench.errors import ConfigError
 from eqbench.records import cell_id, settings_key
 from eqbench.registry import MODELS, SYSTEMS, TASKS
-from eqbench.tasks.base import Task
+from eqbench.tasks.base import REFERENCE_MODEL, Task
 from eqbench.versions import eqbench_code_version, object_code_version
 
 __all__ = ["CellPlan", "code_versions", "default_results_dir", "plan_cells"]
@@ -57,11 +57,15 @@ class CellPlan:
         return settings_key(self.config)
 
 
-def code_versions(task: str, model: str) -> dict[str, str]:
+def code_versions(task: str, model: str | None) -> dict[str, str]:
     """``{"eqbench": ...}`` plus ``"model"`` / ``"task"`` where those come from other code
-    (a plugin, a ``module:attr`` path): see :mod:`eqbench.versions`."""
+    (a plugin, a ``module:attr`` path): see :mod:`eqbench.versions`. ``model=None``: a cell that
+    runs no model code (a model-independent reference, :meth:`~eqbench.tasks.base.Task.reference_params`)."""
     versions = {"eqbench": eqbench_code_version()}
-    for kind, obj in (("model", MODELS.get(model)), ("task", type(TASKS.get(task)))):
+    sources = [("task", type(TASKS.get(task)))]
+    if model is not None:
+        sources.insert(0, ("model", MODELS.get(model)))
+    for kind, obj in sources:
         version = object_code_version(obj)
         if version != versions["eqbench"]:
             versions[kind] = version
@@ -95,12 +99,23 @@ def plan_cells(
     seed: int | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> list[CellPlan]:
-    """Resolve names and settings and list the cells to run; raises before any work if invalid."""
+    """Resolve names and settings and list the cells to run; raises before any work if invalid.
+
+    A cell the task declares model-independent (:meth:`~eqbench.tasks.base.Task.reference_params`)
+    is planned with model :data:`~eqbench.tasks.base.REFERENCE_MODEL`, the task's reference
+    settings and no model code version: the same cell, with the same id, for every ``model``.
+    """
+    if model == REFERENCE_MODEL:
+        raise ConfigError(f"{REFERENCE_MODEL!r} names the model-independent reference cells of a task, "
+                          "not a model; choose another model name")
     task_obj: Task = TASKS.get(task)
     SYSTEMS.get(system)
     MODELS.get(model)
     task_obj.check_supported(system, model)
     params = apply_overrides(task_obj.profile(profile), overrides or {}, f"task {task} profile {profile}")
+    params = resolve_per_model(params, model, MODELS.names())
+    if task_obj.trains:
+        check_training_settings(params)
     seeds = _seed_list(params, seed)
     params.pop("seeds", None)
     code = code_versions(task, model)
@@ -108,5 +123,10 @@ def plan_cells(
     for point in expand_grid(params, task_obj.grid_axes):
         task_obj.validate(point)
         for cell_params in task_obj.expand_cell(point, model, system):
-            plans.extend(CellPlan(task, model, system, profile, s, cell_params, code) for s in seeds)
+            shared = task_obj.reference_params(cell_params)
+            if shared is not None:
+                ref_code = code_versions(task, None)
+                plans.extend(CellPlan(task, REFERENCE_MODEL, system, profile, s, shared, ref_code) for s in seeds)
+            else:
+                plans.extend(CellPlan(task, model, system, profile, s, cell_params, code) for s in seeds)
     return plans

@@ -3,7 +3,11 @@
 ``L = (1 - λ) L_ML + λ L_KL`` with ``L_ML = -⟨log q(x)⟩_data`` and
 ``L_KL = ⟨u(x) + log q(x)⟩_{x~q}`` (reverse KL up to the constant log Z). λ follows a linear
 schedule from ``lambda_start`` to ``lambda_end`` (paper B.3: 0 → 0.5 after ML pre-training).
-Optimiser AdamW, lr 5e-3, weight decay 0.01, batch 64 (paper C.1, C.3). Data augmentation
+Defaults are the paper's protocol: AdamW, lr 5e-3, weight decay 0.01, batch 64 (C.1, C.3), no
+gradient clipping, a constant learning rate. Optimiser (AdamW or Adam), clipping, and a cosine
+schedule with linear warm-up are settings (:data:`eqbench.config.TRAINING_DEFAULTS`), because a
+flow brought from elsewhere may need its own: one step at a learning rate it was not made for
+can undo its training. Data augmentation
 (random rotation/reflection and permutation of each batch) is an option for any model (the
 ``aug`` variants of paper §7.3). A non-finite loss or gradient stops the run with the reason
 recorded, never silently continuing on garbage. Deterministic on CPU given ``seed``.
@@ -34,12 +38,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from eqbench.config import OPTIMIZERS, SCHEDULES
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.geometry import apply_permutation, random_orthogonal, random_permutations
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["SELECTIONS", "TrainConfig", "TrainResult", "augment", "fit", "lambda_at", "mean_nll"]
+__all__ = ["SELECTIONS", "TrainConfig", "TrainResult", "augment", "fit", "lambda_at", "lr_factor", "mean_nll"]
 
 #: How :func:`fit` picks the parameters it returns: the last iteration's, or those with the
 #: lowest exact validation NLL among the checkpoints it scored.
@@ -58,7 +63,12 @@ class TrainConfig:
     lambda_end: float = 0.0
     kl_batch_size: int = 64
     augment: bool = False
-    grad_clip: float | None = 100.0
+    #: Largest gradient norm, or ``None``: no clipping (the paper's protocol).
+    grad_clip: float | None = None
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    #: Iterations of linear warm-up from lr 0 before the schedule.
+    lr_warmup: int = 0
     seed: int = 0
     log_every: int = 10
     selection: str = "last"
@@ -75,6 +85,16 @@ class TrainConfig:
                 raise ConfigError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be None (off) or > 0, got {self.grad_clip}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.lr_warmup < 0:
+            raise ConfigError(f"lr_warmup must be >= 0, got {self.lr_warmup}")
 
 
 @dataclass
@@ -102,6 +122,32 @@ def lambda_at(config: TrainConfig, iteration: int) -> float:
         return config.lambda_end
     fraction = iteration / (config.iterations - 1)
     return config.lambda_start + fraction * (config.lambda_end - config.lambda_start)
+
+
+def lr_factor(config: TrainConfig, iteration: int) -> float:
+    """The learning rate of ``iteration`` (0-based) as a fraction of ``config.lr``.
+
+    Linear warm-up over the first ``lr_warmup`` iterations (iteration ``i`` gets ``(i + 1) /
+    lr_warmup``, so no step is taken at lr 0), then constant, or a cosine decay that reaches 0
+    after the last iteration.
+
+    Example:
+        >>> cfg = TrainConfig(iterations=10, schedule="cosine", lr_warmup=2)
+        >>> [round(lr_factor(cfg, i), 3) for i in (0, 1, 2, 9)]
+        [0.5, 1.0, 1.0, 0.038]
+    """
+    if iteration < config.lr_warmup:
+        return (iteration + 1) / config.lr_warmup
+    if config.schedule == "constant":
+        return 1.0
+    span = max(1, config.iterations - config.lr_warmup)
+    progress = (iteration - config.lr_warmup) / span
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _optimizer(flow: Flow, config: TrainConfig) -> torch.optim.Optimizer:
+    kind = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[config.optimizer]
+    return kind(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -154,7 +200,7 @@ def fit(
     ref = next(flow.parameters())
     if data is not None:
         data = data.to(device=ref.device, dtype=ref.dtype)
-    optimizer = torch.optim.AdamW(flow.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(flow, config)
     if validation is not None:
         validation = validation.to(device=ref.device, dtype=ref.dtype)
     scores: list[tuple[int, float]] = []
@@ -208,11 +254,13 @@ def fit(
             break
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(flow.parameters(), config.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(config, iteration)
         optimizer.step()
         done = iteration + 1
         if iteration % config.log_every == 0 or done == config.iterations:
             entry = {"iteration": iteration, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
-                     "lambda": lam, "grad_norm": grad_norm,
+                     "lambda": lam, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
                      "nfe": float(getattr(flow, "nfe", 0) - nfe_before),  # forward + backward, this iteration
                      "wall_s": time.perf_counter() - start}
             history.append(entry)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eqbench.components import CAPABILITIES
-from eqbench.config import load_profiles
+from eqbench.config import TRAINING_DEFAULTS, load_profiles
 from eqbench.errors import ConfigError, EqbenchError
 from eqbench.records import CellResult, Record
 
@@ -23,7 +23,13 @@ if TYPE_CHECKING:
 
     from eqbench.tasks.reporting import TaskSection
 
-__all__ = ["CAPABILITIES", "CellContext", "Task", "model_capabilities"]
+__all__ = ["CAPABILITIES", "REFERENCE_MODEL", "CellContext", "Task", "model_capabilities"]
+
+#: The ``model`` of a cell that does not depend on the model (:meth:`Task.reference_params`): one
+#: cell per system, settings and seed, shared by every model it is compared with. Not a model
+#: name: no model may be registered under it (:func:`eqbench.planning.plan_cells` refuses it).
+REFERENCE_MODEL = "reference"
+
 
 def model_capabilities(model: str, system: Any) -> frozenset[str]:
     """Capabilities of ``model`` on ``system``: what its builder declares, without building it
@@ -89,6 +95,10 @@ class Task(ABC):
     grid_axes: tuple[str, ...] = ()
     #: Capabilities (keys of :data:`CAPABILITIES`) a model needs for this task.
     requires: tuple[str, ...] = ()
+    #: Whether cells train a model: every profile then carries the training settings of
+    #: :data:`eqbench.config.TRAINING_DEFAULTS` (the paper's protocol unless the profile says
+    #: otherwise), settable with ``--set``.
+    trains: bool = False
 
     def profiles(self) -> dict[str, dict[str, Any]]:
         """Profiles from ``tasks/<name>.toml``; plugin tasks may override this."""
@@ -98,7 +108,7 @@ class Task(ABC):
         profiles = self.profiles()
         if name not in profiles:
             raise ConfigError(f"unknown profile {name!r} for task {self.name}; valid: {', '.join(profiles)}")
-        return dict(profiles[name])
+        return {**TRAINING_DEFAULTS, **profiles[name]} if self.trains else dict(profiles[name])
 
     def check_supported(self, system: str, model: str) -> None:
         """Raise :class:`ConfigError` saying why, when the combination cannot run: a system the
@@ -128,6 +138,19 @@ class Task(ABC):
         already equivariant) or to name a point's ``variant``; called after :meth:`validate`.
         """
         return [dict(params)]
+
+    def reference_params(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The settings of a cell that does not depend on the model, or ``None`` (default) when it does.
+
+        A task whose grid holds references computed without the model (metastable-states' training
+        set and MCMC rows) returns, for such a cell, the settings the reference depends on, without
+        any that only the model uses (its ``model_config``, its training settings, which may differ
+        per model). :func:`eqbench.planning.plan_cells` then plans the cell under
+        :data:`REFERENCE_MODEL` and without a model code version, so its id is the same whichever
+        model asked for it: it runs once per system, settings and seed, and every model's run and
+        sweep reads it back. Called on the cells :meth:`expand_cell` returned.
+        """
+        return None
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         """Work of each timed phase of a cell with these settings: ``{metric: work units}``.

@@ -182,6 +182,7 @@ class BGReweighting(Task):
     """ML pre-training, then the ML/KL λ-mix; reweighted samples against MCMC (see the module docstring)."""
 
     name = "bg-reweighting"
+    trains = True
     summary = ("ML then λ-mixed KL training; energy histograms, reweighting, ESS, W2; "
                "DW-2 free energy exact vs Hutchinson (paper §7.4, B.3, Fig. 3b, 6, 10)")
     #: ``harmonic``: the known-answer system (target = prior), for end-to-end checks.

@@ -32,6 +32,7 @@ __all__ = [
     "nll_unit",
     "nll_records",
     "train_flow",
+    "training_options",
     "selection_records",
     "sample_with_log_q",
     "show_progress",
@@ -124,6 +125,24 @@ def nll_records(ctx: CellContext, flow: Flow, x: torch.Tensor, metric: str, *, d
                        f"nats, NLL(K=1) - NLL(K={k})" + (f", {detail}" if detail else ""))]
 
 
+def training_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`eqbench.train.TrainConfig` fields a cell's training settings set (optimizer,
+    lr, weight decay, clipping, schedule, warm-up, KL batch size; :data:`eqbench.config.TRAINING_DEFAULTS`
+    for any the parameters lack), so that every task trains by the same settings.
+
+    Example:
+        >>> training_options({"lr": 1e-3, "grad_clip": "off"})["lr"], training_options({})["grad_clip"]
+        (0.001, None)
+    """
+    from eqbench.config import TRAINING_DEFAULTS, check_training_settings
+
+    p = {**TRAINING_DEFAULTS, **{k: v for k, v in params.items() if k in TRAINING_DEFAULTS}}
+    check_training_settings(p)
+    return {"optimizer": p["optimizer"], "lr": float(p["lr"]), "weight_decay": float(p["weight_decay"]),
+            "grad_clip": None if p["grad_clip"] == "off" else float(p["grad_clip"]),
+            "schedule": p["schedule"], "lr_warmup": int(p["lr_warmup"]), "kl_batch_size": int(p["kl_batch_size"])}
+
+
 def train_flow(
     ctx: CellContext,
     flow: Flow,
@@ -152,8 +171,7 @@ def train_flow(
             raise ConfigError(f"model {ctx.model} is fitted in closed form and needs training data")
         flow.fit_closed_form(train)
         return TrainResult("ok", "", 0, 0.0)
-    config = TrainConfig(iterations=iterations, batch_size=batch_size, lr=float(p.get("lr", 5e-3)),
-                         weight_decay=float(p.get("weight_decay", 0.01)), augment=augment,
+    config = TrainConfig(iterations=iterations, batch_size=batch_size, **training_options(p), augment=augment,
                          lambda_start=lambda_start, lambda_end=lambda_end, seed=ctx.seed + seed_offset,
                          selection=str(p.get("model_selection", "last")) if validation is not None else "last",
                          validate_every=int(p.get("validate_every", 50)))

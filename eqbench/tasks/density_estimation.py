@@ -72,6 +72,7 @@ class DensityEstimation(Task):
     """NLL on train and test after maximum-likelihood training on 10 .. 10,000 samples."""
 
     name = "density-estimation"
+    trains = True
     summary = "NLL on train and test vs training-set size, with/without augmentation (paper §7.3, Fig. 5, 8, 9)"
     #: ``harmonic``: the known-answer system (target = prior; NLL of the prior known in closed form).
     systems = ("dw2", "dw4", "lj13", "harmonic")

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import check_finite, nll_records, positive_int
+from eqbench.tasks.common import check_finite, nll_records, positive_int, training_options
 
 from eqbench.tasks.reporting import TaskSection
 
@@ -113,6 +113,7 @@ class DtoVsOtd(Task):
     """Test NLL and function evaluations per iteration, DTO vs OTD training, DW-4."""
 
     name = "dto-vs-otd"
+    trains = True
     summary = "test NLL and function evaluations per iteration, DTO vs OTD training on DW-4 (paper §7.2, Fig. 4)"
     systems = ("dw4",)
     grid_axes = ("solver",)
@@ -158,9 +159,8 @@ class DtoVsOtd(Task):
         dtype = next(flow.parameters()).dtype
         train = load_data(ctx.system, "train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
         test = load_data(ctx.system, "test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device)
-        train_config = TrainConfig(iterations=p["iterations"], batch_size=p["batch_size"], lr=float(p.get("lr", 5e-3)),
-                                   weight_decay=float(p.get("weight_decay", 0.01)), seed=ctx.seed,
-                                   log_every=p["log_every"])
+        train_config = TrainConfig(iterations=p["iterations"], batch_size=p["batch_size"],
+                                   **training_options(p), seed=ctx.seed, log_every=p["log_every"])
         start = time.perf_counter()
         with ForwardNfeLog(flow) as forward:
             result = fit(flow, ctx.system, train, train_config, progress=ctx.progress)

@@ -295,6 +295,7 @@ class MetastableStates(Task):
     """Distinct minima per method and energy bin; the protocol is the module docstring."""
 
     name = "metastable-states"
+    trains = True
     summary = "distinct energy minima reached from flow samples vs the training set and short/long MCMC (§7.5, Table 1, Fig. 7)"
     systems = ("dw4", "lj13")
     grid_axes = ("variant",)

@@ -26,6 +26,7 @@ class TestNLL(Task):
     __test__ = False  # not a pytest test class despite its name
 
     name = "test-nll"
+    trains = True
     summary = "fit one model by maximum likelihood on n_train samples; NLL on train and test before/after"
     grid_axes = ("n_train",)
 

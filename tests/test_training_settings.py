@@ -1,0 +1,145 @@
+"""Training settings: part of every training task's profile, settable per model, validated, and
+actually used by the training loop (not only recorded)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from eqbench.config import TRAINING_DEFAULTS, resolve_per_model
+from eqbench.errors import ConfigError
+from eqbench.planning import plan_cells
+from eqbench.registry import TASKS
+from eqbench.train import TrainConfig, fit, lr_factor
+
+TRAINING_TASKS = ("test-nll", "density-estimation", "bg-reweighting", "metastable-states", "dto-vs-otd")
+
+
+@pytest.mark.parametrize("task", TRAINING_TASKS)
+def test_every_profile_of_a_training_task_carries_the_papers_training_settings(task):
+    obj = TASKS.get(task)
+    assert obj.trains
+    for profile in obj.profiles():
+        params = obj.profile(profile)
+        for key, value in TRAINING_DEFAULTS.items():
+            assert key in params, (task, profile, key)
+        assert params["optimizer"] == "adamw" and params["lr"] == 5e-3 and params["weight_decay"] == 0.01
+        assert params["grad_clip"] == "off"  # the paper clips nothing (C.1)
+
+
+def test_training_settings_are_settable_and_recorded_per_cell():
+    plans = plan_cells("test-nll", "kernel-flow", "dw2", "smoke",
+                       overrides={"lr": 1e-3, "optimizer": "adam", "schedule": "cosine", "lr_warmup": 3,
+                                  "grad_clip": 10.0, "weight_decay": 0.0, "kl_batch_size": 16})
+    params = plans[0].config["params"]
+    assert (params["lr"], params["optimizer"], params["schedule"], params["lr_warmup"], params["grad_clip"],
+            params["weight_decay"], params["kl_batch_size"]) == (1e-3, "adam", "cosine", 3, 10.0, 0.0, 16)
+    default = plan_cells("test-nll", "kernel-flow", "dw2", "smoke")[0]
+    assert default.settings_key != plans[0].settings_key
+
+
+def test_a_task_that_does_not_train_refuses_training_settings():
+    with pytest.raises(ConfigError, match="unknown setting 'lr'"):
+        plan_cells("timing", "kernel-flow", "dw4", "smoke", overrides={"lr": 1e-3})
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"optimizer": "sgd"}, "unknown optimizer 'sgd'; valid: adamw, adam"),
+    ({"schedule": "step"}, "unknown schedule 'step'; valid: constant, cosine"),
+    ({"lr": 0}, "lr must be > 0"),
+    ({"lr": "fast"}, "lr must be a number"),
+    ({"weight_decay": -1e-3}, "weight_decay must be >= 0"),
+    ({"grad_clip": 0}, "grad_clip must be \"off\" or a number > 0"),
+    ({"lr_warmup": -1}, "lr_warmup must be an integer >= 0"),
+    ({"kl_batch_size": 0}, "kl_batch_size must be an integer >= 1"),
+])
+def test_bad_training_settings_are_one_line_errors_naming_what_is_valid(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_cells("density-estimation", "kernel-flow", "dw4", "smoke", overrides=override)
+
+
+def test_per_model_tables_give_each_model_its_value():
+    lr = {"default": 5e-3, "real-nvp": 1e-3}
+    for model, expected in (("real-nvp", 1e-3), ("kernel-flow", 5e-3)):
+        plans = plan_cells("density-estimation", model, "dw4", "smoke", overrides={"lr": lr})
+        assert {p.config["params"]["lr"] for p in plans} == {expected}
+    # A table without "default" is an ordinary value (model_config, per-system tables).
+    assert resolve_per_model({"eps": {"dw4": 0.01}}, "node", ["node"]) == {"eps": {"dw4": 0.01}}
+    with pytest.raises(ConfigError, match="unknown models 'realnvp'"):
+        plan_cells("density-estimation", "kernel-flow", "dw4", "smoke",
+                   overrides={"lr": {"default": 5e-3, "realnvp": 1e-3}})
+
+
+def test_profile_per_model_table_reaches_the_training_loop(monkeypatch):
+    """The value a cell records is the value the optimiser got."""
+    import eqbench.train
+    from eqbench.runner import run_cell
+
+    seen = []
+    real_fit = eqbench.train.fit
+
+    def spy(flow, system, data, config, **kwargs):
+        seen.append(config)
+        return real_fit(flow, system, data, config, **kwargs)
+
+    monkeypatch.setattr(eqbench.train, "fit", spy)
+    plan = plan_cells("test-nll", "kernel-flow", "dw2", "smoke",
+                      overrides={"lr": {"default": 5e-3, "kernel-flow": 2e-3}, "schedule": "cosine",
+                                 "optimizer": "adam", "grad_clip": 50.0, "iterations": 3})[0]
+    result = run_cell(plan)
+    assert result.status == "ok", result.reason
+    (config,) = seen
+    assert (config.lr, config.schedule, config.optimizer, config.grad_clip) == (2e-3, "cosine", "adam", 50.0)
+
+
+def test_lr_schedule_warms_up_linearly_and_cosine_decays_to_zero():
+    cfg = TrainConfig(iterations=100, schedule="cosine", lr_warmup=10)
+    assert [lr_factor(cfg, i) for i in range(10)] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 55) == pytest.approx(0.5)  # half-way through the decay
+    assert lr_factor(cfg, 99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    constant = TrainConfig(iterations=100)
+    assert {lr_factor(constant, i) for i in range(100)} == {1.0}
+
+
+def _toy_fit(**options):
+    from eqbench.components import build_model, get_system
+
+    torch.manual_seed(0)
+    system = get_system("dw2")
+    flow = build_model("kernel-flow", system)
+    x = torch.randn(64, 2, 2, generator=torch.Generator().manual_seed(1)) * 2
+    x = x - x.mean(1, keepdim=True)
+    result = fit(flow, system, x, TrainConfig(iterations=6, batch_size=16, log_every=1, **options), progress=False)
+    return flow, result
+
+
+def test_fit_applies_the_schedule_and_the_optimizer():
+    _, result = _toy_fit(lr=1e-2, schedule="cosine", lr_warmup=2)
+    cfg = TrainConfig(iterations=6, lr=1e-2, schedule="cosine", lr_warmup=2)
+    assert [h["lr"] for h in result.history] == pytest.approx([1e-2 * lr_factor(cfg, i) for i in range(6)])
+    adamw, _ = _toy_fit(weight_decay=0.5)
+    adam, _ = _toy_fit(weight_decay=0.5, optimizer="adam")
+    plain, _ = _toy_fit(weight_decay=0.0)
+    plain_adam, _ = _toy_fit(weight_decay=0.0, optimizer="adam")
+    params = [torch.cat([p.detach().flatten() for p in f.parameters()]) for f in (adamw, adam, plain, plain_adam)]
+    # Without weight decay, Adam and AdamW take the same steps; with it, they differ (L2 vs decoupled).
+    torch.testing.assert_close(params[2], params[3])
+    assert not torch.allclose(params[0], params[1])
+
+
+def test_grad_clip_bounds_the_gradient_the_optimiser_sees(monkeypatch):
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        total = sum(float(p.grad.pow(2).sum()) for g in self.param_groups for p in g["params"] if p.grad is not None)
+        norms.append(math.sqrt(total))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    _, result = _toy_fit(grad_clip=1e-3)
+    assert max(norms) <= 1e-3 * (1 + 1e-6)
+    assert max(h["grad_norm"] for h in result.history) > 1e-3  # the unclipped norm is what history records
