@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from eqbench import catalog as _catalog  # noqa: E402,F401  (registers the built-ins; imports no torch)
 from eqbench.capabilities import CAPABILITIES, model_builder  # noqa: E402  (torch-free: plugins declare with it)
 
-_API = ("get_system", "load_data", "build_model", "run", "list_systems", "list_models", "list_tasks")
+_API = ("get_system", "load_data", "build_model", "run", "evaluate", "list_systems", "list_models", "list_tasks")
 
 __all__ = [*_API, "CAPABILITIES", "model_builder", "__version__"]
 

@@ -11,6 +11,7 @@ from eqbench.components import build_model, get_system
 from eqbench.data.loading import DATA_SOURCES, load_data
 from eqbench.devices import resolve_device
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Entry
+from eqbench.evaluation import evaluate
 from eqbench.runner import run
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "load_data",
     "build_model",
     "run",
+    "evaluate",
     "list_systems",
     "list_models",
     "list_tasks",

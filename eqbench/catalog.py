@@ -42,5 +42,7 @@ TASKS.register("divergence-cost", "eqbench.tasks.divergence_cost:TASK",
                description="Hutchinson error and divergence wall time vs number of particles (paper §7.1, Fig. 3a, 3c)")
 TASKS.register("dto-vs-otd", "eqbench.tasks.dto_vs_otd:TASK",
                description="test NLL and function evaluations per iteration, DTO vs OTD training (paper §7.2, Fig. 4)")
+TASKS.register("evaluate", "eqbench.tasks.evaluate:TASK",
+               description="score a flow trained elsewhere (checkpoint, kept cell model, Python object) without training it: NLLs, reweighting, ESS, W2")
 TASKS.register("timing", "eqbench.tasks.timing:TASK",
                description="wall time per training and sampling iteration, batch 64, ratios to the kernel flow (paper B.1, Table 2)")

@@ -210,18 +210,31 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- run
-def cmd_run(args: argparse.Namespace) -> int:
-    from eqbench.api import run
-    from eqbench.config import parse_overrides
-    from eqbench.records import CellStore
-
-    overrides = parse_overrides(args.set or [])
-    if args.threads:
+def _set_threads(threads: int) -> None:
+    """``--threads`` of every command that runs cells: torch threads per process (0 = torch's choice)."""
+    if threads < 0:
+        raise EqbenchError(f"--threads must be >= 0 (0 = torch's choice), got {threads}")
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    results = run(args.task, args.model, args.system, args.profile, seed=args.seed, device=args.device,
-                  overrides=overrides, results_dir=args.results, rerun=args.rerun)
+        torch.set_num_threads(threads)
+
+
+def _seed_overrides(args: argparse.Namespace, overrides: dict[str, Any]) -> int | None:
+    """``--seed N`` (only seed N) and ``--seeds K`` (seeds 0..K-1) mean the same in every command."""
+    if args.seed is not None and args.seeds is not None:
+        raise EqbenchError("give --seed N (one seed) or --seeds K (seeds 0..K-1), not both")
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise EqbenchError(f"--seeds must be a positive count, got {args.seeds}")
+        overrides["seeds"] = list(range(args.seeds))
+    if args.seed is not None and args.seed < 0:
+        raise EqbenchError(f"--seed must be a non-negative integer, got {args.seed}")
+    return args.seed
+
+
+def _print_cells(results: Sequence[Any]) -> int:
+    """One row per scalar record (curves and histograms summarised); returns the failed count."""
     rows = []
     failed = 0
     for cell in results:
@@ -242,14 +255,57 @@ def cmd_run(args: argparse.Namespace) -> int:
             rows.append((cell.cell_id, params.get("n_train", ""), params.get("variant", ""), cell.config["seed"], metric,
                          f"[{count} points]", ""))
     _print_table(rows, ("cell", "n_train", "variant", "seed", "metric", "value", "unit"))
+    return failed
+
+
+def _finish(args: argparse.Namespace, task: str, results: Sequence[Any]) -> int:
+    from eqbench.records import CellStore
+
+    failed = _print_cells(results)
     table = CellStore(args.results).collect()
     print(f"\n{len(results)} cells ({failed} failed); all results: {Path(args.results) / 'results.csv'} ({len(table)} rows)")
     if not args.no_plot:
         from eqbench.plots import write_task_plots
 
-        for path in write_task_plots(args.task, args.results, table=table):
+        for path in write_task_plots(task, args.results, table=table):
             print(f"plot: {path}")
     return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------- run
+def cmd_run(args: argparse.Namespace) -> int:
+    from eqbench.api import run
+    from eqbench.config import parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    seed = _seed_overrides(args, overrides)
+    _set_threads(args.threads)
+    results = run(args.task, args.model, args.system, args.profile, seed=seed, device=args.device,
+                  overrides=overrides, results_dir=args.results, rerun=args.rerun, artifacts=not args.no_artifacts)
+    return _finish(args, args.task, results)
+
+
+# ------------------------------------------------------------------------------------ evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from eqbench.api import evaluate
+    from eqbench.config import parse_overrides
+
+    overrides = parse_overrides(args.set or [])
+    model_config = overrides.pop("model_config", None)
+    seed = _seed_overrides(args, overrides)
+    if (args.model is None) == (args.cell is None):
+        raise EqbenchError("name what to score: --model M --system S [--checkpoint FILE], or --cell DIR "
+                           "(a cell's kept model: RESULTS/artifacts/<task>/<cell id>)")
+    if args.model is not None and args.system is None:
+        raise EqbenchError("--model needs --system (the system the flow models)")
+    if args.cell is not None and args.checkpoint is not None:
+        raise EqbenchError("--checkpoint goes with --model; a --cell brings its own kept model")
+    _set_threads(args.threads)
+    results = evaluate(args.model, args.system, args.profile, checkpoint=args.checkpoint, cell=args.cell,
+                       model_config=model_config, samples=args.samples, seed=seed, overrides=overrides,
+                       results_dir=args.results, device=args.device, rerun=args.rerun,
+                       artifacts=not args.no_artifacts)
+    return _finish(args, "evaluate", results)
 
 
 def _hms(seconds: float | None) -> str:
@@ -303,11 +359,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from eqbench.sweep import plan_sweep, sweep
 
     overrides = parse_overrides(args.set or [])
-    common = dict(seeds=args.seeds, overrides=overrides, results_dir=args.results, rerun=args.rerun)
+    seed = _seed_overrides(args, overrides)
+    if seed is not None:
+        overrides["seeds"] = [seed]
+    common = dict(overrides=overrides, results_dir=args.results, rerun=args.rerun)
     if args.dry_run:
         return _dry_run(args, plan_sweep(args.task, args.model, args.system, args.profile, **common))
     slurm = SlurmOptions(partition=args.partition, gpus_per_job=args.gpus_per_job, timeout_min=args.slurm_minutes,
-                         array_parallelism=args.jobs, cpus_per_job=args.threads or 1)
+                         array_parallelism=args.jobs, cpus_per_job=max(1, args.threads))
     def announce(plan: Any) -> None:
         """Before any cell starts: what will run and, where finished cells allow, for how long."""
         from eqbench.sweep import price_plan
@@ -318,8 +377,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(plan.todo)} cells to run, {len(plan.done)} already finished{price}", file=sys.stderr)
 
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
-                          threads=args.threads, device=args.device, time_limit_s=args.time_limit,
-                          address=args.address, slurm=slurm, on_plan=announce, **common)
+                          threads=args.threads or None, device=args.device, time_limit_s=args.time_limit,
+                          address=args.address, slurm=slurm, on_plan=announce, artifacts=not args.no_artifacts,
+                          **common)
     for model, system, reason in plan.unsupported:
         print(f"skipped {model} on {system}: {reason}")
     failed = [r for r in results if r.status != "ok"]
@@ -373,54 +433,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     print(f"{len(written)} files written under {Path(args.results) / 'plots'}")
-    return 0
-
-
-def cmd_timing(args: argparse.Namespace) -> int:
-    import torch
-
-    from eqbench.api import build_model, get_system, load_data
-    from eqbench.timing import stable_malloc, time_model, time_velocity_divergence
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    malloc = stable_malloc()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, stable malloc: {malloc}, "
-          f"batch {args.batch}, medians of {args.repeats}")
-    rows, by_key = [], {}
-    for system_name in args.systems:
-        system = get_system(system_name)
-        data = load_data(system, "train", n=1000, seed=0, dtype=torch.float32)
-        for model in args.models:
-            timing = time_model(model, system, data=data, batch=args.batch, n_samples=args.samples,
-                                repeats=args.repeats, budget_s=args.budget)
-            by_key[(model, system_name)] = timing
-            rows.append(timing)
-    table = []
-    for t in rows:
-        ref = by_key.get(("kernel-flow", t.system))
-        ratio = f"{t.train_iteration_s / ref.train_iteration_s:.2f}" if ref else ""
-        many = f"{t.sample_many_s:.2f}" if t.sample_many_s is not None else "-"
-        table.append((t.model, t.system, t.n_parameters, f"{t.train_iteration_s:.4f}", ratio,
-                      f"{t.sample_batch_s:.4f}", many, t.note))
-    print()
-    _print_table(table, ("model", "system", "params", "train iter s", "/ kernel-flow", f"sample {args.batch} s",
-                         f"sample {args.samples} s (exact weights)", "note"))
-    if "kernel-flow" in args.models:
-        print("\nvelocity and divergence, batch", args.batch, "(seconds per evaluation):")
-        div_rows = []
-        for system_name in args.systems:
-            system = get_system(system_name)
-            flow = build_model("kernel-flow", system)
-            x = load_data(system, "train", n=args.batch, seed=1, dtype=torch.float32)
-            v = time_velocity_divergence(flow, x, None, repeats=args.repeats * 4)
-            closed = time_velocity_divergence(flow, x, "closed-form", repeats=args.repeats * 4)
-            brute = time_velocity_divergence(flow, x, "brute-force", repeats=args.repeats)
-            hutch = time_velocity_divergence(flow, x, "hutchinson", repeats=args.repeats * 4)
-            div_rows.append((system_name, f"{v:.2e}", f"{closed:.2e}", f"{brute:.2e}", f"{hutch:.2e}",
-                             f"{closed / v:.2f}", f"{brute / closed:.1f}"))
-        _print_table(div_rows, ("system", "velocity", "closed form", "brute force", "hutchinson",
-                                "closed/velocity", "brute/closed"))
     return 0
 
 
@@ -490,17 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
     p.add_argument("--model", required=True, help="model id (see `list models`) or a module:builder path")
     p.add_argument("--system", required=True, help="system id (see `list systems`)")
-    p.add_argument("--profile", default="smoke", help="smoke (seconds), quick (minutes), paper (full protocol) or calibrate (prices paper cells)")
-    p.add_argument("--seed", type=int, default=None, help="run only this seed (default: the profile's seeds)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a profile setting (TOML value), e.g. --set n_train=[10,100]; repeatable")
-    p.add_argument("--results", default=None, help="results directory (default: results/<profile>, one per profile)")
-    p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
-    p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures after the run")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: these small tensors ran up to 10x slower with 2 threads on "
-                        "2 shared cores; 0 = torch's choice)")
+    _cell_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="run a task over many models x systems x grid points x seeds, resumable",
@@ -516,24 +518,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "  python -m eqbench sweep --task timing --profile paper --executor slurm "
                               "--partition gpu --gpus-per-job 1 --device auto")
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
-    p.add_argument("--model", nargs="+", help="model ids (default: every registered model the task supports)")
+    p.add_argument("--model", nargs="+", help="model ids or module:builder paths (default: the paper's built-in "
+                   "models the task supports; plugins run only when named)")
     p.add_argument("--system", nargs="+", help="system ids (default: every system the task supports)")
-    p.add_argument("--profile", default="smoke", help="smoke, quick, paper, or calibrate (prices paper cells)")
-    p.add_argument("--seeds", type=int, default=None, help="run seeds 0..K-1 (default: the profile's seeds)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a profile setting; repeatable")
+    _cell_arguments(p, sweep=True)
     p.add_argument("--executor", default="local", choices=("local", "dask", "slurm"),
                    help="local process pool (default), dask.distributed, or SLURM via submitit")
     p.add_argument("--jobs", type=int, default=1, help="concurrent cells (local/dask workers, SLURM array cap)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / jobs)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (one GPU per worker)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="a cell running longer becomes a failed cell (local executor)")
     p.add_argument("--address", default=None, help="dask scheduler address (default: a LocalCluster)")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--gpus-per-job", type=int, default=0, help="SLURM GPUs per cell")
     p.add_argument("--slurm-minutes", type=int, default=60, help="SLURM time limit per cell, minutes")
-    p.add_argument("--results", default=None, help="results directory (default: results/<profile>, one per profile)")
-    p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells to run with their estimated cost (from finished cells, any profile); run nothing")
     p.add_argument("--calibrate", action="append", metavar="DIR",
@@ -541,8 +538,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "--results); run the calibrate profile first to price the paper grid")
     p.add_argument("--summary", action="store_true",
                    help="with --dry-run: only the totals per model and system, not every cell")
-    p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("evaluate", help="score a flow trained elsewhere (checkpoint, a cell's kept model) without training it",
+                       description="Score an already-trained flow by the protocol of the tasks, never training it: "
+                                   "NLL on the train / val / test splits, then samples with exact log q reweighted "
+                                   "against MCMC (ESS, mean energies, energy histograms, W2s; the DW-2 free energy). "
+                                   "Cells land in the same results store and report as every task "
+                                   "(`eqbench describe evaluate` lists the profile sizes).",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n"
+                              "  python -m eqbench evaluate --model zuko-nsf --system dw4 --checkpoint nsf_dw4.pt "
+                              "--profile quick\n"
+                              "  python -m eqbench evaluate --cell results/quick/artifacts/bg-reweighting/<cell id> "
+                              "--samples saved   # re-score kept samples, no retraining, no resampling")
+    p.add_argument("--model", default=None, help="model id or module:builder path (with --system)")
+    p.add_argument("--system", default=None, help="system id the flow models")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="state to load into the built model: an eqbench model.pt or a torch.save(state_dict) file")
+    p.add_argument("--cell", default=None, metavar="PATH",
+                   help="a cell's kept model: RESULTS/artifacts/<task>/<cell id> (or its model.pt, or the cell's JSON)")
+    p.add_argument("--samples", default="draw", choices=("draw", "saved"),
+                   help="draw new samples (default) or re-score the samples the --cell kept")
+    _cell_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("price-check", help="how good are --dry-run prices? estimate finished cells from other cells",
                        description="Prices every finished cell of RESULTS from the finished cells of the --calibrate "
@@ -564,18 +583,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "else name one)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("timing", help="time training and sampling per model (paper Table 2) on this machine",
-                       description="Median wall times of one training iteration (DTO, batch 64), sampling with "
-                                   "exact log-weights, and the kernel flow's velocity/divergence; compare ratios.")
-    p.add_argument("--models", nargs="+", default=["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"])
-    p.add_argument("--systems", nargs="+", default=["dw4", "lj13"])
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--samples", type=int, default=10_000, help="samples drawn with exact log-weights")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--budget", type=float, default=120.0, help="skip timing the many-sample run beyond this (s)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.set_defaults(func=cmd_timing)
-
     p = sub.add_parser("collect", help="concatenate the per-cell records into one long CSV")
     p.add_argument("--results", default=None, help="results directory (default: the only results/<profile> there is, "
                    "else name one)")
@@ -592,6 +599,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output HTML file (default: RESULTS/report.html)")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+    """The flags of every command that runs cells, with one meaning each (run, sweep, evaluate)."""
+    p.add_argument("--profile", default="smoke",
+                   help="smoke (seconds per cell), quick (minutes: the paper's effects), paper (the full protocol) "
+                        "or calibrate (prices paper cells)")
+    p.add_argument("--seed", type=int, default=None, help="run only seed N")
+    p.add_argument("--seeds", type=int, default=None, help="run seeds 0..K-1 (default: the profile's seeds)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a profile setting (TOML value), e.g. --set n_train=[10,100], --set lr=1e-3, "
+                        "--set 'lr={default=5e-3, real-nvp=1e-3}' (per model); repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto" + (" (one GPU per worker)" if sweep else ""))
+    p.add_argument("--results", default=None, help="results directory (default: results/<profile>, one per profile)")
+    p.add_argument("--rerun", action="store_true", help="run cells again even if finished")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process running cells (default 1: these small tensors ran up to 10x "
+                        "slower with 2 threads on 2 shared cores; 0 = " + ("cores / jobs)" if sweep else "torch's choice)"))
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="keep only the records, not each cell's trained model and samples (RESULTS/artifacts/)")
+    p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
 
 
 def _default_results(args: argparse.Namespace) -> str:

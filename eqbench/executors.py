@@ -62,6 +62,8 @@ class CellJob:
     device: str = "cpu"
     threads: int = 1
     time_limit_s: float | None = None
+    #: Keep each cell's model and samples (:mod:`eqbench.artifacts`) beside its record.
+    artifacts: bool = True
 
 
 def _claim_path(store: CellStore, plan: CellPlan) -> Path:
@@ -113,7 +115,8 @@ def execute_cell(job: CellJob) -> CellResult:
         previous = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, job.time_limit_s)
     try:
-        result = run_cell(job.plan, device=device, progress=False)
+        result = run_cell(job.plan, device=device, progress=False, results_root=store.root,
+                          artifacts_dir=store.artifact_dir(job.plan.task, job.plan.cell_id) if job.artifacts else None)
     finally:
         if previous is not None:
             signal.setitimer(signal.ITIMER_REAL, 0)

@@ -149,6 +149,9 @@ class CellResult:
     #: What the model is, from the runner's pre-flight check: ``capabilities`` (sorted list),
     #: ``density`` ("exact" or the estimate's description), ``n_parameters``, ``contract``.
     model_info: dict[str, Any] = field(default_factory=dict)
+    #: Files kept beside the record (:mod:`eqbench.artifacts`): ``{name: {"path", "bytes", "sha256"}}``,
+    #: paths relative to the results directory.
+    artifacts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def settings_key(self) -> str:
@@ -167,6 +170,7 @@ class CellResult:
             "provenance": self.provenance,
             "records": [r.to_dict() for r in self.records],
             "model_info": self.model_info,
+            "artifacts": self.artifacts,
         }
 
     @classmethod
@@ -187,6 +191,7 @@ class CellResult:
             provenance=dict(data.get("provenance") or {}),
             records=[Record.from_dict(r) for r in data.get("records") or []],
             model_info=dict(data.get("model_info") or {}),
+            artifacts=dict(data.get("artifacts") or {}),
         )
 
 
@@ -328,6 +333,11 @@ class CellStore:
         if not task_dir:
             raise ValueError(f"task name {task!r} cannot be used as a directory name")
         return self.cells_dir / task_dir / f"{cell_id}.json"
+
+    def artifact_dir(self, task: str, cell_id: str) -> Path:
+        """Where a cell keeps its model and samples: ``root/artifacts/<task>/<cell_id>/``."""
+        cell_file = self.path(task, cell_id)
+        return self.root / "artifacts" / cell_file.parent.name / cell_id
 
     def write(self, cell: CellResult) -> Path:
         """Atomically write ``cell`` over any earlier result of the same cell; return its path."""

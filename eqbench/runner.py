@@ -17,15 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from eqbench.artifacts import ArtifactWriter
 from eqbench.devices import resolve_device
 from eqbench.errors import EqbenchError
 from eqbench.planning import CellPlan, code_versions, default_results_dir, plan_cells
 from eqbench.records import CellResult, CellStore, Record, now_iso, provenance
 from eqbench.registry import SYSTEMS, TASKS
-from eqbench.tasks.base import CellContext
+from eqbench.tasks.base import REFERENCE_MODEL, CellContext
 
-__all__ = ["CellPlan", "ContractError", "code_versions", "default_results_dir", "plan_cells", "preflight", "run",
-           "run_cell"]
+__all__ = ["CellPlan", "ContractError", "code_versions", "default_results_dir", "flow_facts", "plan_cells", "preflight",
+           "run", "run_cell"]
 
 
 class ContractError(EqbenchError):
@@ -35,29 +36,38 @@ class ContractError(EqbenchError):
 _PREFLIGHT_CACHE: dict[str, dict[str, Any]] = {}
 
 
+def flow_facts(flow: Any, system: Any, name: str, declared: frozenset[str] | None = None) -> dict[str, Any]:
+    """Run :func:`eqbench.testing.check_flow_quick` on a built ``flow`` and say what it is
+    (capabilities, density kind, parameter count, the contract checks passed); a flow that is not
+    what its builder ``declared`` or breaks the contract raises :class:`ContractError`."""
+    from eqbench.components import capabilities_of
+    from eqbench.testing import check_flow_quick
+
+    built = capabilities_of(flow)
+    if declared is not None and declared != built:
+        raise ContractError(f"model {name!r} declares capabilities {sorted(declared)} but builds a flow "
+                            f"with {sorted(built)} on {system.name} (eqbench.model_builder; README 'Adding a model')")
+    try:
+        report = check_flow_quick(flow, system)
+    except AssertionError as exc:
+        raise ContractError(f"model {name!r} fails the flow contract on {system.name}: {exc} "
+                            f"(eqbench.testing.check_flow_quick; README 'Results store')") from None
+    return {"capabilities": sorted(built),
+            "density": getattr(flow, "density_estimate", None) or "exact",
+            "n_parameters": int(flow.n_parameters),
+            "contract": sorted(report.passed)}
+
+
 def _model_facts(model: str, system: str, model_config: Mapping[str, Any], code: Mapping[str, str]) -> dict[str, Any]:
-    """Build the model once, run :func:`eqbench.testing.check_flow_quick`, and say what it is."""
+    """Build the model once and take its :func:`flow_facts` (cached per process)."""
     key = json.dumps([model, system, dict(model_config), dict(code)], sort_keys=True, default=str)
     if key in _PREFLIGHT_CACHE:
         return _PREFLIGHT_CACHE[key]
-    from eqbench.components import build_model, capabilities_of, declared_capabilities, get_system
-    from eqbench.testing import check_flow_quick
+    from eqbench.components import build_model, declared_capabilities, get_system
 
     system_obj = get_system(system)
     flow = build_model(model, system_obj, dict(model_config))  # its errors are the cell's, unchanged
-    built, declared = capabilities_of(flow), declared_capabilities(model)
-    if declared is not None and declared != built:
-        raise ContractError(f"model {model!r} declares capabilities {sorted(declared)} but builds a flow "
-                            f"with {sorted(built)} on {system} (eqbench.model_builder; README 'Adding a model')")
-    try:
-        report = check_flow_quick(flow, system_obj)
-    except AssertionError as exc:
-        raise ContractError(f"model {model!r} fails the flow contract on {system}: {exc} "
-                            f"(eqbench.testing.check_flow_quick; README 'Results store')") from None
-    facts = {"capabilities": sorted(built),
-             "density": getattr(flow, "density_estimate", None) or "exact",
-             "n_parameters": int(flow.n_parameters),
-             "contract": sorted(report.passed)}
+    facts = flow_facts(flow, system_obj, model, declared_capabilities(model))
     _PREFLIGHT_CACHE[key] = facts
     return facts
 
@@ -69,13 +79,23 @@ def preflight(plans: Sequence[CellPlan]) -> list[CellPlan]:
     A model whose samples are not CoM-free, whose ``sample`` and ``log_prob`` disagree, or that
     breaks a symmetry it claims is refused with the reason (:class:`ContractError`): such a
     model's likelihoods are not comparable with the others', however good they look.
+    A model-independent reference cell (model :data:`~eqbench.tasks.base.REFERENCE_MODEL`)
+    builds no model and is passed through unchecked.
     """
-    return [replace(plan, model_info=_model_facts(plan.model, plan.system, plan.params.get("model_config") or {},
-                                                   plan.code)) for plan in plans]
+    return [plan if plan.model == REFERENCE_MODEL else
+            replace(plan, model_info=_model_facts(plan.model, plan.system, plan.params.get("model_config") or {},
+                                                  plan.code)) for plan in plans]
 
 
-def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = None) -> CellResult:
+def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = None,
+             artifacts_dir: str | Path | None = None, results_root: str | Path | None = None,
+             flow: Any = None) -> CellResult:
     """Run one cell in this process; failures become a failed :class:`CellResult`, never an exception.
+
+    ``artifacts_dir``: where the cell keeps its model and samples (:mod:`eqbench.artifacts`;
+    ``None`` keeps nothing); the cell lists them relative to ``results_root``. ``flow``: an
+    already-built flow the task scores instead of building one (``ctx.extras["flow"]``; the
+    ``evaluate`` task, :func:`eqbench.evaluation.evaluate`).
 
     A plan without ``model_info`` (a sweep's cells: the sweep's parent process never runs model
     code, which may crash it) gets its :func:`preflight` here, in the worker, once per process
@@ -83,6 +103,8 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
     """
     started, start = now_iso(), time.perf_counter()
     status, reason, records = "ok", "", []
+    writer = ArtifactWriter(Path(artifacts_dir), root=Path(results_root) if results_root else None) \
+        if artifacts_dir is not None else None
     try:
         import torch
 
@@ -91,7 +113,8 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
 
         torch.manual_seed(plan.seed)
         ctx = CellContext(task=plan.task, model=plan.model, system=SYSTEMS.get(plan.system)(),
-                          params=plan.params, seed=plan.seed, device=device, progress=progress)
+                          params=plan.params, seed=plan.seed, device=device, progress=progress,
+                          artifacts=writer, code=dict(plan.code), extras={} if flow is None else {"flow": flow})
         records = TASKS.get(plan.task).run_cell(ctx)
         bad = [r.metric for r in records if not math.isfinite(r.value)]
         if bad:
@@ -105,7 +128,8 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
             reason += f" [{traceback.extract_tb(exc.__traceback__)[-1].name}]"
     return CellResult(task=plan.task, cell_id=plan.cell_id, config=plan.config, status=status, reason=reason,
                       started_at=started, duration_s=time.perf_counter() - start,
-                      provenance=provenance(device), records=records, model_info=dict(plan.model_info))
+                      provenance=provenance(device), records=records, model_info=dict(plan.model_info),
+                      artifacts=dict(writer.manifest) if writer is not None else {})
 
 
 def run(
@@ -120,13 +144,19 @@ def run(
     results_dir: str | Path | None = None,
     rerun: bool = False,
     progress: bool | None = None,
+    artifacts: bool = True,
 ) -> list[CellResult]:
     """Run every cell of a task profile for one model and system.
 
-    Finished cells (same config hash, status ok) are read back instead of rerun. ``device`` is
+    Finished cells (same config hash, status ok) are read back instead of rerun, including the
+    model-independent reference cells another model's run or sweep already finished (they carry
+    model :data:`~eqbench.tasks.base.REFERENCE_MODEL`, shared by every model). ``device`` is
     ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; it is provenance, not part of the cell id.
     Results go to ``results_dir``, by default ``results/<profile>`` (:func:`default_results_dir`).
-    Before the first cell runs, the model passes :func:`preflight` or is refused.
+    Before the first cell runs, the model passes :func:`preflight` or is refused. With
+    ``artifacts`` (default) every cell keeps the model it scored and its samples under
+    ``<results_dir>/artifacts/`` (:mod:`eqbench.artifacts`), so it can be re-scored without
+    retraining (:func:`eqbench.evaluation.evaluate`).
 
     Example:
         >>> import eqbench, tempfile
@@ -149,7 +179,9 @@ def run(
                 results.append(cached)
                 continue
             checked.update((p.cell_id, p) for p in preflight([plan]))
-        result = run_cell(checked[plan.cell_id], device=device, progress=progress)
+        result = run_cell(checked[plan.cell_id], device=device, progress=progress,
+                          artifacts_dir=store.artifact_dir(plan.task, plan.cell_id) if artifacts else None,
+                          results_root=store.root)
         store.write(result)
         results.append(result)
     return results

@@ -47,10 +47,13 @@ def plan_sweep(
 ) -> SweepPlan:
     """Expand the grid; ``seeds=K`` runs seeds 0..K-1 instead of the profile's list.
 
-    ``results_dir`` defaults to ``results/<profile>`` (:func:`eqbench.runner.default_results_dir`).
+    Without ``models``, the built-in models (origin ``eqbench``: the paper's, and the Gaussian
+    baseline); plugins run only when named. A model-independent reference cell
+    (:meth:`~eqbench.tasks.base.Task.reference_params`) is planned once, however many models
+    ask for it. ``results_dir`` defaults to ``results/<profile>`` (:func:`eqbench.runner.default_results_dir`).
     """
     task_obj = TASKS.get(task)
-    models = list(models) if models else MODELS.names()
+    models = list(models) if models else [e.name for e in MODELS.entries() if e.origin == "eqbench"]
     systems = list(systems) if systems else list(task_obj.systems or SYSTEMS.names())
     for name in systems:
         SYSTEMS.get(name)
@@ -63,6 +66,7 @@ def plan_sweep(
         overrides["seeds"] = list(range(seeds))
     store = CellStore(default_results_dir(profile) if results_dir is None else results_dir)
     plan = SweepPlan()
+    planned: set[str] = set()  # cell ids: a reference cell is shared by every model
     for system in systems:
         for model in models:
             try:
@@ -71,6 +75,9 @@ def plan_sweep(
                 plan.unsupported.append((model, system, str(exc)))
                 continue
             for cell in plan_cells(task, model, system, profile, overrides=overrides):
+                if cell.cell_id in planned:
+                    continue
+                planned.add(cell.cell_id)
                 finished = not rerun and store.is_done(cell.task, cell.cell_id)
                 (plan.done if finished else plan.todo).append(cell)
     return plan
@@ -111,6 +118,7 @@ def sweep(
     slurm: SlurmOptions | None = None,
     progress: bool | None = None,
     on_plan: Callable[[SweepPlan], None] | None = None,
+    artifacts: bool = True,
 ) -> tuple[SweepPlan, list[CellResult]]:
     """Plan and run a sweep; returns the plan and the results of the cells run now.
 
@@ -134,7 +142,7 @@ def sweep(
         from eqbench.devices import resolve_device
 
         device = resolve_device(device)
-    jobs_list = [CellJob(cell, str(results_dir), device, threads or default_threads(jobs), time_limit_s)
+    jobs_list = [CellJob(cell, str(results_dir), device, threads or default_threads(jobs), time_limit_s, artifacts)
                  for cell in plan.todo]
     runner = make_executor(executor, jobs=jobs, results_dir=results_dir, address=address, slurm=slurm)
     bar = tqdm(total=len(jobs_list), desc=f"sweep {task}", disable=not show_progress(progress), unit="cell")

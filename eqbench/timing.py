@@ -1,6 +1,6 @@
 """Wall-clock measurements of models: training iterations, sampling, velocity and divergence.
 
-Shared by ``python -m eqbench timing``, the asv suites in ``benchmarks/`` and the tasks
+Shared by the asv suites in ``benchmarks/`` and the tasks
 ``timing`` (paper B.1, Table 2) and ``divergence-cost`` (paper §7.1, Fig. 3c). Every figure is
 taken after an untimed warm-up call (the first call pays for allocations and lazy
 initialisation). Timings are only comparable within one run on one machine: compare ratios
@@ -37,14 +37,11 @@ __all__ = [
     "median_seconds",
     "repeat_seconds",
     "TimingStats",
-    "ModelTiming",
     "evaluation_call",
     "train_step",
     "sample_step",
     "interleaved_epochs",
     "budget_plan",
-    "time_model",
-    "time_velocity_divergence",
 ]
 
 _M_TRIM_THRESHOLD = -1
@@ -148,11 +145,6 @@ def evaluation_call(flow: Flow, x: torch.Tensor, method: str | None, t: float = 
     return call
 
 
-def time_velocity_divergence(flow: Flow, x: torch.Tensor, method: str | None, *, repeats: int = 5) -> float:
-    """Median seconds for one velocity evaluation (``method=None``) or velocity + divergence by ``method``."""
-    return median_seconds(evaluation_call(flow, x, method), repeats=repeats)
-
-
 def train_step(
     flow: Flow,
     data: torch.Tensor,
@@ -191,14 +183,6 @@ def sample_step(flow: Flow, system: ParticleSystem, *, batch: int = 64) -> Calla
             return -system.energy(x) - log_q
 
     return step
-
-
-def _sample_with_weights(flow: Flow, system: ParticleSystem, n: int, batch: int) -> None:
-    done = 0
-    while done < n:
-        size = min(batch, n - done)
-        sample_step(flow, system, batch=size)()
-        done += size
 
 
 def interleaved_epochs(
@@ -249,51 +233,3 @@ def budget_plan(first_call_s: float, epochs: int, iterations: int, budget_s: flo
     if per_epoch > 1 or first_call_s * epochs <= budget_s:
         return epochs, min(iterations, per_epoch)
     return max(min(min_epochs, epochs), min(epochs, int(budget_s / first_call_s))), 1
-
-
-@dataclass
-class ModelTiming:
-    """Seconds per operation for one model on one system (batch 64 unless stated)."""
-
-    model: str
-    system: str
-    n_parameters: int
-    train_iteration_s: float
-    sample_batch_s: float
-    sample_many_s: float | None
-    n_samples: int
-    note: str = ""
-
-
-def time_model(
-    model: str,
-    system: ParticleSystem,
-    *,
-    data: torch.Tensor,
-    batch: int = 64,
-    n_samples: int = 10_000,
-    sample_batch: int = 1000,
-    repeats: int = 5,
-    budget_s: float = 120.0,
-    config: dict | None = None,
-) -> ModelTiming:
-    """Time one training iteration (DTO, the model's training divergence) and sampling with exact weights.
-
-    Sampling ``n_samples`` is measured only when the 64-sample timing predicts it fits in
-    ``budget_s``; otherwise ``sample_many_s`` is None and ``note`` says why.
-    """
-    from eqbench.components import build_model
-
-    torch.manual_seed(0)
-    flow = build_model(model, system, config or {})
-    train_s = median_seconds(train_step(flow, data, batch=batch), repeats=repeats)
-    sample_s = median_seconds(sample_step(flow, system, batch=batch), repeats=repeats)
-    predicted = sample_s * n_samples / batch
-    many, note = None, ""
-    if predicted <= budget_s:
-        start = time.perf_counter()
-        _sample_with_weights(flow, system, n_samples, sample_batch)
-        many = time.perf_counter() - start
-    else:
-        note = f"{n_samples} samples not timed: batch-{batch} timing predicts {predicted:.0f} s > budget {budget_s:.0f} s"
-    return ModelTiming(model, system.name, flow.n_parameters, train_s, sample_s, many, n_samples, note)

@@ -16,14 +16,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eqbench"
 
 #: Lowest first. A module may import its own layer and the layers below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities"),
+    ("errors", "resources", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities"),
     ("systems", "records"),
-    ("flows", "data", "components"),
+    ("flows", "data", "components", "artifacts"),
     ("metrics", "minima", "train", "testing", "timing"),
     ("tasks", "plots"),  # plots: figure helpers the tasks draw with, and the dispatch to Task.plot
     ("planning",),
     ("runner", "cost"),
-    ("executors", "sweep"),
+    ("executors", "sweep", "evaluation"),
     ("report", "catalog", "api", "cli", "__init__", "__main__"),
 )
 _LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eqbench.artifacts import ArtifactWriter
 from eqbench.components import CAPABILITIES
 from eqbench.config import TRAINING_DEFAULTS, load_profiles
 from eqbench.errors import ConfigError, EqbenchError
@@ -45,22 +46,6 @@ def model_capabilities(model: str, system: Any) -> frozenset[str]:
                           "capabilities with eqbench.model_builder(capabilities=...))") from exc
 
 
-def refuse_unbuildable(task: str, system: str, model: str) -> None:
-    """Raise :class:`ConfigError` naming ``task`` when ``model`` has no build for ``system``.
-
-    Why: a task may list a system that not every model supports (the known-answer ``harmonic``
-    system has no kernel placement or block count of its own); such a pair must be refused
-    before any work, with the task named (a sweep then lists it as unsupported), instead of
-    failing later when a cell is expanded or run.
-    """
-    from eqbench.components import build_model, get_system
-
-    try:
-        build_model(model, get_system(system))
-    except ConfigError as exc:
-        raise ConfigError(f"task {task} cannot run model {model!r} on system {system!r}: {exc}") from exc
-
-
 @dataclass
 class CellContext:
     """What a task needs to run one cell; built by :mod:`eqbench.runner`, never from argparse."""
@@ -73,6 +58,22 @@ class CellContext:
     device: str = "cpu"
     progress: bool | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Where the cell keeps its model and samples (:mod:`eqbench.artifacts`); ``None``: nothing kept.
+    artifacts: ArtifactWriter | None = None
+    #: Code versions of the cell (:func:`eqbench.planning.code_versions`), kept with its model.
+    code: Mapping[str, str] = field(default_factory=dict)
+
+    def keep_model(self, flow: Any, model_config: Mapping[str, Any] | None = None) -> None:
+        """Keep the model this cell scored (its state and how to rebuild it), if artifacts are kept."""
+        if self.artifacts is not None:
+            config = self.params.get("model_config", {}) if model_config is None else model_config
+            self.artifacts.save_model(flow, model=self.model, system=self.system.name, model_config=config,
+                                      code=self.code)
+
+    def keep_samples(self, x: Any, log_q: Any, energy: Any, **arrays: Any) -> None:
+        """Keep the flow samples this cell scored with their exact ``log q`` and energies."""
+        if self.artifacts is not None:
+            self.artifacts.save_samples(x, log_q, energy, **arrays)
 
     def record(self, metric: str, value: float, unit: str = "", **fields: Any) -> Record:
         """A record of this cell with the identifying columns filled in."""
@@ -112,10 +113,11 @@ class Task(ABC):
 
     def check_supported(self, system: str, model: str) -> None:
         """Raise :class:`ConfigError` saying why, when the combination cannot run: a system the
-        protocol is not defined for, or a model that lacks a required capability. Tasks that build
-        the model while planning anyway (to expand augmentation variants) also refuse a model
-        without a build for the system (:func:`refuse_unbuildable`); the others leave model code
-        to the cell, so a sweep's parent process never runs a model that may crash it."""
+        protocol is not defined for, or a model that lacks a required capability (declared by
+        its builder, :func:`model_capabilities`). Whether the model builds for the system is not
+        asked here: every paper model does (its defaults follow the system's kind and lengths,
+        :mod:`eqbench.flows.defaults`), and a plugin model that does not fails the pre-flight in
+        the cell's own process, so a sweep's parent never runs the model's code."""
         if self.systems is not None and system not in self.systems:
             raise ConfigError(
                 f"task {self.name} does not support system {system!r}; supported: {', '.join(self.systems)}"

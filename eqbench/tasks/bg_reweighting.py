@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
+from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
                                   sample_with_log_q, show_progress, train_flow)
 
@@ -190,12 +190,6 @@ class BGReweighting(Task):
     grid_axes = ("augment",)
     requires = ("trainable",)
 
-    def check_supported(self, system: str, model: str) -> None:
-        """Also refuse, naming this task, a model that has no build for the system (the
-        known-answer ``harmonic`` system has no kernel placement or block count of its own)."""
-        refuse_unbuildable(self.name, system, model)
-        super().check_supported(system, model)
-
     # ------------------------------------------------------------------ settings
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "pretrain_iterations", "mix_iterations", "batch_size", "n_samples",
@@ -257,6 +251,7 @@ class BGReweighting(Task):
         result = train_flow(ctx, flow, train, iterations=p["mix_iterations"], batch_size=p["batch_size"],
                             augment=p["augment"], lambda_start=0.0, lambda_end=p["lambda_end"], seed_offset=1)
         records.append(ctx.record("train_wall_s", time.perf_counter() - start, "s"))
+        ctx.keep_model(flow)
         if result.history:
             last = result.history[-1]
             records.append(ctx.record("final_nll_loss", last["nll"], "nats, training estimator"))
@@ -279,6 +274,10 @@ class BGReweighting(Task):
                                          progress=ctx.progress)
         records.append(ctx.record("sample_wall_s", time.perf_counter() - start, "s"))
         log_q_hutch = metrics.as_array(log_qs["hutchinson"]) if hutchinson else None
+        if ctx.artifacts is not None:
+            with torch.no_grad():
+                energy = ctx.system.energy(x.detach().to("cpu", torch.float64))
+            ctx.keep_samples(x, log_q, energy, **({"log_q_hutchinson": log_q_hutch} if hutchinson else {}))
         records += self.reweighting_records(ctx, x, metrics.as_array(log_q), test, log_q_hutch)
         check_finite(records)
         return records

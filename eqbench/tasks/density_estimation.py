@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task, refuse_unbuildable
+from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (
     augmentation_cells,
     check_finite,
@@ -78,13 +78,6 @@ class DensityEstimation(Task):
     systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("n_train", "augment")
 
-    def check_supported(self, system: str, model: str) -> None:
-        """Also refuse, naming this task, a model without a build for the system (expanding a
-        cell builds the model, so without this a sweep would stop there instead of listing the
-        pair as unsupported)."""
-        super().check_supported(system, model)
-        refuse_unbuildable(self.name, system, model)
-
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "batch_size"):
             positive_int(params, key)
@@ -123,6 +116,7 @@ class DensityEstimation(Task):
         start = time.perf_counter()
         result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
                             augment=bool(p["augment"]), validation=val)
+        ctx.keep_model(flow)
         records = [ctx.record("n_parameters", flow.n_parameters, "count"),
                    ctx.record("fit_wall_s", time.perf_counter() - start - result.validation_wall_s, "s")]
         records += selection_records(ctx, result)

@@ -167,6 +167,7 @@ class DtoVsOtd(Task):
         train_wall = time.perf_counter() - start
         if result.status != "ok":
             raise FloatingPointError(result.reason)
+        ctx.keep_model(flow, config)
         if len(forward.nfe) != result.iterations_done:
             raise RuntimeError(f"expected one forward solve per iteration, got {len(forward.nfe)} for "
                                f"{result.iterations_done} iterations")

@@ -35,6 +35,12 @@ round in ``step``):
   data split's seed. Samples are taken step-major, so a prefix spreads over all chains. The
   number of energy evaluations is recorded (``mcmc_energy_evaluations``).
 
+The three references do not depend on the model (:meth:`MetastableStates.reference_params`):
+they are planned under model ``"reference"`` (:data:`eqbench.tasks.base.REFERENCE_MODEL`) with
+only the settings they use (:data:`REFERENCE_SETTINGS`; not the flow's training, sampling and
+``model_config``), so they run once per system, settings and seed and every model's run or
+sweep shares them; their records carry ``model = "reference"``.
+
 The paper's trajectories were single chains; its training set of 1,000 samples reached only 7
 distinct minima (Table 1). eqbench's decorrelated samples reach far more per sample, so compare
 the *ordering* of methods with Table 1, not the absolute counts.
@@ -83,7 +89,7 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 from eqbench.records import Record
-from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.base import REFERENCE_MODEL, CellContext, Task
 from eqbench.tasks.common import show_progress, train_flow
 
 from eqbench.tasks.reporting import (
@@ -109,10 +115,22 @@ if TYPE_CHECKING:
     from eqbench.flows.base import Flow
     from eqbench.minima import MinimaCensus
 
-__all__ = ["MetastableStates", "TASK", "VARIANTS", "TRAINING_SETS", "bin_label", "parse_bin_label"]
+__all__ = ["MetastableStates", "REFERENCE_SETTINGS", "TASK", "VARIANTS", "TRAINING_SETS", "bin_label",
+           "parse_bin_label"]
 
 #: Methods whose minima are counted: the values of the ``variant`` grid axis.
 VARIANTS: tuple[str, ...] = ("flow", "training", "mcmc-short", "mcmc-long")
+#: The settings the reference methods (every variant but ``flow``) use: a reference cell is planned
+#: with these only, so that it is the same cell whichever model asked for it.
+REFERENCE_SETTINGS: frozenset[str] = frozenset({
+    "variant", "rounds", "training_set", "n_train", "train_minimum", "train_noise", "mcmc_short_samples",
+    "mcmc_long_samples", "mcmc_chains", "mcmc_burn_in", "mcmc_stride", "eps", "gtol", "max_steps", "energy_bins",
+    "structures_per_bin"})
+#: Settings only the ``flow`` method reads (besides the training settings of
+#: :data:`eqbench.config.TRAINING_DEFAULTS`), with the value a reference cell, planned without
+#: them, resolves them to; it never uses them.
+_FLOW_ONLY: dict[str, Any] = {"n_samples": 1, "ml_iterations": 0, "mix_iterations": 0, "mix_lambda": 0.0,
+                              "batch_size": 1, "model_config": {}}
 #: How the training set is made (see the module docstring).
 TRAINING_SETS: tuple[str, ...] = ("minimum", "mcmc")
 #: Axis names of the coordinate records of the structure plot.
@@ -209,6 +227,8 @@ class Settings:
         variant = params.get("variant")
         if variant not in VARIANTS:
             raise ConfigError(f"unknown variant {variant!r} for task metastable-states; valid: {', '.join(VARIANTS)}")
+        if variant != "flow":  # a reference cell's settings lack what only the flow uses
+            params = {**_FLOW_ONLY, **params}
         training_set = get("training_set")
         if training_set not in TRAINING_SETS:
             raise ConfigError(f"unknown training_set {training_set!r}; valid: {', '.join(TRAINING_SETS)}")
@@ -306,6 +326,14 @@ class MetastableStates(Task):
         for system in self.systems or ():
             Settings.resolve(params, get_system(system))
 
+    def reference_params(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The training set and the short and long MCMC rows do not depend on the model: their
+        cells keep only :data:`REFERENCE_SETTINGS` (not the model's training, sampling or
+        ``model_config``, which may differ per model) and are shared by every model."""
+        if params.get("variant") == "flow":
+            return None
+        return {key: value for key, value in params.items() if key in REFERENCE_SETTINGS}
+
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         """Per method: minimising the training set (per configuration), training the flow (per
         configuration-step, a λ-mix step twice), drawing flow samples, the long MCMC (per
@@ -368,7 +396,7 @@ class MetastableStates(Task):
         written: list[Path] = []
         table = table.assign(profile=table["profile"].fillna("")) if "profile" in table else table.assign(profile="")
         for (system, profile), rows in table.groupby(["system", "profile"], sort=True):
-            rows = _dedupe_references(rows)
+            rows = rows.assign(method=[_method(v, m) for v, m in zip(rows["variant"], rows["model"])])
             stem = f"{system}_{profile}" if profile else str(system)
             written += _plot_counts(rows, str(system), stem, out_dir)
             written += _plot_structures(rows, str(system), stem, out_dir)
@@ -481,6 +509,7 @@ def _trained_flow(ctx: CellContext, s: Settings, train: torch.Tensor, record: Re
         result = train_flow(ctx, flow, data, iterations=s.mix_iterations, batch_size=s.batch_size,
                             lambda_start=s.mix_lambda, lambda_end=s.mix_lambda, seed_offset=1)
     record("train_wall_s", time.perf_counter() - start, "s")
+    ctx.keep_model(flow, s.model_config)
     if result is not None and result.history:
         record("final_train_loss", result.history[-1]["loss"], "nats")
     return flow
@@ -584,23 +613,9 @@ def _structure_records(record: RecordFn, s: Settings, censuses: Sequence[MinimaC
 
 
 def _method(row_variant: str, model: str) -> str:
+    """A flow's rows are shown under its model's name, a reference's under its method: the
+    reference cells are shared by every model (model ``"reference"``), so each appears once."""
     return model if row_variant == "flow" else row_variant
-
-
-def _dedupe_references(rows: pandas.DataFrame) -> pandas.DataFrame:
-    """Reference rows do not depend on the model: keep one copy of each (variant, seed, step, metric)."""
-    rows = rows.copy()
-    rows["method"] = [_method(v, m) for v, m in zip(rows["variant"], rows["model"])]
-    ref = rows["variant"] != "flow"
-    keys = ["method", "seed", "step", "metric"]
-    deduped = rows[ref].sort_values("model", kind="mergesort").drop_duplicates(keys, keep="first")
-    return _concat([rows[~ref], deduped])
-
-
-def _concat(frames: list[pandas.DataFrame]) -> pandas.DataFrame:
-    import pandas as pd
-
-    return pd.concat(frames, ignore_index=True)
 
 
 def _method_order(methods: Sequence[str]) -> list[str]:
@@ -785,9 +800,9 @@ def claim_dw4_minima(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> Claim
 #: Table 1's reference rows and the metastable-states method (``variant``) that reproduces each.
 _TABLE1_METHODS = {"training-set": "training", "mcmc-short": "mcmc-short", "mcmc-long": "mcmc-long"}
 
-#: The reference methods (training set, short and long MCMC) run beside every flow in its cell;
-#: the paper ran them beside its kernel flow, so the side-by-side table takes them from its cells.
-_REFERENCE_CELLS = "kernel-flow"
+#: The reference methods (training set, short and long MCMC) are cells of their own, shared by
+#: every model (:meth:`MetastableStates.reference_params`).
+_REFERENCE_CELLS = REFERENCE_MODEL
 
 
 def _pair_minima(row: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -819,7 +834,10 @@ def _report_section() -> TaskSection:
                     "(−70, −60), (−80, −70), (−∞, −80) in the ordered-pair LJ energy (each pair counted twice) "
                     "that Table 1 uses. eqbench's decorrelated MCMC samples reach many more minima per sample than "
                     "the paper's single-chain trajectories, so compare the ordering of methods with Table 1, not "
-                    "absolute counts. Variant = method (flow samples, training set, short and long MCMC).",
+                    "absolute counts. Variant = method (flow samples, training set, short and long MCMC); the "
+                    "references (training set, short and long MCMC) do not depend on the model: they are "
+                    "cells of model 'reference', run once per system and settings and shown once beside "
+                    "every flow.",
         round_metrics=("distinct_minima", "distinct_minima_m70_m60", "distinct_minima_m80_m70",
                        "distinct_minima_minf_m80", "new_minima", "lowest_minimum_energy"),
         baseline=lambda r: r["table"] in ("Table 1", "§7.5", "SPEC §2", "Fig. 7"),

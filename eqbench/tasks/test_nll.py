@@ -55,6 +55,7 @@ class TestNLL(Task):
         start = time.perf_counter()
         result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
                             augment=bool(p.get("augment", False)))
+        ctx.keep_model(flow)
         if result.history:
             records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats"))
         records.append(ctx.record("fit_wall_s", time.perf_counter() - start, "s"))
