@@ -13,9 +13,9 @@ with its size and SHA-256, in the cell's ``artifacts`` entry:
 - ``samples.npz``: the flow samples the cell scored (``x``, float32, shape (n, N, D)), their
   exact ``log_q`` and energies ``energy`` (float64), plus task-specific arrays.
 
-Sizes (float32 samples, state in the model's dtype): a few kB for the kernel flow's state,
-about 1.7 MB for the LJ-13 real NVP; 10,000 DW-4 samples with log q and energy take 0.5 MB,
-10,000 LJ-13 samples 1.7 MB.
+Small enough to keep by default: a state is kilobytes for the paper's equivariant flows and under
+a megabyte for the largest real NVP; 10,000 samples with log q and energy are a few hundred kB to
+about two MB (README "Artifacts" lists the measured sizes).
 """
 
 from __future__ import annotations
