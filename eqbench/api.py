@@ -34,10 +34,12 @@ def list_systems() -> list[Entry]:
 
 
 def list_models() -> list[Entry]:
-    """Registered and plugin models, with their origin (imports nothing)."""
+    """Registered and plugin models, with their origin and description (imports no built-in;
+    loads each plugin once to read its description, warning for one that fails to load)."""
     return MODELS.entries()
 
 
 def list_tasks() -> list[Entry]:
-    """Registered and plugin tasks, with their origin (imports nothing)."""
+    """Registered and plugin tasks, with their origin and description (imports no built-in;
+    loads each plugin once to read its description, warning for one that fails to load)."""
     return TASKS.entries()

@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "remove_com",
+    "com_free_basis",
     "pair_indices",
     "pair_vectors",
     "pairwise_distances",
@@ -27,6 +28,40 @@ __all__ = [
 def remove_com(x: torch.Tensor) -> torch.Tensor:
     """Project onto the CoM-free subspace U (paper A.3): subtract the particle mean."""
     return x - x.mean(dim=-2, keepdim=True)
+
+
+def com_free_basis(n_particles: int, n_dims: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthonormal basis ``B`` ``[N·D, (N-1)·D]`` of the CoM-free subspace U (paper A.3).
+
+    Why: a density on U is a density in ``(N - 1) D`` coordinates, so a log-determinant "on U"
+    (SPEC §1) is the one of ``Bᵀ J B``, and a flow written for flat vectors acts on
+    ``y = Bᵀ vec(x)`` (:mod:`eqbench.flows.flat`). ``B`` is an isometry from R^{(N-1)D} onto U,
+    so ``|y| = |x|`` for CoM-free ``x`` and densities carry over without a Jacobian factor.
+
+    The particle part is the Helmert basis, in closed form: column ``k`` (k = 1 … N-1) is
+    ``(1, …, 1, -k, 0, …, 0) / sqrt(k (k + 1))`` with ``k`` ones. Unlike an eigendecomposition
+    of the centring matrix (whose degenerate eigenspace any LAPACK build may rotate), it is the
+    same on every machine, so flat coordinates, and weights trained on them, mean one thing.
+    ``vec`` is the row-major flattening ``x.reshape(-1, N * D)``; ``B = H ⊗ I_D``.
+
+    Example:
+        >>> b = com_free_basis(4, 2)
+        >>> tuple(b.shape)
+        (8, 6)
+        >>> bool(torch.allclose(b.T @ b, torch.eye(6, dtype=b.dtype)))
+        True
+        >>> x = remove_com(torch.randn(3, 4, 2, dtype=torch.float64))
+        >>> y = x.reshape(3, 8) @ b                      # flat CoM-free coordinates
+        >>> bool(torch.allclose((y @ b.T).reshape(3, 4, 2), x))
+        True
+    """
+    if n_particles < 2 or n_dims < 1:
+        raise ValueError(f"a CoM-free subspace needs n_particles >= 2 and n_dims >= 1, "
+                         f"got {n_particles} and {n_dims}")
+    k = torch.arange(1, n_particles, dtype=torch.float64)  # column k has k ones, then -k
+    rows = torch.arange(n_particles, dtype=torch.float64).unsqueeze(1)
+    helmert = torch.where(rows < k, 1.0, torch.where(rows == k, -k, 0.0)) / torch.sqrt(k * (k + 1))
+    return torch.kron(helmert, torch.eye(n_dims, dtype=torch.float64)).to(dtype)
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,10 +4,13 @@ Why a registry instead of an ``if name == ...`` ladder: adding a model must not 
 CLI, and third-party packages must be able to add models without touching eqbench at all.
 
 Why lazy entries: ``eqbench list`` and ``eqbench describe`` should answer instantly and never
-import torch, so built-ins are registered as ``"package.module:attr"`` strings and only imported
-by :meth:`Registry.get`. Plugins declared under an entry-point group (``eqbench.models``,
-``eqbench.tasks``) are discovered on first use and listed with their origin without being
-imported; a plugin that is broken is reported (a warning while listing, a one-line
+import torch for eqbench's own entries, so built-ins are registered as ``"package.module:attr"``
+strings with their description and only imported by :meth:`Registry.get`. Plugins declared
+under an entry-point group (``eqbench.models``, ``eqbench.tasks``) are discovered on first use
+without being imported; an entry point carries no description, so :meth:`Registry.entries`
+(what ``eqbench list`` shows) loads each plugin's target once to read it (the ``description``
+that :func:`eqbench.capabilities.model_builder` sets, else the docstring's first line). A plugin
+that is broken is reported (a warning while listing, a one-line
 :class:`~eqbench.errors.EqbenchError` when asked for), never a crash of the whole tool.
 
 Anything with a ``:`` that is not a registered name is a direct ``"module:attr"`` path, so
@@ -20,7 +23,7 @@ import importlib
 import importlib.metadata
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar, overload
 
 from eqbench.errors import EqbenchError, UnknownNameError
@@ -82,6 +85,15 @@ def _first_doc_line(obj: object) -> str:
     return doc.strip().splitlines()[0].strip() if doc.strip() else ""
 
 
+def _description_of(obj: object) -> str:
+    """What ``list`` shows for a loaded object: its ``description`` (as
+    :func:`eqbench.capabilities.model_builder` sets it), else its docstring's first line."""
+    description = getattr(obj, "description", None)
+    if isinstance(description, str) and description.strip():
+        return " ".join(description.split())
+    return _first_doc_line(obj)
+
+
 class Registry(Generic[T]):
     """One namespace of names (``kind`` is "model", "task" or "system") mapped to lazy objects.
 
@@ -95,6 +107,7 @@ class Registry(Generic[T]):
         self._registered: dict[str, Entry] = {}
         self._plugins: dict[str, Entry] = {}
         self._cache: dict[str, T] = {}
+        self._described: set[str] = set()
         self._discovered = entry_point_group is None
 
     def __repr__(self) -> str:
@@ -232,9 +245,40 @@ class Registry(Generic[T]):
         self._discover()
         return {**self._plugins, **self._registered}
 
-    def entries(self) -> list[Entry]:
-        """All entries sorted by name; imports nothing, so it is safe for ``eqbench list``."""
+    def entries(self, *, describe_plugins: bool = True) -> list[Entry]:
+        """All entries sorted by name, as ``eqbench list`` shows them.
+
+        Built-ins are never imported (their descriptions are registered with them). An entry
+        point has no description, so with ``describe_plugins`` (the default) each plugin's target
+        is loaded once to read it (:func:`_description_of`); a plugin that fails to load is
+        listed all the same, with a :class:`PluginWarning` giving the one-line reason.
+        ``describe_plugins=False`` imports nothing at all.
+
+        Example:
+            >>> reg = Registry("model")
+            >>> reg.register("gaussian", "eqbench.flows.gaussian:build", description="baseline")
+            >>> [(e.name, e.description) for e in reg.entries()]
+            [('gaussian', 'baseline')]
+        """
+        if describe_plugins:
+            self._discover()
+            for name in sorted(self._plugins):
+                self._describe_plugin(name)
         return [entry for _, entry in sorted(self._all().items())]
+
+    def _describe_plugin(self, name: str) -> None:
+        """Fill in a plugin entry's description by loading its target (once; failures warn once)."""
+        entry = self._plugins[name]
+        if entry.description or name in self._described:
+            return
+        self._described.add(name)
+        try:
+            obj = self.get(name)
+        except EqbenchError as exc:
+            warnings.warn(f"{exc}; listed without a description", PluginWarning, stacklevel=3)
+            self._plugins[name] = replace(entry, description="(fails to load: see the warning)")
+            return
+        self._plugins[name] = replace(entry, description=_description_of(obj))
 
     def names(self) -> list[str]:
         """Sorted registered and plugin names (direct ``module:attr`` paths are not listed)."""

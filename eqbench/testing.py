@@ -26,7 +26,14 @@ import torch
 
 from eqbench.flows.base import Flow
 from eqbench.flows.cnf import CNF
-from eqbench.geometry import apply_permutation, random_permutations, random_reflections, random_rotations, remove_com
+from eqbench.geometry import (  # com_free_basis: re-exported, it lived here first
+    apply_permutation,
+    com_free_basis,
+    random_permutations,
+    random_reflections,
+    random_rotations,
+    remove_com,
+)
 from eqbench.systems.base import ParticleSystem
 
 __all__ = ["FlowCheckReport", "check_flow", "check_flow_quick", "com_free_basis"]
@@ -39,14 +46,6 @@ class FlowCheckReport:
     model: str
     passed: list[str] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)
-
-
-def com_free_basis(n_particles: int, n_dims: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Orthonormal basis ``[N·D, (N-1)·D]`` of the CoM-free subspace U (paper A.3)."""
-    a = torch.eye(n_particles, dtype=dtype) - 1.0 / n_particles
-    eigvals, eigvecs = torch.linalg.eigh(a)
-    particle_basis = eigvecs[:, eigvals > 0.5]  # the N-1 eigenvectors with eigenvalue 1
-    return torch.kron(particle_basis, torch.eye(n_dims, dtype=dtype))
 
 
 def _flat_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:

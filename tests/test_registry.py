@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -190,8 +192,8 @@ def test_entry_point_plugin_is_listed_with_origin_and_loaded_lazily(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a healthy plugin lists without warnings
         assert reg.names() == ["my-flow"]
-        assert reg.entries() == [Entry("my-flow", f"{mod}:build", "plugin eqb-test-plugin", "")]
-    assert mod not in sys.modules  # discovered and listed, never imported
+        assert reg.entries(describe_plugins=False) == [Entry("my-flow", f"{mod}:build", "plugin eqb-test-plugin", "")]
+    assert mod not in sys.modules  # discovered and listed without descriptions: never imported
 
     assert reg.get("my-flow")(None, None) == "from plugin"
     assert mod in sys.modules
@@ -207,7 +209,10 @@ def test_broken_plugin_lists_fine_and_fails_cleanly_at_get(
     )
     reg: Registry[object] = Registry("model", group)
 
-    assert reg.names() == ["broken", "good"]  # listing does not import, so it cannot crash
+    assert reg.names() == ["broken", "good"]  # names import nothing, so they cannot crash
+    with pytest.warns(PluginWarning, match="'broken'.*ModuleNotFoundError"):
+        entries = reg.entries()  # describing loads the plugins: the broken one warns, is still listed
+    assert [e.name for e in entries] == ["broken", "good"]
     with pytest.raises(EqbenchError) as info:
         reg.get("broken")
     message = str(info.value)
@@ -258,3 +263,65 @@ def test_module_level_registries() -> None:
     assert (SYSTEMS.kind, SYSTEMS.entry_point_group) == ("system", None)
     assert (MODELS.kind, MODELS.entry_point_group) == ("model", "eqbench.models")
     assert (TASKS.kind, TASKS.entry_point_group) == ("task", "eqbench.tasks")
+
+
+def test_listing_describes_plugins_and_imports_no_builtin(
+    make_module: Callable[[str], str], make_plugin_dist: Callable[[str, str], str]
+) -> None:
+    """``entries()`` (what ``eqbench list`` prints) shows each plugin's description: the one
+    ``model_builder`` declares, else the docstring's first line; built-ins stay unimported."""
+    declared = make_module(
+        """
+        from eqbench.capabilities import model_builder
+
+        @model_builder(capabilities=["trainable"], description="a declared description")
+        def build(system, config):
+            '''Docstring that the declared description wins over.'''
+        """
+    )
+    documented = make_module("def build(system, config):\n    '''First line.\n\n    More.'''\n")
+    group = make_plugin_dist(
+        "eqb-described-plugin",
+        f"declared = {declared}:build\ndocumented = {documented}:build\nbroken = eqb_missing_xyz:build\n",
+    )
+    builtin = make_module("def build(system, config):\n    '''never imported'''\n")
+    reg: Registry[object] = Registry("model", group)
+    reg.register("builtin", f"{builtin}:build", description="built-in")
+
+    with pytest.warns(PluginWarning) as caught:
+        entries = {e.name: e for e in reg.entries()}
+    assert [str(w.message) for w in caught if "broken" in str(w.message)], "a failing plugin must warn"
+    assert entries["declared"].description == "a declared description"
+    assert entries["documented"].description == "First line."
+    assert entries["broken"].origin == "plugin eqb-described-plugin"  # still listed, with its reason
+    assert entries["builtin"].description == "built-in"
+    assert builtin not in sys.modules  # only plugin targets are loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # described once: a second listing neither loads nor warns again
+        assert {e.name: e.description for e in reg.entries()} == {n: e.description for n, e in entries.items()}
+
+
+def test_cli_list_prints_plugin_description(tmp_path: Path) -> None:
+    """``python -m eqbench list models`` with an installed-looking plugin prints its description."""
+    (tmp_path / "eqb_listed_plugin.py").write_text(textwrap.dedent(
+        """
+        from eqbench.capabilities import model_builder
+
+        @model_builder(capabilities=["trainable", "exact-density"], description="listed with its words")
+        def build(system, config):
+            raise NotImplementedError
+        """
+    ))
+    info = tmp_path / "eqb_listed_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: eqb-listed-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[eqbench.models]\nlisted-flow = eqb_listed_plugin:build\nbroken-flow = eqb_no_such_mod:build\n")
+    out = subprocess.run([sys.executable, "-m", "eqbench", "list", "models"], capture_output=True, text=True,
+                         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO_ROOT}"}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(row for row in out.stdout.splitlines() if row.startswith("listed-flow"))
+    assert "plugin eqb-listed-plugin" in line and "listed with its words" in line
+    assert any(row.startswith("broken-flow") for row in out.stdout.splitlines())
+    assert "broken-flow" in out.stderr and "ModuleNotFoundError" in out.stderr  # the warning
+    assert any(row.startswith("gaussian") and "baseline" in row for row in out.stdout.splitlines())
