@@ -122,8 +122,8 @@ def resolve_per_model(params: Mapping[str, Any], model: str, models: Iterable[st
     """Replace every per-model table (a table with a ``default`` entry) by ``model``'s value.
 
     Keys of such a table other than ``default`` must name models (``models``: the registered
-    names; ``model`` itself is always valid, so a ``module:attr`` path can be keyed), so that a
-    typo is an error rather than a silently ignored setting.
+    names, or a ``module:attr`` builder path), so that a typo is an error rather than a silently
+    ignored setting.
 
     Example:
         >>> resolve_per_model({"lr": {"default": 5e-3, "real-nvp": 1e-3}, "n": 3}, "real-nvp", ["real-nvp", "node"])
@@ -133,7 +133,7 @@ def resolve_per_model(params: Mapping[str, Any], model: str, models: Iterable[st
     resolved = dict(params)
     for key, value in params.items():
         if isinstance(value, Mapping) and "default" in value:
-            unknown = sorted(set(value) - valid - {"default"})
+            unknown = sorted(k for k in set(value) - valid - {"default"} if ":" not in str(k))
             if unknown:
                 raise ConfigError(f"setting {key!r} has entries for unknown models {', '.join(map(repr, unknown))}; "
                                   f"a per-model table takes 'default' and model names: {', '.join(sorted(valid))}")
