@@ -7,13 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= results
 
-.PHONY: venv data demo test test-all clean-results help bench bench-check bench-targets paper-price
+.PHONY: venv data demo test test-all clean-results help bench bench-check bench-targets paper-price wheel-check
 
 help:
 	@echo "make demo      set up .venv, run the quick DW-4 headline comparison -> $(RESULTS)/quick/report.html"
 	@echo "make data      set up .venv, generate and check every reference data set (two at a time)"
 	@echo "make test      set up .venv and run the test suite (slow tests excluded)"
 	@echo "make test-all  the test suite including tests marked slow"
+	@echo "make wheel-check  build sdist + wheel, pip-install the wheel into a fresh venv, run a smoke cell elsewhere (CI)"
 	@echo "make bench     asv benchmarks of this commit -> .asv/results, dashboard .asv/html (asv preview)"
 	@echo "make bench-check  run every asv benchmark once, reduced sizes, nothing saved (CI)"
 	@echo "make bench-targets  measure the performance-target ratios (JSON on stdout)"
@@ -66,6 +67,33 @@ test: data
 
 test-all: data
 	$(PY) -m pytest -q
+
+# `pip install .` / a wheel must work outside the checkout: build the sdist and, from it, the wheel
+# (as pip does from an sdist) into $(DIST)/, install the wheel with its dependencies into a fresh
+# venv, and run one smoke cell and the report from a temporary directory; the reference data come
+# from the user's cache ($EQBENCH_CACHE or ~/.cache/eqbench) as always. --no-compile: compiling
+# torch's bytecode at install time took ~100 of the ~150 s; Python compiles what it imports.
+# .venv's pip installs into the new venv (--python), which saves ensurepip's ~12 s.
+DIST ?= dist
+wheel-check: $(STAMP)
+	@set -e; start=$$(date +%s); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	rm -f $(DIST)/eqbench-*; \
+	$(PY) -m build --no-isolation --outdir $(DIST) . > "$$tmp/build.log" 2>&1 || { cat "$$tmp/build.log"; exit 1; }; \
+	wheel=$$(cd $(DIST) && ls "$$PWD"/eqbench-*.whl); \
+	$(PYTHON) -m venv --without-pip "$$tmp/venv"; \
+	$(PY) -m pip --python "$$tmp/venv/bin/python" install --quiet --no-compile -c constraints.txt "$$wheel"; \
+	echo "wheel-check: built and installed in $$(( $$(date +%s) - start )) s"; \
+	mkdir "$$tmp/work"; cd "$$tmp/work"; \
+	"$$tmp/venv/bin/python" -c 'import sys, eqbench, eqbench.config as c, eqbench.report as r; \
+	site = sys.argv[1]; paths = [eqbench.__file__, c.tasks_dir(), r.baselines_path()]; \
+	assert all(str(p).startswith(site) for p in paths), f"not the installed copy: {paths}"; \
+	assert len(r.load_baselines()) > 0, "no published baselines shipped"' "$$tmp/venv/"; \
+	"$$tmp/venv/bin/eqbench" run --task test-nll --model gaussian --system dw2 --profile smoke \
+		--results "$$tmp/work/results" --no-plot; \
+	ls "$$tmp"/work/results/cells/test-nll/*.json > /dev/null; \
+	"$$tmp/venv/bin/eqbench" report --results "$$tmp/work/results"; \
+	cd /; rm -rf "$$tmp"; \
+	echo "wheel-check ok in $$(( $$(date +%s) - start )) s, cleanup of the venv included ($$wheel)"
 
 clean-results:
 	rm -rf $(RESULTS)/*/cells $(RESULTS)/*/results.csv

@@ -139,12 +139,15 @@ def claims() -> list[tuple[TaskSection, Claim]]:
 
 
 def baselines_path() -> Path:
-    """``baselines/published.csv`` at the repository root that holds this package.
+    """``baselines/published.csv`` of the checkout that holds this package, else the copy shipped
+    in the installed package (:func:`eqbench.resources.baselines_path`).
 
     Located from the package itself (not the working directory) so ``eqbench report`` run from
-    anywhere uses the checkout's published numbers, like ``tasks/`` profiles are found.
+    anywhere uses the same published numbers, like ``tasks/`` profiles are found.
     """
-    return Path(__file__).resolve().parents[1] / "baselines" / "published.csv"
+    from eqbench import resources
+
+    return resources.baselines_path()
 
 
 def load_baselines(path: Path | None = None) -> pandas.DataFrame:
