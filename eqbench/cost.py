@@ -17,6 +17,10 @@ before anything runs. Prices are measured, never assumed:
    with their own rule from the same records.
 3. Nothing comparable finished: the cell is unpriced (``None``) and says so; no guess.
 
+A model-independent reference cell (model :data:`~eqbench.tasks.base.REFERENCE_MODEL`) is priced
+from finished reference cells, including those that earlier versions ran under the model that
+asked for them (:func:`priced_as`), so older calibration runs still price them.
+
 Calibration cells must have run on the same kind of device (``cpu`` / ``cuda``) as the sweep
 being priced. The estimate is per cell; :func:`wall_seconds` packs cells onto ``jobs`` workers.
 """
@@ -32,14 +36,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eqbench.errors import ConfigError
+from eqbench.errors import ConfigError, EqbenchError
 from eqbench.records import CellResult, CellStore
+from eqbench.tasks.base import REFERENCE_MODEL
 from eqbench.tasks.pricing import phase_estimate, phase_seconds
 
 if TYPE_CHECKING:
     from eqbench.planning import CellPlan
 
-__all__ = ["CellEstimate", "CostModel", "PriceCheck", "check_prices", "device_kind", "phase_estimate", "phase_seconds", "wall_seconds"]
+__all__ = ["CellEstimate", "CostModel", "PriceCheck", "check_prices", "device_kind", "phase_estimate", "phase_seconds",
+           "priced_as", "wall_seconds"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,27 @@ def device_kind(device: str | None) -> str:
     return "cuda" if device.startswith("cuda") else device.split(":")[0]
 
 
+def priced_as(config: Mapping[str, Any]) -> tuple[Any, Mapping[str, Any]]:
+    """The model and settings a finished cell prices under: its own, except for a cell its task
+    declares model-independent (:meth:`~eqbench.tasks.base.Task.reference_params`) that was run
+    under a model's name before such cells were shared: it prices the shared reference cell."""
+    model, params = config.get("model"), config.get("params", {})
+    if model != REFERENCE_MODEL:
+        from eqbench.registry import TASKS
+
+        try:
+            shared = TASKS.get(config.get("task")).reference_params(params)
+        except (EqbenchError, KeyError, TypeError, ValueError):  # a task not installed here, odd params
+            shared = None
+        if shared is not None:
+            return REFERENCE_MODEL, shared
+    return model, params
+
+
 def _without_seed(config: Mapping[str, Any]) -> tuple[Any, ...]:
     """What makes two cells' settings equal, whatever their seed and profile name."""
-    return (config.get("task"), config.get("model"), config.get("system"),
-            json.dumps(config.get("params", {}), sort_keys=True, default=str))
+    model, params = priced_as(config)
+    return (config.get("task"), model, config.get("system"), json.dumps(params, sort_keys=True, default=str))
 
 
 class CostModel:
@@ -81,7 +104,7 @@ class CostModel:
         self._by_settings: dict[tuple[Any, ...], list[CellResult]] = {}
         for cell in self._cells:
             cfg = cell.config
-            self._by_pair.setdefault((cfg.get("task"), cfg.get("model"), cfg.get("system")), []).append(cell)
+            self._by_pair.setdefault((cfg.get("task"), priced_as(cfg)[0], cfg.get("system")), []).append(cell)
             self._by_settings.setdefault(_without_seed(cfg), []).append(cell)
 
     @classmethod

@@ -184,6 +184,33 @@ def test_metastable_phases_resolve_the_protocol_per_method():
     assert set(task.cost_phases(dict(params, variant="training"), "lj13")) == {"training_set_wall_s"}
 
 
+def test_shared_reference_cells_are_priced_from_reference_cells_of_any_model():
+    """metastable-states' reference cells are shared by every model (model "reference", the
+    reference settings only): a finished reference cell prices them, and so does one that an
+    earlier version ran under a model's name with all the settings (older calibration runs)."""
+    from eqbench.tasks.base import REFERENCE_MODEL
+
+    task = TASKS.get("metastable-states")
+    def long_mcmc(profile: str) -> CellPlan:
+        return next(p for p in plan_cells("metastable-states", "node", "dw4", profile)
+                    if p.params["variant"] == "mcmc-long")
+
+    paper, quick = long_mcmc("paper"), long_mcmc("quick")
+    assert paper.model == quick.model == REFERENCE_MODEL
+    legacy_params = {k: v for k, v in task.profile("quick").items() if k != "seeds"} | {"variant": "mcmc-long"}
+    records = {"training_set_wall_s": 2.0, "mcmc_wall_s": 30.0, "minimize_wall_s": 10.0}
+    shared = cell("metastable-states", REFERENCE_MODEL, "dw4", dict(quick.params), records=records)
+    legacy = cell("metastable-states", "kernel-flow", "dw4", legacy_params, records=records)
+    for finished in (shared, legacy):
+        costs = CostModel([finished])
+        estimate = costs.estimate(paper)
+        assert estimate.seconds is not None and estimate.seconds > 42.0, estimate
+        assert estimate.basis == "scaled from 1 quick cell(s)"
+        assert costs.estimate(quick).basis == "measured: 1 cell(s) with these settings"
+    flow = next(p for p in plan_cells("metastable-states", "node", "dw4", "paper") if p.params["variant"] == "flow")
+    assert CostModel([legacy]).estimate(flow).seconds is None  # a reference prices no flow
+
+
 def test_every_task_prices_its_paper_profile_from_its_own_smoke_phases():
     """Each built-in task names phases (or its own rule) for every paper cell: no task is left
     to the exact-match fallback."""

@@ -123,6 +123,23 @@ def test_unsupported_pairs_are_set_aside_and_bad_names_refused(tmp_path):
         plan_sweep("test-nll", ["gaussian"], ["dw4"], seeds=0, results_dir=tmp_path)
 
 
+def test_a_sweep_without_models_runs_the_builtin_models_only(tmp_path, monkeypatch):
+    """Without --model a sweep runs eqbench's own models (the paper's and the Gaussian baseline);
+    an installed plugin (here a stand-in entry point) runs only when named."""
+    from eqbench.registry import MODELS, Entry
+
+    MODELS.names()  # entry-point discovery first, so the stand-in is not overwritten by it
+    monkeypatch.setitem(MODELS._plugins, "my-plugin-flow",
+                        Entry("my-plugin-flow", "eqbench.flows.gaussian:build", "plugin my-flows"))
+    builtin = {e.name for e in MODELS.entries() if e.origin == "eqbench"}
+    assert {"kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian"} <= builtin
+    assert "my-plugin-flow" in MODELS.names() and "my-plugin-flow" not in builtin
+    plan = plan_sweep("test-nll", None, ["dw4"], results_dir=tmp_path)
+    assert {c.model for c in plan.todo} | {m for m, _, _ in plan.unsupported} == builtin
+    named = plan_sweep("test-nll", ["gaussian", "my-plugin-flow"], ["dw4"], results_dir=tmp_path)
+    assert sorted(c.model for c in named.todo) == ["gaussian", "my-plugin-flow"]
+
+
 @pytest.mark.parametrize("executor, module, extra", [("dask", "dask.distributed", "dask"), ("slurm", "submitit", "slurm")])
 def test_a_missing_executor_extra_names_its_install_command(monkeypatch, tmp_path, executor, module, extra):
     from eqbench.executors import make_executor

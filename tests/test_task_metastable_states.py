@@ -13,8 +13,9 @@ from conftest import run_task_smoke
 
 import eqbench
 from eqbench.errors import ConfigError
-from eqbench.runner import plan_cells
-from eqbench.tasks.metastable_states import VARIANTS, TASK, bin_label, parse_bin_label
+from eqbench.runner import code_versions, plan_cells
+from eqbench.tasks.base import REFERENCE_MODEL
+from eqbench.tasks.metastable_states import REFERENCE_SETTINGS, VARIANTS, TASK, bin_label, parse_bin_label
 
 TASK_NAME = "metastable-states"
 MODELS = ("kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian")
@@ -127,8 +128,9 @@ def test_settings_resolve_per_system_and_plain_values() -> None:
     from eqbench.tasks.metastable_states import Settings
 
     lj = eqbench.get_system("lj13")
-    s = Settings.resolve(cells[3].params, lj)
-    assert s.eps == 0.005 and s.n_samples == 1000 and s.rounds == 10
+    s = Settings.resolve(cells[3].params, lj)  # mcmc-long: a reference cell, without the flow's settings
+    assert s.eps == 0.005 and s.rounds == 10
+    assert Settings.resolve(cells[0].params, lj).n_samples == 1000  # the flow cell has them
     protocol = lj.data_protocol  # "protocol": the reference data's Metropolis settings
     assert (s.mcmc_chains, s.mcmc_burn_in, s.mcmc_stride) == (protocol.n_chains, protocol.burn_in, protocol.stride)
     assert (s.mcmc_chains, s.mcmc_burn_in, s.mcmc_stride) == (200, 65000, 4000)
@@ -162,31 +164,128 @@ def test_task_metadata() -> None:
     assert set(TASK.profiles()) == {"smoke", "quick", "paper", "calibrate"}
 
 
-def test_plot_reads_the_collected_csv_and_keeps_one_copy_of_each_reference(tmp_path) -> None:
-    """Two models ran the training reference: the figure shows it once, each flow under its
-    model's name, and draws from results.csv alone."""
+def test_plot_reads_the_collected_csv_and_shows_each_reference_once(tmp_path) -> None:
+    """Flow rows of two models and the training reference (one shared cell of model "reference"):
+    the figure shows each flow under its model's name and the reference once, drawn from
+    results.csv alone. (Before reference cells were shared, each model's run carried its own copy
+    of the references and the plot dropped all but one; now there is one copy to begin with.)"""
     import pandas as pd
 
     from eqbench.plots import write_task_plots
     from eqbench.records import RECORD_COLUMNS
-    from eqbench.tasks.metastable_states import _count_table, _dedupe_references
+    from eqbench.tasks.metastable_states import _count_table, _method
 
     rows = []
     for model, flow_counts in (("kernel-flow", (40, 44)), ("node", (10, 12))):
         for step, count in enumerate(flow_counts):
             rows.append({"model": model, "variant": "flow", "step": step, "value": count})
-        rows.append({"model": model, "variant": "training", "step": 0, "value": 7})
+    rows.append({"model": REFERENCE_MODEL, "variant": "training", "step": 0, "value": 7})
     table = pd.DataFrame([{**{c: "" for c in RECORD_COLUMNS}, "task": TASK_NAME, "system": "lj13", "seed": 0,
                            "profile": "quick", "status": "ok", "metric": f"distinct_minima_{bin_label(-80.0, -70.0)}",
                            **row} for row in rows])
     table = pd.concat([table, table.assign(metric="distinct_minima")], ignore_index=True)
-    deduped = _dedupe_references(table)
-    assert len(deduped[deduped["method"] == "training"]) == 2  # one per metric, not one per model
-    labels, mean, std = _count_table(deduped, "distinct_minima", ["kernel-flow", "node", "training"])
+    table["method"] = [_method(v, m) for v, m in zip(table["variant"], table["model"])]
+    assert len(table[table["method"] == "training"]) == 2  # one per metric
+    labels, mean, std = _count_table(table, "distinct_minima", ["kernel-flow", "node", "training"])
     assert labels == ["[−80, −70)"]
     assert mean.tolist() == [[42.0, 11.0, 7.0]]
     assert std[0, 0] == pytest.approx(8 ** 0.5) and std[0, 2] == 0.0  # sample std of 40, 44
 
-    table.to_csv(tmp_path / "results.csv", index=False)
+    table.drop(columns="method").to_csv(tmp_path / "results.csv", index=False)
     written = write_task_plots(TASK_NAME, tmp_path)
     assert sorted(p.name for p in written) == ["metastable_counts_lj13_quick.png", "metastable_counts_lj13_quick.svg"]
+
+
+# -- references shared by every model ------------------------------------------------------------
+
+
+def test_reference_cells_are_the_same_cells_whatever_the_model() -> None:
+    """The training set and the MCMC references do not depend on the model: planned for any model,
+    with any per-model settings, they are the same cells (model "reference", only the settings
+    they use, no model code version); the flow cell stays the model's own."""
+    per_model = {"model_config": {"default": {}, "kernel-flow": {"steps": 4}}, "lr": {"default": 5e-3, "node": 1e-3},
+                 "ml_iterations": {"default": 3, "node": 5}}
+    kernel = plan_cells(TASK_NAME, "kernel-flow", "dw4", "smoke", overrides=per_model)
+    node = plan_cells(TASK_NAME, "node", "dw4", "smoke", overrides=per_model)
+    assert [c.model for c in kernel] == ["kernel-flow", REFERENCE_MODEL, REFERENCE_MODEL, REFERENCE_MODEL]
+    assert kernel[0].cell_id != node[0].cell_id
+    assert [c.cell_id for c in kernel[1:]] == [c.cell_id for c in node[1:]]
+    for cell in kernel[1:]:
+        assert set(cell.params) <= REFERENCE_SETTINGS and "model_config" not in cell.params
+        assert cell.code == code_versions(TASK_NAME, None) and "model" not in cell.code
+    # A reference setting still makes a different reference cell.
+    other = plan_cells(TASK_NAME, "node", "dw4", "smoke", overrides={"eps": 0.02})
+    assert not {c.cell_id for c in other[1:]} & {c.cell_id for c in node[1:]}
+    with pytest.raises(ConfigError, match="names the model-independent reference cells"):
+        plan_cells(TASK_NAME, REFERENCE_MODEL, "dw4")
+
+
+def test_reference_settings_and_flow_settings_cover_every_profile_setting() -> None:
+    """Every setting is either used by the references (kept in their cells) or by the flow only
+    (dropped from them): a new setting must be placed in one of the two sets, or a reference
+    cell would silently ignore it (or depend on the model)."""
+    from eqbench.config import TRAINING_DEFAULTS
+    from eqbench.tasks.metastable_states import _FLOW_ONLY
+
+    for name, profile in TASK.profiles().items():
+        settings = set(profile) - {"seeds"}
+        assert settings <= REFERENCE_SETTINGS | set(_FLOW_ONLY) | set(TRAINING_DEFAULTS), (name, settings)
+        assert REFERENCE_SETTINGS <= settings, name
+
+
+def test_sweep_runs_each_reference_once_and_a_later_run_reuses_them(tmp_path, monkeypatch) -> None:
+    """A sweep over two models plans and runs each reference cell once (3 reference + 2 flow cells,
+    not 8); a later run of a third model reads the three back (one new cell file: its flow); the
+    report's table and the figure show each reference once beside the three flows."""
+    import re
+
+    from eqbench import report
+    from eqbench.plots import write_task_plots
+    from eqbench.records import CellStore
+    from eqbench.sweep import plan_sweep, sweep
+    from eqbench.tasks import metastable_states
+
+    overrides = {"model_config": {"default": {}, "kernel-flow": {"steps": 4}}}
+    plan, results = sweep(TASK_NAME, ["kernel-flow", "gaussian"], ["dw4"], "smoke", overrides=overrides,
+                          results_dir=tmp_path, progress=False)
+    assert sorted(c.model for c in plan.todo) == ["gaussian", "kernel-flow"] + [REFERENCE_MODEL] * 3
+    assert all(r.status == "ok" for r in results), [r.reason for r in results]
+    cells_dir = tmp_path / "cells" / TASK_NAME
+    files = {p.stem for p in cells_dir.glob("*.json")}
+    assert len(files) == 5
+    store = CellStore(tmp_path)
+    by_variant = {store.read(TASK_NAME, f).config["params"]["variant"]: store.read(TASK_NAME, f) for f in files
+                  if store.read(TASK_NAME, f).config["model"] == REFERENCE_MODEL}
+    assert sorted(by_variant) == ["mcmc-long", "mcmc-short", "training"]
+    assert all(r.model == REFERENCE_MODEL for c in by_variant.values() for r in c.records)
+    assert not plan_sweep(TASK_NAME, ["kernel-flow", "gaussian"], ["dw4"], "smoke", overrides=overrides,
+                          results_dir=tmp_path).todo  # all finished, references included
+
+    later = eqbench.run(TASK_NAME, "real-nvp", "dw4", "smoke", overrides=overrides, results_dir=tmp_path,
+                        progress=False)
+    assert [c.status for c in later] == ["ok"] * 4
+    new = {p.stem for p in cells_dir.glob("*.json")} - files
+    assert [store.read(TASK_NAME, f).config["model"] for f in new] == ["real-nvp"]
+    for cell in later[1:]:  # read back, not rerun
+        assert cell.started_at == by_variant[cell.config["params"]["variant"]].started_at
+
+    table = store.collect()
+    html = report.render_report(tmp_path)
+    meta = html.split('id="task-metastable-states"')[1].split("</section>")[0]
+    results_table = re.search(r'<table class="results">.*?</table>', meta, re.S).group(0)
+    shown = [tuple(re.findall(r"<td[^>]*>(.*?)</td>", row)[1:3]) for row in re.findall(r"<tr>(.*?)</tr>",
+                                                                                        results_table, re.S)]
+    shown = [row for row in shown if row]
+    assert sorted(shown) == sorted([("gaussian", "flow"), ("kernel-flow", "flow"), ("real-nvp", "flow"),
+                                    (REFERENCE_MODEL, "mcmc-long"), (REFERENCE_MODEL, "mcmc-short"),
+                                    (REFERENCE_MODEL, "training")])
+    drawn: list[list[str]] = []
+    original = metastable_states._bars
+
+    def spy(ax, labels, methods, *args):
+        drawn.append(list(methods))
+        return original(ax, labels, methods, *args)
+
+    monkeypatch.setattr(metastable_states, "_bars", spy)
+    assert write_task_plots(TASK_NAME, tmp_path, table=table)
+    assert drawn[0] == ["gaussian", "kernel-flow", "real-nvp", "training", "mcmc-short", "mcmc-long"]
