@@ -14,7 +14,7 @@ help:
 	@echo "make data      set up .venv, generate and check every reference data set (two at a time)"
 	@echo "make test      set up .venv and run the test suite (slow tests excluded)"
 	@echo "make test-all  the test suite including tests marked slow"
-	@echo "make wheel-check  build sdist + wheel, pip-install the wheel into a fresh venv, run a smoke cell elsewhere (CI)"
+	@echo "make wheel-check  build sdist + wheel, pip-install it and the zuko example into a fresh venv, run the README's bring-your-own-flow walk-through elsewhere (CI)"
 	@echo "make bench     asv benchmarks of this commit -> .asv/results, dashboard .asv/html (asv preview)"
 	@echo "make bench-check  run every asv benchmark once, reduced sizes, nothing saved (CI)"
 	@echo "make bench-targets  measure the performance-target ratios (JSON on stdout)"
@@ -82,16 +82,15 @@ wheel-check: $(STAMP)
 	wheel=$$(cd $(DIST) && ls "$$PWD"/eqbench-*.whl); \
 	$(PYTHON) -m venv --without-pip "$$tmp/venv"; \
 	$(PY) -m pip --python "$$tmp/venv/bin/python" install --quiet --no-compile -c constraints.txt "$$wheel"; \
+	$(PY) -m pip --python "$$tmp/venv/bin/python" install --quiet --no-compile -c constraints.txt \
+		"$(CURDIR)/examples/zuko_spline"; \
 	echo "wheel-check: built and installed in $$(( $$(date +%s) - start )) s"; \
 	mkdir "$$tmp/work"; cd "$$tmp/work"; \
 	"$$tmp/venv/bin/python" -c 'import sys, eqbench, eqbench.config as c, eqbench.report as r; \
 	site = sys.argv[1]; paths = [eqbench.__file__, c.tasks_dir(), r.baselines_path()]; \
 	assert all(str(p).startswith(site) for p in paths), f"not the installed copy: {paths}"; \
 	assert len(r.load_baselines()) > 0, "no published baselines shipped"' "$$tmp/venv/"; \
-	"$$tmp/venv/bin/eqbench" run --task test-nll --model gaussian --system dw2 --profile smoke \
-		--results "$$tmp/work/results" --no-plot; \
-	ls "$$tmp"/work/results/cells/test-nll/*.json > /dev/null; \
-	"$$tmp/venv/bin/eqbench" report --results "$$tmp/work/results"; \
+	PATH="$$tmp/venv/bin:$$PATH" bash "$(CURDIR)/examples/zuko_spline/walkthrough.sh" "$$tmp/work/results"; \
 	cd /; rm -rf "$$tmp"; \
 	echo "wheel-check ok in $$(( $$(date +%s) - start )) s, cleanup of the venv included ($$wheel)"
 

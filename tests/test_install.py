@@ -131,6 +131,7 @@ def _run_cells_and_report(python: list[str], env: dict[str, str], work: Path, si
     assert not (work / "tasks").exists() and not (work / "baselines").exists()
 
 
+@pytest.mark.slow  # `make wheel-check` (CI) runs the installed wheel from another directory
 def test_unpacked_wheel_runs_from_another_directory(dists, tmp_path):
     wheel, _ = dists
     site, work = tmp_path / "site", tmp_path / "work"
