@@ -3,7 +3,7 @@
 One evaluation at t = 0.5 on a batch of 64 configurations, as in sampling (no graph to the
 parameters): ``velocity`` alone, and velocity + divergence by ``closed-form``, ``brute-force``
 (one backward pass per coordinate) and ``hutchinson`` (one Rademacher probe). The system is
-LJ-13's particle type (3-D) with N particles (:func:`eqbench.tasks.divergence_cost.scaled_system`);
+LJ-13's potential (3-D) with N particles (``ParticleSystem.with_particles``, as the task builds it);
 configurations are random CoM-free clusters at a fixed number density (radius ∝ N^(1/3)), so
 no reference data is needed. Brute force is skipped above 32 particles (~3 s per call at 64).
 
@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 import eqbench
-from eqbench.tasks.divergence_cost import random_cluster, scaled_system
+from eqbench.tasks.divergence_cost import random_cluster
 from eqbench.timing import evaluation_call
 
 from .common import SMOKE, fix_environment, median_time_ratio
@@ -34,7 +34,7 @@ RADIUS_13 = 1.9
 def make_inputs(n_particles: int, batch: int = BATCH, seed: int = 0):
     """An untrained kernel flow for ``n_particles`` 3-D particles and ``batch`` random clusters."""
     torch.manual_seed(seed)
-    system = scaled_system(eqbench.get_system("lj13"), n_particles)
+    system = eqbench.get_system("lj13").with_particles(n_particles)
     flow = eqbench.build_model("kernel-flow", system)
     flow.eval()
     radius = RADIUS_13 * (n_particles / 13) ** (1 / 3)

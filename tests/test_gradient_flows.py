@@ -94,18 +94,20 @@ def test_builder_settings_and_errors(model):
 
 
 @pytest.mark.parametrize("model", BUILDERS)
-def test_unsupported_system_names_supported_ones(model):
-    from dataclasses import replace
+def test_any_system_builds_with_the_placement_of_its_kind(model):
+    """No name lookup: eight double-well particles get DW-4's RBFs and the paper's count."""
+    from eqbench.systems.double_well import make_double_well
 
-    other = replace(get_system("dw4"), name="dw8")
-    with pytest.raises(ConfigError, match="dw2, dw4, lj13"):
-        BUILDERS[model](other, {})
+    flow = BUILDERS[model](make_double_well(8), {})
+    assert flow.n_parameters == N_PARAMETERS[model]
+    assert torch.equal(flow.rbf.mu, torch.linspace(0, 8, 50, dtype=torch.float64).float())
+    assert torch.all(flow.rbf.gamma == 0.5)
 
 
 def test_rbf_placement():
-    mu, gamma = gradient_flow.rbf_placement("dw4", torch.float64)
+    mu, gamma = gradient_flow.rbf_placement(get_system("dw4"), torch.float64)
     assert torch.allclose(mu, torch.linspace(0, 8, 50, dtype=torch.float64)) and torch.all(gamma == 0.5)
-    mu, gamma = gradient_flow.rbf_placement("lj13", torch.float64)
+    mu, gamma = gradient_flow.rbf_placement(get_system("lj13"), torch.float64)
     assert mu.shape == (50,) and torch.all(mu[1:] >= mu[:-1]) and 0 <= mu.min() and mu.max() < 16
     # densest spacing near rm = 1 relative to the far tail; bandwidths narrowest there
     near = mu[(mu > 0.5) & (mu < 1.5)]

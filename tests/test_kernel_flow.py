@@ -94,10 +94,10 @@ def test_parameter_count_is_620_and_kernels_are_buffers(system):
 
 
 def test_default_kernel_placement():
-    dw = default_kernels("dw4")
+    dw = default_kernels(make_dw4())
     assert torch.allclose(dw["distance_centres"], torch.linspace(0, 8, 50, dtype=F64))
     assert torch.all(dw["distance_bandwidths"] == 0.5) and torch.all(dw["time_bandwidths"] == 0.3)
-    lj = default_kernels("lj13")
+    lj = default_kernels(make_lj13())
     mu, gamma, beta = lj["distance_centres"], lj["distance_bandwidths"], lj["time_bandwidths"]
     expected = torch.sort((torch.linspace(0, 16, 50, dtype=F64) - 1.5) ** 2 / 32).values
     assert torch.equal(mu, expected) and abs(float(mu.max()) - 14.5**2 / 32) < 1e-12
@@ -120,9 +120,12 @@ def test_build_options_and_errors():
         build(dw4, {"dtype": "float16"})
     with pytest.raises(ConfigError, match="init_scale"):
         build(dw4, {"init_scale": -1})
-    other = make_dw4().__class__(name="dw8", n_particles=8, n_dims=2)
-    with pytest.raises(ConfigError, match="supported: dw2, dw4, lj13"):
-        build(other, {})
+    with pytest.raises(ConfigError, match="at least 2 distance and 2 time kernels"):
+        build(dw4, {"n_distance_kernels": 1})
+    # A system the paper does not have gets the placement of its kind (no name lookup): DW-4's.
+    dw8 = build(make_dw4().__class__(name="dw8", n_particles=8, n_dims=2), {})
+    assert dw8.n_parameters == 620
+    assert torch.equal(dw8.distance_centres, torch.linspace(0, 8, 50, dtype=F64).float())
 
 
 # ----------------------------------------------------------------------------- the field

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eqbench.api import get_system
+from eqbench.errors import ConfigError
 from eqbench.geometry import (
     apply_permutation,
     random_permutations,
@@ -346,3 +347,99 @@ def test_prior_normaliser_constants() -> None:
     """0.5 (N-1) D log 2π: 5.514 for DW-4, 33.082 for LJ-13 (SPEC §1)."""
     assert get_system("dw4").prior_log_normaliser() == pytest.approx(5.514, abs=5e-4)
     assert get_system("lj13").prior_log_normaliser() == pytest.approx(33.082, abs=5e-4)
+
+
+# --------------------------------------------------------------------------- what a system is
+@pytest.mark.parametrize("name, kind, length, lo, hi", [
+    ("dw2", "double-well", 4.0, 0.0, 8.0),  # d0; [0, 2 d0], the paper's kernel range (C.1)
+    ("dw4", "double-well", 4.0, 0.0, 8.0),
+    # rm; σ = 2^(-1/6) rm to the diameter of 13 close-packed (fcc fraction π/(3√2)) spheres of diameter rm
+    ("lj13", "lennard-jones", 1.0, 2 ** (-1 / 6), (13 / (math.pi / (3 * math.sqrt(2)))) ** (1 / 3)),
+    ("harmonic", "harmonic", math.sqrt(6.0), 0.0, 2 * math.sqrt(6.0)),  # RMS pair distance sqrt(2D), D = 3
+])
+def test_each_system_declares_its_kind_and_lengths(name, kind, length, lo, hi) -> None:
+    system = get_system(name)
+    assert system.kind == kind
+    assert system.length_scale == pytest.approx(length, rel=1e-12)
+    assert system.pair_distance_range == pytest.approx((lo, hi), rel=1e-12)
+    assert kind in system.describe()
+
+
+def test_double_well_lengths_hold_both_preferred_distances() -> None:
+    """d0 is the barrier top between the pair potential's two minima d0 ± sqrt(-b/2c), both
+    inside the typical range."""
+    dw = get_system("dw4")
+    d = torch.linspace(0.01, 7.99, 80_001, dtype=F64)
+    f, df, d2f = dw.pair_potential(d)
+    is_min = (f[1:-1] < f[:-2]) & (f[1:-1] < f[2:])
+    minima = d[1:-1][is_min]
+    assert len(minima) == 2
+    assert minima.tolist() == pytest.approx([4 - math.sqrt(4 / 1.8), 4 + math.sqrt(4 / 1.8)], abs=1e-3)
+    lo, hi = dw.pair_distance_range
+    assert lo < float(minima[0]) and float(minima[1]) < hi
+    _, df0, d2f0 = dw.pair_potential(torch.tensor([dw.length_scale], dtype=F64))
+    assert abs(float(df0)) < 1e-12 and float(d2f0) < 0  # a maximum: the barrier
+
+
+def test_lennard_jones_lengths_are_the_pair_minimum_and_the_zero_crossing() -> None:
+    lj = get_system("lj13")
+    lo, _ = lj.pair_distance_range
+    f, df, d2f = lj.pair_potential(torch.tensor([lj.length_scale, lo], dtype=F64))
+    assert abs(float(df[0])) < 1e-12 and float(d2f[0]) > 0 and float(f[0]) == pytest.approx(-1.0)
+    assert abs(float(f[1])) < 1e-12  # f(σ) = 0
+
+
+def test_harmonic_lengths_describe_its_pair_distances() -> None:
+    """x_i - x_j ~ N(0, 2 I_D) for the CoM-free standard normal: RMS pair distance sqrt(2D), and
+    [0, 2 sqrt(2D)] holds 99 % of the pairs in 3-D (χ²_3 below 12: 0.9926)."""
+    system = get_system("harmonic")
+    gen = torch.Generator().manual_seed(0)
+    x = remove_com(torch.randn(20_000, system.n_particles, system.n_dims, generator=gen, dtype=F64))
+    d = (x.unsqueeze(1) - x.unsqueeze(2)).norm(dim=-1)[:, *torch.triu_indices(4, 4, 1)]
+    assert float(d.pow(2).mean().sqrt()) == pytest.approx(system.length_scale, rel=0.01)
+    inside = float((d < system.pair_distance_range[1]).double().mean())
+    assert inside == pytest.approx(0.9926, abs=0.003)
+
+
+def test_with_particles_is_the_same_potential_named_for_what_it_is() -> None:
+    from eqbench.systems.double_well import make_double_well
+    from eqbench.systems.lennard_jones import make_lennard_jones
+
+    dw4, lj13, harmonic = get_system("dw4"), get_system("lj13"), get_system("harmonic")
+    assert dw4.with_particles(8) == make_double_well(8) and dw4.with_particles(8).name == "dw8"
+    assert lj13.with_particles(55) == make_lennard_jones(55) and lj13.with_particles(55).name == "lj55"
+    assert dw4.with_particles(4) is dw4
+    six = harmonic.with_particles(6)
+    assert (six.name, six.kind, six.n_particles, six.n_dims) == ("harmonic6", "harmonic", 6, 3)
+    x = remove_com(torch.randn(5, 6, 3, generator=torch.Generator().manual_seed(1), dtype=F64))
+    assert torch.allclose(six.energy(x), 0.5 * x.pow(2).sum((-2, -1)), rtol=1e-12)  # ½|x|² at any N
+    for bad in (1, 2.5, True):
+        with pytest.raises(ConfigError, match="integer >= 2") as info:
+            dw4.with_particles(bad)
+        assert "\n" not in str(info.value)
+
+
+def test_a_system_class_must_declare_a_known_kind() -> None:
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from eqbench.systems.base import SYSTEM_KINDS, ParticleSystem
+
+    with pytest.raises(ConfigError, match="declares kind 'banana'; valid: double-well, lennard-jones, harmonic, other"):
+        @dataclass(frozen=True)
+        class Banana(ParticleSystem):
+            kind: ClassVar[str] = "banana"
+
+    @dataclass(frozen=True)
+    class Plugin(ParticleSystem):  # says nothing about its kind: eqbench knows only its lengths
+        def pair_potential(self, d):
+            return d, torch.ones_like(d), torch.zeros_like(d)
+
+        @property
+        def length_scale(self) -> float:
+            return 2.0
+
+        def describe(self) -> str:
+            return "plugin"
+
+    assert Plugin.kind == "other" and "other" in SYSTEM_KINDS

@@ -22,7 +22,6 @@ from eqbench.tasks.divergence_cost import (
     rademacher_variance,
     random_cluster,
     reference_radius,
-    scaled_system,
 )
 
 CNF_MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node"]
@@ -62,6 +61,30 @@ def test_smoke_lj13_kernel_flow_is_3d(tmp_path):
                               overrides={"particle_counts": [3, 13], "methods": ["closed-form", "hutchinson"]})
     assert set(table["system"]) == {"lj13"}
     assert set(table[table["metric"] == "eval_time_s"]["variant"]) == {"closed-form", "hutchinson"}
+
+
+def test_each_count_builds_a_system_of_its_own_with_the_defaults_of_its_kind(tmp_path, monkeypatch):
+    """N particles of dw4's potential are a system named for what it is (``dw8``), not dw4 with
+    another count, and the model takes that system's defaults: the node's widths follow N·D
+    (DW-4's [64, 64] up to N·D = 32, LJ-13's [64, 128, 64] at N·D = 40)."""
+    import eqbench.components as components
+
+    real_build = components.build_model
+    built = []
+
+    def spy(model, system, config=None):
+        flow = real_build(model, system, config)
+        s = components.get_system(system)
+        built.append((s.name, s.n_particles, s.kind, s.length_scale, getattr(flow, "hidden", None)))
+        return flow
+
+    monkeypatch.setattr(components, "build_model", spy)
+    run_task_smoke("divergence-cost", "node", "dw4", tmp_path,
+                   overrides={"particle_counts": [3, 8, 20], "methods": ["velocity"], "error_configs": 1,
+                              "error_probes": 10})
+    assert ("dw3", 3, "double-well", 4.0, (64, 64)) in built
+    assert ("dw8", 8, "double-well", 4.0, (64, 64)) in built
+    assert ("dw20", 20, "double-well", 4.0, (64, 128, 64)) in built
 
 
 @pytest.mark.parametrize("model", ["real-nvp", "gaussian"])
@@ -190,7 +213,7 @@ def test_hutchinson_error_refuses_a_zero_divergence():
 
 def test_jacobian_of_a_flow_matches_its_divergences():
     """tr J equals the closed form, and εᵀJε equals flow.divergence(method="hutchinson", noise=ε)."""
-    system = scaled_system(eqbench.get_system("dw4"), 6)
+    system = eqbench.get_system("dw4").with_particles(6)
     torch.manual_seed(0)
     flow = eqbench.build_model("kernel-flow", system, {"dtype": "float64", "init_scale": 0.1})
     x = random_cluster(3, 6, 2, 4.0, torch.Generator().manual_seed(2), torch.float64)

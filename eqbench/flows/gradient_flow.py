@@ -18,9 +18,12 @@ Choices, all documented here because the paper leaves them open:
 - **RBFs**: unnormalised Gaussians ``g_k(d) = exp(-(d - μ_k)² / γ_k²)`` with *fixed* centres and
   bandwidths (buffers, not parameters; paper C.2). Unnormalised, so a distance beyond the basis
   simply switches every feature off (the pair force vanishes there) and no quotient rule enters
-  the second derivatives. DW systems: 50 centres equispaced in [0, 8], γ = 0.5. LJ-13: the
-  placement SPEC §4 gives for the kernel flow, ``μ = sort((linspace(0, 16, 50) - 1.5)² / 32)``,
-  ``γ = 0.3 + 3 (μ - 1.5)² / 64`` (dense around rm = 1, widening outwards).
+  the second derivatives. The placement is the kernel flow's (paper C.2 "the same distance
+  embedding"), chosen by the system's kind and lengths (:mod:`eqbench.flows.defaults`): double
+  wells 50 centres equispaced over [0, 2 d0] = [0, 8], γ = 0.5; Lennard-Jones the placement SPEC
+  §4 gives for the kernel flow, ``μ = rm · sort((linspace(0, 16, 50) - 1.5)² / 32)``,
+  ``γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64)`` (dense around rm = 1, widening outwards); any other
+  system equispaced over its ``pair_distance_range`` with γ = (hi - lo) / 16.
 - **MLP** [50, 64, 32, 1], tanh after both hidden layers: 5,377 parameters, as in C.2. Φ has
   **no time input**: the field is autonomous (the count leaves no room for one).
 - **Output softplus**: with a linear output Φ would contain the output bias as an additive
@@ -53,12 +56,12 @@ from torch.nn import functional as F
 from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.defaults import distance_kernel_placement
 from eqbench.geometry import pair_vectors
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
 __all__ = [
     "N_RBF",
-    "SUPPORTED_SYSTEMS",
     "DistanceRBF",
     "GradientFlowBase",
     "SimpleGradientFlow",
@@ -68,29 +71,17 @@ __all__ = [
 
 #: Number of distance kernels (paper C.2).
 N_RBF = 50
-#: Which RBF placement each supported system uses.
-SUPPORTED_SYSTEMS = {"dw2": "double-well", "dw4": "double-well", "lj13": "lennard-jones"}
 #: Default scale of the output-layer weights at initialisation (small: start near identity).
 DEFAULT_INIT_SCALE = 0.1
 
 
-def rbf_placement(system_name: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rbf_placement(system: ParticleSystem, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed centres ``μ`` and bandwidths ``γ`` of the 50 distance kernels (paper C.1, C.2).
 
-    Raises a ConfigError naming the supported systems for any other system.
+    The kernel flow's distance placement for ``system`` (:func:`eqbench.flows.defaults.distance_kernel_placement`):
+    it follows the system's kind and lengths, so every system has one.
     """
-    kind = SUPPORTED_SYSTEMS.get(system_name)
-    if kind is None:
-        raise ConfigError(
-            f"the gradient flows have distance kernels only for {', '.join(SUPPORTED_SYSTEMS)}; "
-            f"got system {system_name!r}"
-        )
-    if kind == "double-well":
-        mu = torch.linspace(0.0, 8.0, N_RBF, dtype=torch.float64)
-        gamma = torch.full_like(mu, 0.5)
-    else:
-        mu = torch.sort((torch.linspace(0.0, 16.0, N_RBF, dtype=torch.float64) - 1.5) ** 2 / 32.0).values
-        gamma = 0.3 + 3.0 * (mu - 1.5) ** 2 / 64.0
+    mu, gamma = distance_kernel_placement(system, N_RBF)
     dtype = dtype or torch.get_default_dtype()
     return mu.to(dtype), gamma.to(dtype)
 
@@ -141,7 +132,7 @@ class GradientFlowBase(CNF):
 
     def __init__(self, system: ParticleSystem, **cnf_options: Any):
         super().__init__(system, **cnf_options)
-        mu, gamma = rbf_placement(system.name)
+        mu, gamma = rbf_placement(system)
         self.rbf = DistanceRBF(mu, gamma)
 
     @abstractmethod
@@ -202,7 +193,7 @@ def build_gradient_flow(cls: type[GradientFlowBase], model: str, system: Particl
                         config: Mapping[str, Any] | None) -> GradientFlowBase:
     """Shared builder of the gradient flows: settings ``init_scale``, ``dtype`` and the CNF ones."""
     config = dict(config or {})
-    rbf_placement(system.name)  # unsupported system: fail before anything else
+    rbf_placement(system)  # a system with bad lengths: fail before anything else
     options = pop_cnf_options(config, train_divergence="hutchinson")
     init_scale = _init_scale(config, model)
     dtype = parse_dtype(config.pop("dtype", "float32"), model)
@@ -212,7 +203,7 @@ def build_gradient_flow(cls: type[GradientFlowBase], model: str, system: Particl
 
 @model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SimpleGradientFlow:
-    """Registry builder for ``gradient-flow`` (dw2, dw4, lj13).
+    """Registry builder for ``gradient-flow``: any system (RBF placement from its kind and lengths).
 
     ``config`` keys: ``init_scale`` (factor on the initial output-layer weights, default 0.1),
     ``dtype`` (``"float32"`` default, or ``"float64"``) and the common CNF settings (``solver``,

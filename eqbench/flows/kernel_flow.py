@@ -76,13 +76,12 @@ from torch.autograd.function import once_differentiable
 from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.defaults import distance_kernel_placement, time_kernel_placement
 from eqbench.geometry import pair_indices
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
-__all__ = ["KERNEL_FLOW_OPTIONS", "SUPPORTED_SYSTEMS", "KernelFlow", "build", "default_kernels"]
+__all__ = ["KERNEL_FLOW_OPTIONS", "KernelFlow", "build", "default_kernels"]
 
-#: Systems with default kernel placements (paper C.1).
-SUPPORTED_SYSTEMS = ("dw2", "dw4", "lj13")
 #: Settings of ``build`` besides the common CNF ones.
 KERNEL_FLOW_OPTIONS = ("n_distance_kernels", "n_time_kernels", "init_scale", "dtype")
 
@@ -90,35 +89,29 @@ KERNEL_FLOW_OPTIONS = ("n_distance_kernels", "n_time_kernels", "init_scale", "dt
 _LOG_FLOOR = 60.0
 
 
-def default_kernels(system_name: str, n_distance_kernels: int = 50, n_time_kernels: int = 10) -> dict[str, torch.Tensor]:
-    """Kernel centres and initial bandwidths (float64) for ``system_name`` (paper C.1, SPEC §4).
+def default_kernels(system: ParticleSystem, n_distance_kernels: int = 50, n_time_kernels: int = 10) -> dict[str, torch.Tensor]:
+    """Kernel centres and initial bandwidths (float64) for ``system``, from its kind and lengths
+    (paper C.1, SPEC §4; the rules are in :mod:`eqbench.flows.defaults`).
 
-    - DW-2 / DW-4: distance centres ``linspace(0, 8)``, γ = 0.5; time centres ``linspace(0, 1)``,
-      β = 0.3.
-    - LJ-13: distance centres ``sort((linspace(0, 16) - 1.5)² / 32)`` (dense around r_m = 1,
-      sparser towards 0 and ~6.6), γ = 0.3 + 3 (μ - 1.5)² / 64. Time centres ``linspace(0, 1)``;
-      the paper only says the time bandwidths are narrower near t = 0.5 and wider towards the
-      ends; eqbench uses β = 0.15 + 0.6 (ν - 0.5)², i.e. 0.15 at t = 0.5 rising quadratically to
-      0.30 (the DW value) at t = 0 and 1, the same quadratic shape as the distance bandwidths.
+    - double well (DW-2 / DW-4, and any ``dw<N>``): distance centres equispaced over the pair
+      distances ``[0, 2 d0] = [0, 8]``, γ = 0.5; time bandwidths β = 0.3.
+    - Lennard-Jones (LJ-13, and any ``lj<N>``): distance centres
+      ``rm · sort((linspace(0, 16) - 1.5)² / 32)`` (dense near 0 and around r_m = 1, sparser
+      towards ~6.6 rm), γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64). The paper only says the time
+      bandwidths are narrower near t = 0.5 and wider towards the ends; eqbench uses
+      β = 0.15 + 0.6 (ν - 0.5)², i.e. 0.15 at t = 0.5 rising quadratically to 0.30 (the DW
+      value) at t = 0 and 1, the same quadratic shape as the distance bandwidths.
+    - harmonic and ``other``: as the double well, over the system's ``pair_distance_range``
+      with γ = (hi - lo) / 16.
+
+    Time centres are ``linspace(0, 1)`` for every system.
     """
     if n_distance_kernels < 2 or n_time_kernels < 2:
         raise ConfigError(
             f"kernel-flow needs at least 2 distance and 2 time kernels, got {n_distance_kernels} and {n_time_kernels}"
         )
-    f64 = torch.float64
-    time_centres = torch.linspace(0.0, 1.0, n_time_kernels, dtype=f64)
-    if system_name in ("dw2", "dw4"):
-        distance_centres = torch.linspace(0.0, 8.0, n_distance_kernels, dtype=f64)
-        distance_bandwidths = torch.full((n_distance_kernels,), 0.5, dtype=f64)
-        time_bandwidths = torch.full((n_time_kernels,), 0.3, dtype=f64)
-    elif system_name == "lj13":
-        distance_centres = torch.sort((torch.linspace(0.0, 16.0, n_distance_kernels, dtype=f64) - 1.5) ** 2 / 32).values
-        distance_bandwidths = 0.3 + 3.0 * (distance_centres - 1.5) ** 2 / 64
-        time_bandwidths = 0.15 + 0.6 * (time_centres - 0.5) ** 2
-    else:
-        raise ConfigError(
-            f"kernel-flow has no kernel placement for system {system_name!r}; supported: {', '.join(SUPPORTED_SYSTEMS)}"
-        )
+    distance_centres, distance_bandwidths = distance_kernel_placement(system, n_distance_kernels)
+    time_centres, time_bandwidths = time_kernel_placement(system, n_time_kernels)
     return {
         "distance_centres": distance_centres,
         "distance_bandwidths": distance_bandwidths,
@@ -451,7 +444,8 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Ke
     uses the exact closed-form divergence by default) and ``n_distance_kernels`` (50),
     ``n_time_kernels`` (10), ``init_scale`` (1e-3: standard deviation of the random initial W, b,
     c) and ``dtype`` (``float32`` default, or ``float64``). The defaults give the paper's 620
-    parameters. Systems other than dw2, dw4 and lj13 raise a ConfigError (no kernel placement).
+    parameters on every system; the kernel placement follows the system's kind and lengths
+    (:func:`default_kernels`), so the flow builds for any system.
     """
     config = dict(config or {})
     options = pop_cnf_options(config)
@@ -465,5 +459,5 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Ke
     reject_unknown(config, "kernel-flow", KERNEL_FLOW_OPTIONS)
     if not math.isfinite(init_scale) or init_scale < 0:
         raise ConfigError(f"kernel-flow: init_scale must be a finite number >= 0, got {init_scale}")
-    kernels = default_kernels(system.name, n_distance, n_time)
+    kernels = default_kernels(system, n_distance, n_time)
     return KernelFlow(system, init_scale=init_scale, dtype=dtype, **kernels, **options)

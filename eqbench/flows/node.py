@@ -36,10 +36,20 @@ reaches every parameter from the first step (a zero last layer would leave every
 without gradient) and the broken symmetries are visible from the start (a rotated or permuted
 input moves the output by ~3e-2, not by ~3e-3 as with 0.01).
 
-Config keys (``build``): ``hidden`` (list of widths; default [64, 64] for dw2/dw4,
-[64, 128, 64] for lj13), ``init_scale`` (default 0.1), ``dtype`` ("float32" default or
-"float64"), plus the common CNF settings of :func:`eqbench.flows.cnf.pop_cnf_options`
-(training divergence defaults to ``hutchinson`` here, evaluation to ``exact``).
+**Default widths by dimension** (:func:`default_hidden`). The paper gives [64, 64] for DW-4
+(N·D = 8) and [64, 128, 64] for LJ-13 (N·D = 39), choices about the size of the network's input
+and output, not about the potential. eqbench therefore chooses by N·D: ``[w, w]`` up to
+N·D = 32, ``[w, 2w, w]`` above (32 is half the paper's width: below it a 64-wide layer is at
+least twice as wide as the coordinates, the DW-4 regime), with ``w`` = 64 rounded up to a
+multiple of 64 not below N·D, because the velocity ``W h + b`` of a last hidden layer of width
+h lies in an h-dimensional affine subspace and must reach every direction of U
+(:mod:`eqbench.flows.defaults`). DW-2, DW-4, the harmonic system (N·D = 12) and ``dw8`` (16):
+[64, 64]; LJ-13 and ``lj19`` (57): [64, 128, 64]; ``lj55`` (165): [192, 384, 192].
+
+Config keys (``build``): ``hidden`` (list of widths; default :func:`default_hidden`),
+``init_scale`` (default 0.1), ``dtype`` ("float32" default or "float64"), plus the common CNF
+settings of :func:`eqbench.flows.cnf.pop_cnf_options` (training divergence defaults to
+``hutchinson`` here, evaluation to ``exact``).
 """
 
 from __future__ import annotations
@@ -54,13 +64,17 @@ from torch import nn
 from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.defaults import is_large, paper_width
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["DEFAULT_HIDDEN", "NeuralODE", "build", "parse_dtype", "parse_hidden"]
+__all__ = ["NeuralODE", "build", "default_hidden", "parse_dtype", "parse_hidden"]
 
-#: Hidden widths of the paper (C.3), per supported system.
-DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {"dw2": (64, 64), "dw4": (64, 64), "lj13": (64, 128, 64)}
 
+def default_hidden(system: ParticleSystem) -> tuple[int, ...]:
+    """Hidden widths by dimension N·D (module docstring; paper C.3): ``[w, w]`` for N·D <= 32 (the
+    DW-4 architecture), ``[w, 2w, w]`` above (LJ-13's), ``w`` the paper's 64 grown to N·D."""
+    width = paper_width(system.dim)
+    return (width, 2 * width, width) if is_large(system) else (width, width)
 
 
 class NeuralODE(CNF):
@@ -118,12 +132,11 @@ def parse_hidden(value: Any, model: str) -> tuple[int, ...]:
 
 @model_builder(capabilities=["cnf", "trainable", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> NeuralODE:
-    """Registry builder for ``node`` (paper C.3). Supported systems: dw2, dw4, lj13."""
+    """Registry builder for ``node`` (paper C.3): any system, hidden widths by its dimension
+    (:func:`default_hidden`) unless ``hidden`` is set."""
     config = dict(config or {})
-    if system.name not in DEFAULT_HIDDEN:
-        raise ConfigError(f"node supports the systems {', '.join(DEFAULT_HIDDEN)}; got {system.name!r}")
     options = pop_cnf_options(config, train_divergence="hutchinson")
-    hidden = parse_hidden(config.pop("hidden", list(DEFAULT_HIDDEN[system.name])), "node")
+    hidden = parse_hidden(config.pop("hidden", list(default_hidden(system))), "node")
     init_scale = float(config.pop("init_scale", 0.1))
     if not init_scale > 0:
         raise ConfigError(f"node setting init_scale must be positive; got {init_scale}")

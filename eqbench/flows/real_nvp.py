@@ -13,7 +13,7 @@ The scale net ``s`` and translation net ``t`` are separate MLPs ``[m, 64, 64, n 
 ``t`` with ReLU hidden activations, ``s`` with tanh hidden activations and a linear output that
 is softly bounded, ``s ← B·tanh(s/B)`` with ``B = log_scale_bound`` (default 10; ``None``/0
 switches it off). The bound changes nothing for ``|s| ≲ 3`` and only keeps ``exp(s)`` finite if
-training runs away; it has no parameters. Blocks: 8 for the double wells, 16 for LJ-13 (C.5).
+training runs away; it has no parameters. Blocks: 8 for DW-4, 16 for LJ-13 (C.5; rule below).
 DW-4 splits 4/4; LJ-13 (39 coordinates) splits 19/20 in even and 20/19 in odd blocks, so both
 halves alternate and flat coordinate 19 (the y component of particle index 6) is transformed by
 every block. The last layer of each net starts at ``init_scale`` (0.01) times PyTorch's default and
@@ -86,9 +86,18 @@ CoM-free flows. Check: a flow that is the identity gives exactly the CoM-free no
 - :meth:`RealNVP.forward` / :meth:`RealNVP.inverse` act on full coordinates ``[B, N, D]`` with
   exact log-determinants; ``com_augmented = True`` tells :func:`eqbench.testing.check_flow` so.
 
-Config keys (``build``): ``blocks`` (default 8 for dw2/dw4, 16 for lj13), ``hidden`` (default
-[64, 64]), ``log_scale_bound`` (default 10; 0 or "none" for none), ``init_scale`` (0.01),
-``iw_draws`` (K of :meth:`RealNVP.log_prob`, default 64), ``dtype`` ("float32" default, "float64").
+**Defaults by dimension** (:func:`default_blocks`, :func:`default_hidden`). The paper's 8 blocks
+(DW-4, N·D = 8) and 16 blocks (LJ-13, N·D = 39) are a choice about the number of coordinates
+the couplings must mix, not about the potential: eqbench uses 8 blocks up to N·D = 32 and 16
+above, the same switch as the node's (:mod:`eqbench.flows.defaults`). Hidden widths ``[w, w]``
+with ``w`` = 64 rounded up to a multiple of 64 not below the ``N·D - ⌊N·D/2⌋`` transformed
+coordinates (each net's last hidden layer must span its output): [64, 64] for every paper
+system and up to N·D = 128, e.g. LJ-55 (N·D = 165, 83 outputs) gets [128, 128].
+
+Config keys (``build``): ``blocks`` (default :func:`default_blocks`), ``hidden`` (default
+:func:`default_hidden`), ``log_scale_bound`` (default 10; 0 or "none" for none), ``init_scale``
+(0.01), ``iw_draws`` (K of :meth:`RealNVP.log_prob`, default 64), ``dtype`` ("float32" default,
+"float64").
 """
 
 from __future__ import annotations
@@ -106,18 +115,32 @@ from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.flows.prior import StandardNormal
 from eqbench.flows.cnf import parse_dtype
+from eqbench.flows.defaults import is_large, paper_width
 from eqbench.flows.node import parse_hidden
 from eqbench.geometry import remove_com
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["DEFAULT_BLOCKS", "DEFAULT_IW_DRAWS", "AffineCoupling", "RealNVP", "build"]
+__all__ = ["DEFAULT_IW_DRAWS", "AffineCoupling", "RealNVP", "build", "default_blocks", "default_hidden"]
 
-#: Coupling blocks per supported system (C.5; the double wells share DW-4's setting).
-DEFAULT_BLOCKS: dict[str, int] = {"dw2": 8, "dw4": 8, "lj13": 16}
+#: Coupling blocks of the paper's DW-4 and LJ-13 architectures (C.5).
+_SMALL_BLOCKS, _LARGE_BLOCKS = 8, 16
 #: Default K of the importance-weighted CoM marginal (:meth:`RealNVP.log_prob`).
 DEFAULT_IW_DRAWS = 64
 #: Rows per pass of the coupling stack when evaluating K draws (bounds the memory of large K).
 _ROWS_PER_PASS = 1 << 16
+
+
+def default_blocks(system: ParticleSystem) -> int:
+    """Coupling blocks by dimension (module docstring; paper C.5): 8 for N·D <= 32 (DW-4's), 16
+    above (LJ-13's)."""
+    return _LARGE_BLOCKS if is_large(system) else _SMALL_BLOCKS
+
+
+def default_hidden(system: ParticleSystem) -> tuple[int, int]:
+    """Hidden widths of every scale and translation net (paper C.5: [64, 64]), widened to a
+    multiple of 64 not below the ``N·D - ⌊N·D/2⌋`` coordinates a block transforms."""
+    width = paper_width(system.dim - system.dim // 2)
+    return (width, width)
 
 
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: type[nn.Module], dtype: torch.dtype,
@@ -296,14 +319,13 @@ def _check_draws(k: object) -> int:
 
 @model_builder(capabilities=["trainable"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> RealNVP:
-    """Registry builder for ``real-nvp`` (paper B.2, C.5). Supported systems: dw2, dw4, lj13."""
+    """Registry builder for ``real-nvp`` (paper B.2, C.5): any system, blocks and hidden widths by
+    its dimension (:func:`default_blocks`, :func:`default_hidden`) unless set."""
     config = dict(config or {})
-    if system.name not in DEFAULT_BLOCKS:
-        raise ConfigError(f"real-nvp supports the systems {', '.join(DEFAULT_BLOCKS)}; got {system.name!r}")
-    blocks = config.pop("blocks", DEFAULT_BLOCKS[system.name])
+    blocks = config.pop("blocks", default_blocks(system))
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise ConfigError(f"real-nvp setting blocks must be a positive integer; got {blocks!r}")
-    hidden = parse_hidden(config.pop("hidden", [64, 64]), "real-nvp")
+    hidden = parse_hidden(config.pop("hidden", list(default_hidden(system))), "real-nvp")
     bound = config.pop("log_scale_bound", 10.0)
     if bound is None or (isinstance(bound, str) and bound.lower() == "none"):
         bound = None

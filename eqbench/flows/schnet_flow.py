@@ -19,8 +19,10 @@ parameter count, 9,857 = 32 + 3 · 3,216 + 177, pins the architecture to:
   acts on v. The readout's output weights start small (``init_scale``): a near-identity flow.
 
 The distance RBFs are those of the simple gradient flow (paper C.2: "the same distance embedding
-for both"): 50 fixed unnormalised Gaussians, DW: μ equispaced in [0, 8], γ = 0.5; LJ-13: dense
-around rm = 1. Sign ``v = +∇Φ``; training divergence Hutchinson, evaluation brute force
+for both"): 50 fixed unnormalised Gaussians placed by the system's kind and lengths
+(:mod:`eqbench.flows.defaults`), DW: μ equispaced in [0, 2 d0] = [0, 8], γ = 0.5; LJ: dense
+around rm = 1; any other system equispaced over its typical pair distances. Nothing else depends
+on the system, so the flow builds for any system with 9,857 parameters. Sign ``v = +∇Φ``; training divergence Hutchinson, evaluation brute force
 (paper B.1). The field preserves the centre of mass since Φ depends on pair distances only.
 """
 
@@ -86,7 +88,7 @@ class SchNetGradientFlow(GradientFlowBase):
 
 @model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SchNetGradientFlow:
-    """Registry builder for ``schnet-flow`` (dw2, dw4, lj13).
+    """Registry builder for ``schnet-flow``: any system (RBF placement from its kind and lengths).
 
     ``config`` keys: ``init_scale`` (factor on the initial readout output weights, default 0.1),
     ``dtype`` (``"float32"`` default, or ``"float64"``) and the common CNF settings (``solver``,

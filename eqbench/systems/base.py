@@ -5,21 +5,32 @@ A system knows its energy ``u(x)`` in units of kT (SPEC §1), its force ``-∇u`
 §5) and the recipe for its reference data (paper C.4, SPEC §3). It does not load data, plot or
 log: those live in :mod:`eqbench.data` and the tasks.
 
+A system also says *what it is*, so that models choose their default settings from that and
+never from its name (DESIGN "Models declare what they are"): its :attr:`ParticleSystem.kind`
+(one of :data:`SYSTEM_KINDS`) and its length scales, :attr:`ParticleSystem.length_scale` and
+:attr:`ParticleSystem.pair_distance_range`, derived from the potential's parameters. The paper
+places its distance kernels by the potential (C.1, C.2: equispaced over [0, 8] for the double
+well with d0 = 4, dense around rm = 1 for Lennard-Jones); a system with the same potential and
+another particle count or parameter then gets the same placement, scaled with its lengths.
+
 All derivatives are analytic (pair potentials make that cheap); tests check them against
 autograd.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from eqbench.errors import ConfigError
 from eqbench.geometry import pair_vectors, remove_com
 
-__all__ = ["DATA_SPLITS", "DataProtocol", "ParticleSystem", "SYMMETRIES"]
+__all__ = ["DATA_SPLITS", "DataProtocol", "ParticleSystem", "SYMMETRIES", "SYSTEM_KINDS"]
 
 #: The symmetry names a system or a model may claim (paper §5, S1-S3; reflections are part of O(D)).
 SYMMETRIES = ("permutation", "rotation", "reflection", "translation")
@@ -27,6 +38,12 @@ SYMMETRIES = ("permutation", "rotation", "reflection", "translation")
 
 #: The reference-data splits, each from its own disjoint chains and seed (SPEC §3).
 DATA_SPLITS = ("train", "val", "test")
+
+#: What a system may declare it is (:attr:`ParticleSystem.kind`). The paper's models have
+#: settings for the double well and Lennard-Jones (paper C.1-C.5); ``harmonic`` is the
+#: known-answer system; ``other`` is a system eqbench knows nothing about beyond its lengths,
+#: for which models use their potential-agnostic defaults.
+SYSTEM_KINDS = ("double-well", "lennard-jones", "harmonic", "other")
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,16 @@ class ParticleSystem(ABC):
 
     ``u(x) = pair_multiplicity * Σ_{i<j} f(d_ij) + u_ext(x)``; ``pair_multiplicity`` is 1 when the
     sum runs over unordered pairs and 2 for the ordered-pair convention (SPEC §2, LJ-13).
+
+    A subclass declares :attr:`kind` (a class attribute, default ``"other"``) and implements
+    :attr:`length_scale`; it may refine :attr:`pair_distance_range`. ``kind`` is a class
+    attribute rather than a dataclass field on purpose: the reference data are keyed by a hash
+    of the system's ``repr`` (:func:`eqbench.data.store.dataset_key`), which a new field would
+    change, orphaning every cached data set.
     """
+
+    #: What the potential is, one of :data:`SYSTEM_KINDS`; models choose their defaults by it.
+    kind: ClassVar[str] = "other"
 
     name: str
     n_particles: int
@@ -92,6 +118,55 @@ class ParticleSystem(ABC):
     data_protocol: DataProtocol
     pair_multiplicity: float = 1.0
     symmetries: tuple[str, ...] = field(default=SYMMETRIES)
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind not in SYSTEM_KINDS:
+            raise ConfigError(f"system class {cls.__name__} declares kind {cls.kind!r}; valid: {', '.join(SYSTEM_KINDS)}")
+
+    # ----------------------------------------------------------------- what the system is
+    @property
+    @abstractmethod
+    def length_scale(self) -> float:
+        """The characteristic pair distance of the potential, in its length unit.
+
+        Derived from the potential's parameters (double well: ``d0``; Lennard-Jones: ``rm``;
+        harmonic: the RMS pair distance). Models place their distance kernels in units of it,
+        so doubling it doubles every kernel centre and bandwidth (paper C.1, C.2).
+        """
+
+    @property
+    def pair_distance_range(self) -> tuple[float, float]:
+        """``(lo, hi)``: the pair distances a model must resolve for this system.
+
+        Default ``(0, 2 * length_scale)``: from coincident particles to twice the characteristic
+        distance, which for the double well (``length_scale = d0 = 4``) is the paper's kernel
+        range [0, 8] (C.1). Systems with a better statement of their typical pair distances
+        override it.
+        """
+        return (0.0, 2.0 * self.length_scale)
+
+    def with_particles(self, n_particles: int) -> ParticleSystem:
+        """The same potential (same kind, parameters and lengths) with ``n_particles`` particles.
+
+        Named for what it is: the name's trailing digits are replaced by the new count (``dw4``
+        -> ``dw8``, ``lj13`` -> ``lj55``, ``harmonic`` -> ``harmonic8``), so that nothing can
+        mistake it for the registered system; models take their defaults from its kind and
+        lengths, not its name. The data protocol is kept as it is (it was measured for the
+        original count only). ``self`` when the count is unchanged.
+        """
+        if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 2:
+            raise ConfigError(f"{self.name}: the number of particles must be an integer >= 2, got {n_particles!r}")
+        if n_particles == self.n_particles:
+            return self
+        name = f"{self.name.rstrip('0123456789') or self.name}{n_particles}"
+        return dataclasses.replace(self, name=name, n_particles=n_particles)
+
+    def describe_scales(self) -> str:
+        """One line for :meth:`describe`: the kind and the lengths models take their defaults from."""
+        lo, hi = self.pair_distance_range
+        return (f"  Kind: {self.kind}; length scale {self.length_scale:.4g}; typical pair distances "
+                f"[{lo:.4g}, {hi:.4g}] (model defaults follow these, not the name).")
 
     # ----------------------------------------------------------------- shape helpers
     @property

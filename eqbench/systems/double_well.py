@@ -4,17 +4,24 @@
 c = 0.9, d0 = 4, τ = 1. The paper writes ``1/(2τ) Σ_{i,j}``: the same sum, each unordered pair
 once. Each pair prefers one of two distances (about 2.5 and 5.5); four particles are frustrated
 and DW-4 has exactly five metastable minima.
+
+Kind ``double-well``; length scale ``d0``, the barrier between the two preferred distances
+``d0 ± sqrt(-b / 2c)`` (a = 0). The pair term is even in ``d - d0``, and the typical pair
+distances ``[0, 2 d0]`` are symmetric about it: for d0 = 4 that is the paper's kernel range
+[0, 8] (C.1), which holds both preferred distances.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from eqbench.errors import ConfigError
 from eqbench.systems.base import DataProtocol, ParticleSystem
 
-__all__ = ["DoubleWell", "make_dw2", "make_dw4"]
+__all__ = ["DoubleWell", "make_double_well", "make_dw2", "make_dw4"]
 
 #: Paper C.4: Gaussian proposal step 0.5, 1,000 burn-in steps (SPEC §3: at least that).
 #: DW-4 measured at this step (1,000 chains x 200,000 steps, the first 50,000 discarded):
@@ -37,6 +44,8 @@ DW2_PROTOCOL = DataProtocol(step_size=0.5, burn_in=5_000, stride=500, n_chains=5
 
 @dataclass(frozen=True)
 class DoubleWell(ParticleSystem):
+    kind: ClassVar[str] = "double-well"
+
     a: float = 0.0
     b: float = -4.0
     c: float = 0.9
@@ -52,6 +61,16 @@ class DoubleWell(ParticleSystem):
         d2f = (2.0 * self.b + 12.0 * self.c * s2) / self.tau
         return f, df, d2f
 
+    @property
+    def length_scale(self) -> float:
+        """``d0``: the centre of the double well in the pair distance (paper C.6)."""
+        return self.d0
+
+    @property
+    def pair_distance_range(self) -> tuple[float, float]:
+        """``(0, 2 d0)``: symmetric about the barrier, holding both preferred distances (paper C.1)."""
+        return (0.0, 2.0 * self.d0)
+
     def describe(self) -> str:
         return (
             f"{self.name}: {self.n_particles} particles in {self.n_dims}-D with a double-well pair potential "
@@ -63,7 +82,8 @@ class DoubleWell(ParticleSystem):
             + ", ".join(self.symmetries)
             + ".\n"
             f"  CoM-free dimension (N-1)D = {self.n_dof}; Gaussian NLL constant 0.5 (N-1) D log 2π = "
-            f"{self.prior_log_normaliser():.3f}."
+            f"{self.prior_log_normaliser():.3f}.\n"
+            + self.describe_scales()
         )
 
 
@@ -75,3 +95,15 @@ def make_dw2() -> DoubleWell:
 def make_dw4() -> DoubleWell:
     """DW-4: four frustrated particles with five metastable minima (paper §7.5)."""
     return DoubleWell(name="dw4", n_particles=4, n_dims=2)
+
+
+def make_double_well(n_particles: int, n_dims: int = 2) -> DoubleWell:
+    """The paper's double-well potential with ``n_particles`` particles, named ``dw<N>``.
+
+    For systems beyond the paper's (e.g. ``dw8``): every model takes its defaults from the kind
+    and length scale, so they match DW-4's. The data protocol is DW-4's, measured for 4
+    particles only: measure the slowest mode before trusting reference data of another size.
+    """
+    if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 2:
+        raise ConfigError(f"a double well needs an integer number of particles >= 2, got {n_particles!r}")
+    return DoubleWell(name=f"dw{n_particles}", n_particles=n_particles, n_dims=n_dims)

@@ -25,11 +25,18 @@ the energy and the mean pair distance, configurational temperature 1.003 / 0.997
 stride (100 = 3.8 τ) leave stored samples of a chain correlated by about exp(-100/26) ≈ 0.02, so
 the statistical checks may treat them as independent; the generator is itself checked against
 the known ⟨u⟩ = k/2.
+
+Kind ``harmonic``; length scale ``sqrt(2D)``, the RMS pair distance: for CoM-free standard normal
+x, ``x_i - x_j = z_i - z_j ~ N(0, 2 I_D)`` for any N, so ``d_ij² / 2`` follows a χ² law with D
+degrees of freedom and ``⟨d²⟩ = 2D``. The typical pair distances ``[0, 2 sqrt(2D)]`` hold 99 % of
+the pairs in 3-D (χ²_3 below 12) and 98.2 % in 2-D (χ²_2 below 8).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -46,11 +53,18 @@ HARMONIC_PROTOCOL = DataProtocol(step_size=0.6, burn_in=1_000, stride=100, n_cha
 class Harmonic(ParticleSystem):
     """``u(x) = ½ |x - x̄|² = Σ_(i<j) d_ij² / (2N)``: the CoM-free standard normal as a target."""
 
+    kind: ClassVar[str] = "harmonic"
+
     data_protocol: DataProtocol = field(default=HARMONIC_PROTOCOL)
 
     def pair_potential(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = float(self.n_particles)
         return d * d / (2.0 * n), d / n, torch.full_like(d, 1.0 / n)
+
+    @property
+    def length_scale(self) -> float:
+        """``sqrt(2D)``: the RMS pair distance of the target (module docstring); independent of N."""
+        return math.sqrt(2.0 * self.n_dims)
 
     def mean_energy(self) -> float:
         """Exact ``⟨u⟩ = (N-1) D / 2`` (equipartition on U)."""
@@ -67,7 +81,8 @@ class Harmonic(ParticleSystem):
             + ", ".join(self.symmetries)
             + ".\n"
             f"  CoM-free dimension (N-1)D = {self.n_dof}; Gaussian NLL constant 0.5 (N-1) D log 2π = "
-            f"{self.prior_log_normaliser():.3f}."
+            f"{self.prior_log_normaliser():.3f}.\n"
+            + self.describe_scales()
         )
 
 

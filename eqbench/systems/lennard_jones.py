@@ -7,17 +7,25 @@ formula (``ε/(2τ) Σ_{i,j}``) reads like the single count, but every LJ-13 num
 (Table 1's energy bins, the global minimum -83.09 of Fig. 7) and the public LJ-13 data of
 later work follow the ordered-pair energy (SPEC §2). Libraries that count each pair once (e.g.
 bgflow) give pair energies half as large; compare with care.
+
+Kind ``lennard-jones``; length scale ``rm``, the distance of the pair minimum. Typical pair
+distances run from ``σ = 2^(-1/6) rm``, where the pair energy crosses zero (closer pairs cost
+many kT), to the diameter of the cluster, estimated as N spheres of diameter rm close-packed in
+a D-ball (see :attr:`LennardJones.pair_distance_range`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
+from eqbench.errors import ConfigError
 from eqbench.systems.base import DataProtocol, ParticleSystem
 
-__all__ = ["LennardJones", "make_lj13"]
+__all__ = ["LennardJones", "make_lennard_jones", "make_lj13"]
 
 #: Paper C.4: step 0.025, 20,000 burn-in steps. Measured at this step: acceptance 32 %; the
 #: loose-cluster starts sit ~44 kT above equilibrium and relax within ~15,000 steps (256 chains
@@ -32,9 +40,15 @@ __all__ = ["LennardJones", "make_lj13"]
 LJ_PROTOCOL = DataProtocol(step_size=0.025, burn_in=65_000, stride=4_000, n_chains=200, n_val_chains=50,
                            init_scale=1.0)
 
+#: Packing fraction of equal spheres, densest known in 1-3 D (line, hexagonal, fcc): sizes the
+#: cluster diameter of :attr:`LennardJones.pair_distance_range`; higher dimensions use the 3-D one.
+_PACKING = {1: 1.0, 2: math.pi / (2.0 * math.sqrt(3.0)), 3: math.pi / (3.0 * math.sqrt(2.0))}
+
 
 @dataclass(frozen=True)
 class LennardJones(ParticleSystem):
+    kind: ClassVar[str] = "lennard-jones"
+
     epsilon: float = 1.0
     rm: float = 1.0
     tau: float = 1.0
@@ -51,6 +65,20 @@ class LennardJones(ParticleSystem):
         df = k * (-12.0 * q12 + 12.0 * q6) / d
         d2f = k * (156.0 * q12 - 84.0 * q6) / (d * d)
         return f, df, d2f
+
+    @property
+    def length_scale(self) -> float:
+        """``rm``: the distance of the pair minimum, where the paper concentrates its kernels (C.1)."""
+        return self.rm
+
+    @property
+    def pair_distance_range(self) -> tuple[float, float]:
+        """``(σ, diameter)``: ``σ = 2^(-1/6) rm``, where the pair energy crosses zero, to the
+        diameter ``rm (N / η)^(1/D)`` of N spheres of diameter rm packed at the densest fraction η
+        in a D-ball (``N vol(rm/2) = η vol(R)``, diameter 2R). LJ-13: [0.89, 2.60] (its icosahedral
+        minimum spans 1.9 rm); LJ-55: [0.89, 4.21]."""
+        packing = _PACKING.get(self.n_dims, _PACKING[3])
+        return (2.0 ** (-1.0 / 6.0) * self.rm, self.rm * (self.n_particles / packing) ** (1.0 / self.n_dims))
 
     def external_energy(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - x.mean(dim=-2, keepdim=True)
@@ -105,10 +133,24 @@ class LennardJones(ParticleSystem):
             + ", ".join(self.symmetries)
             + ".\n"
             f"  CoM-free dimension (N-1)D = {self.n_dof}; Gaussian NLL constant 0.5 (N-1) D log 2π = "
-            f"{self.prior_log_normaliser():.3f}."
+            f"{self.prior_log_normaliser():.3f}.\n"
+            + self.describe_scales()
         )
 
 
 def make_lj13() -> LennardJones:
     """LJ-13: 13 particles in 3-D, global minimum -83.09 (icosahedron, paper Fig. 7)."""
     return LennardJones(name="lj13", n_particles=13, n_dims=3)
+
+
+def make_lennard_jones(n_particles: int, n_dims: int = 3) -> LennardJones:
+    """The paper's Lennard-Jones cluster (ordered-pair energy, CoM oscillator) with ``n_particles``
+    particles, named ``lj<N>`` (e.g. ``lj19``, ``lj55``).
+
+    Every model takes its defaults from the kind and ``rm``, as for LJ-13. The data protocol is
+    LJ-13's, measured for 13 particles only: measure the slowest mode before trusting reference
+    data of another size.
+    """
+    if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 2:
+        raise ConfigError(f"a Lennard-Jones cluster needs an integer number of particles >= 2, got {n_particles!r}")
+    return LennardJones(name=f"lj{n_particles}", n_particles=n_particles, n_dims=n_dims)

@@ -9,13 +9,15 @@ particles (Fig. 3c); Hutchinson is cheap but its error grows (Fig. 3a) and spoil
 
 Protocol, for each particle count N in ``particle_counts`` (the paper goes up to 128):
 
-* **System.** ``dw4`` and ``lj13`` name the particle type: the task builds that system's energy
-  with N particles in its dimension (2-D double well, 3-D Lennard-Jones), keeping the system's
-  name so every model uses its default settings for that particle type (kernel and RBF
-  placements; for ``node`` the hidden widths of the system, with input width N·D). The model is
-  built afresh for each N with ``model_config`` (default: the registered defaults) after seeding
-  torch with the cell's seed, so the fields are those of an untrained model at its default
-  initialisation.
+* **System.** ``dw4`` and ``lj13`` name the particle type: the task builds the same potential
+  with N particles in its dimension (2-D double well, 3-D Lennard-Jones), a system of its own
+  (:meth:`~eqbench.systems.base.ParticleSystem.with_particles`: ``dw8``, ``lj128``, ...), and
+  every model takes the defaults that follow from that system's kind, lengths and size
+  (:mod:`eqbench.flows.defaults`): kernel and RBF placements as for the paper's system of that
+  kind, ``node`` hidden widths by N·D (the DW-4 layout up to N·D = 32, LJ-13's above, widened
+  to at least N·D). The model is built afresh for each N with ``model_config`` (default: the
+  registered defaults) after seeding torch with the cell's seed, so the fields are those of an
+  untrained model at its default initialisation.
 * **Configurations.** Random CoM-free clusters at the number density of the system's reference
   data: N positions uniform in a D-ball of radius ``R_N = R_ref (N / N_ref)^(1/D)``, minus their
   centre of mass, where ``R_ref`` is the radius for which such clusters of N_ref particles (4 or
@@ -98,7 +100,6 @@ if TYPE_CHECKING:
     import torch
 
     from eqbench.flows.cnf import CNF
-    from eqbench.systems.base import ParticleSystem
 
 __all__ = [
     "DivergenceCost",
@@ -108,7 +109,6 @@ __all__ = [
     "HutchinsonError",
     "fit_power_law",
     "predict_seconds",
-    "scaled_system",
     "reference_radius",
     "random_cluster",
     "jacobian",
@@ -203,12 +203,6 @@ def study_over_budget(predicted_study_s: float, params: Mapping[str, Any]) -> bo
 
 
 # ------------------------------------------------------------------------------ configurations
-def scaled_system(system: ParticleSystem, n_particles: int) -> ParticleSystem:
-    """``system``'s particle type with ``n_particles`` particles; the name is kept so that models
-    pick their default settings (kernel placements) for that particle type."""
-    return dataclasses.replace(system, n_particles=int(n_particles))
-
-
 def reference_radius(data: torch.Tensor) -> float:
     """Radius R of the uniform D-ball whose random clusters (:func:`random_cluster`, same N) have
     the data's mean squared distance from the centre of mass:
@@ -450,7 +444,7 @@ class DivergenceCost(Task):
                    disable=not show_progress(ctx.progress))
         for n in bar:
             torch.manual_seed(ctx.seed)
-            flow = build_model(ctx.model, scaled_system(system, n), dict(p.get("model_config", {}))).to(ctx.device)
+            flow = build_model(ctx.model, system.with_particles(n), dict(p.get("model_config", {}))).to(ctx.device)
             flow.eval()
             dtype = next(flow.parameters()).dtype
             generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + n)

@@ -97,8 +97,9 @@ class Timing(Task):
     name = "timing"
     summary = "wall time per training and sampling iteration, batch 64, ratios to the kernel flow (paper B.1, Table 2)"
     requires = ("trainable",)
-    #: The paper's systems: every cell also times the reference kernel flow, which has kernel
-    #: placements for these (not for the known-answer ``harmonic`` system).
+    #: The paper's systems (Table 2): every cell also times the reference kernel flow, and the
+    #: ratios to it are what compares with the paper; the known-answer ``harmonic`` system has
+    #: no published timing to place beside.
     systems = ("dw2", "dw4", "lj13")
 
     def validate(self, params: Mapping[str, Any]) -> None:
