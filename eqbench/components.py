@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from eqbench.capabilities import CAPABILITIES, checked_capabilities, model_builder
-from eqbench.errors import ConfigError, EqbenchError
+from eqbench.errors import CellTimeout, ConfigError, EqbenchError
 from eqbench.registry import MODELS, SYSTEMS
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def build_model(name: str, system: str | ParticleSystem, config: Mapping[str, An
         return builder(system_obj, dict(config or {}))
     except ConfigError as exc:
         raise ConfigError(f"model {name!r} on {system_obj.name}: {exc}") from exc
-    except EqbenchError:
+    except (EqbenchError, CellTimeout):
         raise
     except Exception as exc:
         text = " ".join(str(exc).split())

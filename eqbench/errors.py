@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["EqbenchError", "UnknownNameError", "ConfigError", "DataError", "close_matches_hint"]
+__all__ = ["EqbenchError", "UnknownNameError", "ConfigError", "DataError", "CellTimeout", "close_matches_hint"]
 
 
 class EqbenchError(Exception):
@@ -23,6 +23,13 @@ class ConfigError(EqbenchError, ValueError):
 
 class DataError(EqbenchError):
     """Missing, corrupt or mis-shaped data that cannot be repaired automatically."""
+
+
+class CellTimeout(Exception):
+    """Raised inside a worker when a cell exceeds its time limit (a failed cell, not a crash).
+
+    Here, at the bottom, so that code a cell runs (a model's builder) can let it pass unchanged
+    instead of reporting it as its own failure."""
 
 
 def close_matches_hint(name: str, valid: Iterable[str]) -> str:

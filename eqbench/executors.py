@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eqbench.errors import ConfigError
+from eqbench.errors import CellTimeout, ConfigError
 from eqbench.records import CellResult, CellStore, now_iso, provenance
 from eqbench.planning import CellPlan
 
@@ -47,10 +47,6 @@ __all__ = [
     "run_jobs",
     "SlurmOptions",
 ]
-
-
-class CellTimeout(Exception):
-    """Raised inside a worker when a cell exceeds its time limit (a failed cell, not a crash)."""
 
 
 @dataclass(frozen=True)
