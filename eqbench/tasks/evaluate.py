@@ -149,7 +149,7 @@ class Evaluate(Task):
         return TaskSection(
             task=self.name,
             title="Evaluated flows",
-            paper="flows trained elsewhere, scored by the protocol of §7.3-7.4",
+            paper="§7.3-7.4 scoring of flows trained elsewhere",
             conventions=NLL_CONVENTION + " Samples are reweighted against the MCMC test set as in bg-reweighting; "
                                          "the flow was not trained by eqbench (source in the settings).",
             metrics=HEADLINE,
