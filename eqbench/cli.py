@@ -160,7 +160,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     systems = args.systems or SYSTEMS.names()
     exit_code = 0
     report: dict[str, Any] = {}
+    unverified: dict[str, list[str]] = {}
     regenerate = "always" if args.regenerate else "auto"
+    if args.source == "eqbench" and not args.verify:  # a read-only cache lacking data: refuse up front
+        store.check_data_available([get_system(name) for name in systems])
     if args.jobs > 1 and args.source == "eqbench" and not args.verify:
         store.ensure_datasets([get_system(name) for name in systems], jobs=args.jobs, regenerate=regenerate)
         regenerate = "auto"  # made just now: the loop below only reads and prints them
@@ -188,6 +191,8 @@ def cmd_data(args: argparse.Namespace) -> int:
                 state, detail = store.verify_dataset(system, split)
                 print(f"{name} {split}: {state} ({detail})")
                 exit_code = exit_code or (0 if state == "ok" else 2)
+                if state != "ok":
+                    unverified.setdefault(name, []).append(split)
                 continue
             path, d = store.ensure_dataset(system, split, regenerate=regenerate)
             report.setdefault(name, {})[split] = d
@@ -204,6 +209,10 @@ def cmd_data(args: argparse.Namespace) -> int:
                         print(f"{name} {first}/{second} overlap: {overlap} rows")
             if not args.json:
                 print()
+    if unverified:
+        listing = ", ".join(f"{name} {' '.join(splits)}" for name, splits in unverified.items())
+        print(f"eqbench: error: reference data {listing} missing or corrupt; {store.repair_hint(' '.join(unverified))}",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     return exit_code

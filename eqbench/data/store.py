@@ -6,6 +6,14 @@ the sha256 of the array file. The key hashes everything that determines the samp
 parameters, protocol, split seed, format version), so a changed protocol never reuses stale
 data. A missing or corrupt file is regenerated (deterministically: same seed, same samples).
 
+Verification (``verify_dataset``, and every load) checks the array against its JSON (sha256,
+shape, sample count, dtype, the diagnostics the reports read) and against what the system and
+its protocol require (``[size(split), N, D]`` float64, the protocol and seed), so a truncated or
+foreign pool with a self-consistent JSON is caught, not used. Reading a verified set takes no
+lock and writes nothing (files are replaced atomically), so a read-only shared cache works; only
+generation locks, and a cache that cannot be written when something must be generated is a
+one-line :class:`DataError` naming the cache, the data set and the fix.
+
 The training pool, the validation set and the test set come from disjoint chains with
 different seeds (paper §7.3: "an independent 10,000 trajectory"); ``load_data`` draws subsets
 from a split with a seeded permutation, so the subsets for one seed are nested
@@ -43,10 +51,13 @@ __all__ = [
     "ensure_datasets",
     "TEMPERATURE_TOLERANCE",
     "cache_dir",
+    "check_data_available",
+    "data_dir",
     "dataset_paths",
     "ensure_dataset",
     "generate_dataset",
     "load_pool",
+    "repair_hint",
     "subset",
     "verify_dataset",
 ]
@@ -73,6 +84,74 @@ def cache_dir() -> Path:
     """Root of eqbench's cache: ``$EQBENCH_CACHE`` or ``~/.cache/eqbench``."""
     root = os.environ.get("EQBENCH_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "eqbench"
+
+
+def data_dir() -> Path:
+    """Where the data sets live: ``<cache>/data``."""
+    return cache_dir() / "data"
+
+
+def _cache_name() -> str:
+    root = os.environ.get("EQBENCH_CACHE")
+    return f"EQBENCH_CACHE={root}" if root else "the default cache, EQBENCH_CACHE unset"
+
+
+_MOVE_CACHE = "point EQBENCH_CACHE at a directory you can write"
+
+
+def _nearest_existing(directory: Path) -> Path:
+    """``directory`` or its closest ancestor that exists (``exists`` is false under a file too)."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    return directory
+
+
+def _check_location(directory: Path) -> None:
+    """Raise :class:`DataError` when ``directory`` cannot be a directory (it or an ancestor is a
+    file) or cannot be looked into; one that does not exist yet is fine (it is made on demand)."""
+    try:
+        existing = _nearest_existing(directory)
+        if not existing.is_dir():
+            raise DataError(f"the data cache {directory} cannot be used: {existing} is a file, not a directory "
+                            f"({_cache_name()}); {_MOVE_CACHE}")
+    except OSError as exc:
+        raise DataError(f"the data cache {directory} cannot be read ({exc.strerror or type(exc).__name__}; "
+                        f"{_cache_name()}); {_MOVE_CACHE}") from exc
+
+
+def _is_writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory``, or (when missing) it can be created."""
+    try:
+        existing = _nearest_existing(directory)
+        return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+    except OSError:
+        return False
+
+
+def repair_hint(names: str) -> str:
+    """How to repair the data sets of systems ``names`` in the current cache (for one-line errors)."""
+    if _is_writable(data_dir()):
+        return f"run `python -m eqbench data {names} --regenerate`"
+    return _read_only_fix(data_dir(), names)
+
+
+def _read_only_fix(directory: Path, names: str) -> str:
+    return (f"the data cache {directory} is not writable ({_cache_name()}): generate the data into it with write "
+            f"access (`EQBENCH_CACHE={cache_dir()} python -m eqbench data {names}`), or {_MOVE_CACHE} "
+            f"(data are generated there on first use)")
+
+
+def _writable_or_raise(directory: Path, need: str, names: str) -> None:
+    """Make ``directory`` if missing; raise a one-line :class:`DataError` saying ``need``, the
+    cache and the fix when it cannot be made or written."""
+    _check_location(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{need}, but the data cache {directory} cannot be created "
+                        f"({exc.strerror or type(exc).__name__}; {_cache_name()}); {_MOVE_CACHE}") from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise DataError(f"{need}; {_read_only_fix(directory, names)}")
 
 
 def _check_split(split: str) -> None:
@@ -104,14 +183,29 @@ def dataset_paths(system: ParticleSystem, split: str) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an advisory lock so concurrent workers generate a data set once, not twice."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    """Hold an advisory lock so concurrent workers generate a data set once, not twice.
+
+    Only generation takes it; reading a verified set does not. The caller has checked that the
+    directory is writable; a lock file another user left, which this one may not write, is
+    locked through a read-only descriptor (``flock`` needs no write access)."""
+    lock = path.with_suffix(".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError as exc:
+            raise DataError(f"cannot open the lock file {lock} ({exc.strerror}); {_MOVE_CACHE}") from exc
+    except OSError as exc:
+        raise DataError(f"cannot create the lock file {lock} ({exc.strerror}); {_MOVE_CACHE}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 #: Below this many pair terms per batched energy evaluation, extra threads only add
@@ -215,6 +309,7 @@ def generate_dataset(
         "source": "eqbench-mcmc",
         "n_samples": int(samples.shape[0]),
         "shape": list(samples.shape),
+        "dtype": str(samples.dtype),
         "seed": seed,
         "n_chains": n_chains,
         "samples_per_chain": per_chain,
@@ -281,22 +376,102 @@ def quality_checks(d: dict[str, Any]) -> dict[str, bool]:
     return checks
 
 
-def verify_dataset(system: ParticleSystem, split: str) -> tuple[str, str]:
-    """``(state, detail)`` with state ``"ok"``, ``"missing"`` or ``"corrupt"``; never raises for bad files."""
+#: What every data set's JSON must record (the diagnostics eqbench's reports and checks read),
+#: with the JSON type of each; a JSON lacking one is corrupt (regenerated, or an error if it cannot be).
+_NUMBER = (int, float)
+REQUIRED_DIAGNOSTICS: dict[str, type | tuple[type, ...]] = {
+    "system": str, "split": str, "sha256": str, "n_samples": int, "shape": list, "seed": int, "protocol": dict,
+    "checks": dict, "acceptance": _NUMBER, "configurational_temperature": _NUMBER,
+    "configurational_temperature_stderr": _NUMBER, "energy_mean": _NUMBER, "energy_stderr": _NUMBER,
+    "mean_distance_mean": _NUMBER, "mean_distance_stderr": _NUMBER, "autocorrelation_time": _NUMBER,
+    "autocorrelation_time_mean_distance": _NUMBER, "stride_over_autocorrelation": _NUMBER,
+    "energy_drift_z": _NUMBER, "duplicate_rows": int, "duplicate_rows_dropped": int, "wall_s": _NUMBER,
+}
+#: The array type of every data set (the JSON of a set generated since this check says so too).
+DATA_DTYPE = np.dtype(np.float64)
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an ``.npy`` header, without reading the array."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        read = readers.get(version)
+        if read is None:
+            raise ValueError(f"npy format version {version}")
+        shape, _, dtype = read(handle)
+    return tuple(shape), np.dtype(dtype)
+
+
+def _shape_text(shape: Any) -> str:
+    return "(" + ", ".join(str(v) for v in shape) + ")"
+
+
+def _inspect(system: ParticleSystem, split: str) -> tuple[str, str, dict[str, Any] | None]:
+    """``(state, detail, diagnostics)``: the checks of :func:`verify_dataset`, and the JSON when ok."""
+    _check_split(split)
     array_path, meta_path = dataset_paths(system, split)
-    if not array_path.exists() and not meta_path.exists():
-        return "missing", f"{array_path} does not exist"
-    if not array_path.exists() or not meta_path.exists():
-        return "corrupt", f"one of {array_path.name} / {meta_path.name} is missing"
+    _check_location(array_path.parent)
+    try:
+        have_array, have_meta = array_path.exists(), meta_path.exists()
+    except OSError as exc:  # a directory that cannot be searched
+        raise DataError(f"the data cache {array_path.parent} cannot be read "
+                        f"({exc.strerror or type(exc).__name__}; {_cache_name()}); {_MOVE_CACHE}") from exc
+    if not have_array and not have_meta:
+        return "missing", f"{array_path} does not exist", None
+    if not have_array or not have_meta:
+        return "corrupt", f"one of {array_path.name} / {meta_path.name} is missing in {array_path.parent}", None
     try:
         meta = json.loads(meta_path.read_text())
-        expected = meta["sha256"]
-    except (OSError, ValueError, KeyError) as exc:
-        return "corrupt", f"{meta_path} is unreadable ({type(exc).__name__})"
-    actual = diag.sha256_file(array_path)
-    if actual != expected:
-        return "corrupt", f"{array_path} has sha256 {actual[:12]}..., expected {expected[:12]}..."
-    return "ok", str(array_path)
+    except (OSError, ValueError) as exc:
+        return "corrupt", f"{meta_path} is unreadable ({type(exc).__name__})", None
+    if not isinstance(meta, dict):
+        return "corrupt", f"{meta_path} holds a JSON {type(meta).__name__}, not the diagnostics", None
+    lacking = [key for key, kind in REQUIRED_DIAGNOSTICS.items()
+               if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)]
+    if lacking:
+        more = f" and {len(lacking) - 4} more" if len(lacking) > 4 else ""
+        return "corrupt", f"{meta_path} lacks its diagnostics {', '.join(lacking[:4])}{more}", None
+    protocol = system.data_protocol
+    required = (protocol.size(split), *system.event_shape)
+    recorded = {key: meta[key] for key in ("system", "split", "seed", "protocol")}
+    expected = {"system": system.name, "split": split, "seed": protocol.seed(split),
+                "protocol": dataclasses.asdict(protocol)}
+    wrong = [key for key in expected if recorded[key] != expected[key]]
+    if wrong:
+        return "corrupt", (f"{meta_path} records {', '.join(f'{k} {recorded[k]!r}' for k in wrong)}, "
+                           f"expected {', '.join(f'{expected[k]!r}' for k in wrong)}"), None
+    try:
+        actual = diag.sha256_file(array_path)
+        shape, dtype = _npy_header(array_path)
+    except (OSError, ValueError) as exc:
+        return "corrupt", f"{array_path} is not a readable .npy file ({type(exc).__name__}: {exc})", None
+    if actual != meta["sha256"]:
+        return "corrupt", f"{array_path} has sha256 {actual[:12]}..., expected {meta['sha256'][:12]}...", None
+    if list(shape) != meta["shape"] or meta["n_samples"] != (shape[0] if shape else None):
+        return "corrupt", (f"{array_path} holds shape {_shape_text(shape)}, its JSON records shape "
+                           f"{_shape_text(meta['shape'])} and {meta['n_samples']} samples"), None
+    if shape != required:
+        return "corrupt", (f"{array_path} holds shape {_shape_text(shape)}; {system.name} {split} requires "
+                           f"{_shape_text(required)} ({required[0]} samples of {system.n_particles} particles "
+                           f"in {system.n_dims} dimensions)"), None
+    if dtype != DATA_DTYPE or meta.get("dtype", DATA_DTYPE.name) != DATA_DTYPE.name:
+        return "corrupt", (f"{array_path} holds {dtype} (its JSON records {meta.get('dtype', 'no dtype')}); "
+                           f"reference data are {DATA_DTYPE}"), None
+    return "ok", str(array_path), meta
+
+
+def verify_dataset(system: ParticleSystem, split: str) -> tuple[str, str]:
+    """``(state, detail)`` with state ``"ok"``, ``"missing"`` or ``"corrupt"``; never raises for bad files.
+
+    Ok means: the array's sha256 is the one its JSON records, the JSON carries the diagnostics
+    (:data:`REQUIRED_DIAGNOSTICS`) for this system, split, seed and protocol, and the array's
+    shape and dtype are those the JSON records and the ones the protocol requires
+    (``[size(split), N, D]``, float64). A cache location that cannot hold data (a file) raises
+    :class:`DataError`.
+    """
+    state, detail, _ = _inspect(system, split)
+    return state, detail
 
 
 def ensure_dataset(
@@ -310,29 +485,58 @@ def ensure_dataset(
 
     ``regenerate="auto"`` regenerates a missing or corrupt set (with a warning for a corrupt
     one), ``"never"`` raises :class:`DataError` instead, ``"always"`` regenerates regardless.
+    A verified set is read without a lock and without writing anything, so a read-only cache
+    works; one that must be generated in a cache that cannot be written is a :class:`DataError`.
     """
     if regenerate not in ("auto", "never", "always"):
         raise ConfigError(f"unknown regenerate mode {regenerate!r}; valid: auto, never, always")
     array_path, meta_path = dataset_paths(system, split)
+    what = f"{system.name} {split} reference data"
+    state, detail, meta = ("ok", "", None) if regenerate == "always" else _inspect(system, split)
+    if state == "ok" and meta is not None:
+        # Files are replaced atomically, so a verified file is whole: no lock needed to read it.
+        return array_path, {**meta, "path": str(array_path)}
+    if regenerate == "never" and not _is_writable(array_path.parent):
+        raise DataError(f"{what} is {state}: {detail}; {repair_hint(system.name)}")
+    need = f"{what} must be regenerated" if regenerate == "always" else f"{what} is {state} ({detail})"
+    _writable_or_raise(array_path.parent, need, system.name)
     with _exclusive(array_path):
-        state, detail = verify_dataset(system, split)
-        if state == "ok" and regenerate != "always":
-            return array_path, json.loads(meta_path.read_text())
+        state, detail, meta = _inspect(system, split)  # another process may have made it meanwhile
+        if state == "ok" and meta is not None and regenerate != "always":
+            return array_path, {**meta, "path": str(array_path)}
         if regenerate == "never":
-            hint = f"run `python -m eqbench data {system.name} --regenerate`"
-            raise DataError(f"{system.name} {split} reference data is {state}: {detail}; {hint}")
+            raise DataError(f"{what} is {state}: {detail}; {repair_hint(system.name)}")
         if state == "corrupt":
-            warnings.warn(f"{system.name} {split} reference data is corrupt ({detail}); regenerating", stacklevel=2)
+            warnings.warn(f"{what} is corrupt ({detail}); regenerating", stacklevel=2)
         with _all_cores(system, split):
             samples, diagnostics = generate_dataset(system, split, progress=progress)
-        atomic_save_npy(array_path, samples)
-        diagnostics["sha256"] = diag.sha256_file(array_path)
-        diagnostics["path"] = str(array_path)
-        atomic_write_bytes(meta_path, (json.dumps(diagnostics, indent=2) + "\n").encode())
+        try:
+            atomic_save_npy(array_path, samples)
+            diagnostics["sha256"] = diag.sha256_file(array_path)
+            diagnostics["path"] = str(array_path)
+            atomic_write_bytes(meta_path, (json.dumps(diagnostics, indent=2) + "\n").encode())
+        except OSError as exc:  # e.g. a full disk, or a network file system refusing what os.access allowed
+            raise DataError(f"{what} was generated but cannot be written to {array_path.parent} "
+                            f"({exc.strerror or type(exc).__name__}; {_cache_name()}); {_MOVE_CACHE}") from exc
     failed = [name for name, ok in diagnostics["checks"].items() if not ok]
     if failed:
         warnings.warn(f"{system.name} {split} reference data fails checks: {', '.join(failed)}", stacklevel=2)
     return array_path, diagnostics
+
+
+def check_data_available(systems: list[ParticleSystem], splits: tuple[str, ...] = SPLITS) -> None:
+    """Refuse before any work when data sets are missing or corrupt and cannot be generated.
+
+    With a writable cache this does nothing (what is missing is generated on first use); with a
+    read-only one (a shared cluster cache) or an unusable ``EQBENCH_CACHE`` it raises one
+    :class:`DataError` naming the cache, every data set concerned and the fix.
+    """
+    bad = [(system, split, state) for system in systems for split in splits
+           if (state := _inspect(system, split)[0]) != "ok"]
+    if bad:
+        names = " ".join(dict.fromkeys(system.name for system, _, _ in bad))
+        listing = ", ".join(f"{system.name} {split} ({state})" for system, split, state in bad)
+        _writable_or_raise(data_dir(), f"reference data {listing} must be generated", names)
 
 
 def load_pool(
@@ -340,9 +544,16 @@ def load_pool(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The whole verified data set of a split as ``[n, N, D]`` float64, with its diagnostics."""
     path, diagnostics = ensure_dataset(system, split, regenerate=regenerate, progress=progress)
-    samples = np.load(path)
-    if samples.shape[1:] != system.event_shape:
-        raise DataError(f"{path} holds shape {samples.shape}, expected (n, {system.n_particles}, {system.n_dims})")
+    try:
+        samples = np.load(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read ({type(exc).__name__}: {exc}); "
+                        f"{repair_hint(system.name)}") from exc
+    required = (system.data_protocol.size(split), *system.event_shape)
+    if samples.shape != required or samples.dtype != DATA_DTYPE:
+        # Verified a moment ago: only a file replaced since (by hand) gets here.
+        raise DataError(f"{path} holds {samples.dtype} of shape {_shape_text(samples.shape)}; "
+                        f"{system.name} {split} requires {DATA_DTYPE} of shape {_shape_text(required)}; {repair_hint(system.name)}")
     return samples, diagnostics
 
 
@@ -379,6 +590,10 @@ def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate:
 
     todo = [(system, split) for system in systems for split in SPLITS
             if regenerate == "always" or verify_dataset(system, split)[0] != "ok"]
+    if todo:  # refuse before starting any worker when the cache cannot take them
+        names = " ".join(dict.fromkeys(system.name for system, _ in todo))
+        listing = ", ".join(f"{system.name} {split}" for system, split in todo)
+        _writable_or_raise(data_dir(), f"reference data {listing} must be generated", names)
     if jobs <= 1 or len(todo) <= 1:
         for system, split in todo:
             ensure_dataset(system, split, regenerate=regenerate)
