@@ -427,45 +427,92 @@ def cmd_price_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _results_to_read(args: argparse.Namespace, *, writes_inside: bool) -> Path:
+    """The results directory of ``collect``, ``report`` and ``plot``, checked before any work:
+    it must exist (a misspelt name creates nothing), and take what the command writes there."""
+    from eqbench.records import check_output_file, check_results_dir
+
+    root = check_results_dir(args.results, read=True, write=writes_inside)
+    if getattr(args, "out", None) is not None:
+        check_output_file(args.out)
+    if not (root / "cells").is_dir() and not (root / "results.csv").is_file():
+        raise EqbenchError(f"no results table at {root / 'results.csv'} and no cells/ beside it; run a task or "
+                           f"`eqbench collect --results {root}` first")
+    return root
+
+
+def _print_skipped(skipped: Sequence[Any]) -> None:
+    """The cell files the store did not use, one line each (what ``collect``, ``report`` and
+    ``plot`` left out, and why)."""
+    if skipped:
+        print(f"{len(skipped)} cell file{'' if len(skipped) == 1 else 's'} not used:")
+    for skip in skipped:
+        print(f"  skipped {skip.path}: {skip.reason}")
+
+
+def _failed_label(row: Any) -> str:
+    settings = [f"{key} {row[key]}" for key in ("variant", "n_train") if str(row.get(key, "")) not in ("", "nan", "<NA>")]
+    return ", ".join([str(row["task"]), str(row["model"]), str(row["system"]), *settings])
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
+    import warnings
+
     from eqbench.plots import write_task_plots
+    from eqbench.records import CellStore, SkippedCellWarning
     from eqbench.registry import TASKS
 
     tasks = args.task or [entry.name for entry in TASKS.entries()]
     if args.task:
         for name in tasks:
             TASKS.get(name)  # unknown task names fail with the valid choices
-    csv = Path(args.results) / "results.csv"
-    if not csv.exists():
-        raise EqbenchError(f"no results table at {csv}; run a task or `eqbench collect --results {args.results}` first")
-    written = [path for name in tasks for path in write_task_plots(name, args.results)]
+    root = _results_to_read(args, writes_inside=True)
+    store = CellStore(root)
+    table = None
+    if store.cells_dir.is_dir():  # the cells, not a results.csv that may be stale or truncated
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SkippedCellWarning)
+            table, _ = store.table()
+    written = [path for name in tasks for path in write_task_plots(name, root, table=table)]
     for path in written:
         print(path)
-    print(f"{len(written)} files written under {Path(args.results) / 'plots'}")
+    print(f"{len(written)} files written under {root / 'plots'}")
+    _print_skipped(store.skipped)
     return 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from eqbench.records import CellStore
+    import warnings
 
+    from eqbench.records import CellStore, SkippedCellWarning
+
+    root = _results_to_read(args, writes_inside=args.out is None)
     out = Path(args.out) if args.out else None
-    table = CellStore(args.results).collect(out)
+    store = CellStore(root)
+    if not store.cells_dir.is_dir():  # an archived results.csv alone: collecting would empty it
+        raise EqbenchError(f"no cells under {store.cells_dir}: nothing to collect ({root / 'results.csv'} is left as it is)")
+    with warnings.catch_warnings():  # listed below, one line each
+        warnings.simplefilter("ignore", SkippedCellWarning)
+        table = store.collect(out)
     failed = table[table["status"] == "failed"]
-    print(f"{len(table)} records from {table['cell_id'].nunique()} cells -> {out or Path(args.results) / 'results.csv'}")
+    print(f"{len(table)} records from {table['cell_id'].nunique()} cells -> {out or root / 'results.csv'}")
     for _, row in failed.iterrows():
-        print(f"  failed cell {row['cell_id']} ({row['task']}, {row['model']}, {row['system']}): {row['reason']}")
+        print(f"  failed cell {row['cell_id']} ({_failed_label(row)}): {row['reason']}")
+    _print_skipped(store.skipped)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the self-contained HTML report of a results directory (see :mod:`eqbench.report`)."""
-    from eqbench.report import write_report
+    from eqbench.report import load_results, write_report
 
-    csv = Path(args.results) / "results.csv"
-    if not csv.exists():
-        raise EqbenchError(f"no results table at {csv}; run a task or `eqbench collect --results {args.results}` first")
-    out = write_report(args.results, args.out)
+    root = _results_to_read(args, writes_inside=args.out is None)
+    loaded = load_results(root)
+    out = write_report(root, args.out, loaded=loaded)
     print(f"report: {out}")
+    if loaded.note:
+        print(f"note: {loaded.note}")
+    _print_skipped(loaded.skipped)
     return 0
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["EqbenchError", "UnknownNameError", "ConfigError", "DataError", "CellTimeout", "close_matches_hint"]
+__all__ = ["EqbenchError", "UnknownNameError", "ConfigError", "DataError", "OutputError", "CellTimeout",
+           "close_matches_hint"]
 
 
 class EqbenchError(Exception):
@@ -23,6 +24,12 @@ class ConfigError(EqbenchError, ValueError):
 
 class DataError(EqbenchError):
     """Missing, corrupt or mis-shaped data that cannot be repaired automatically."""
+
+
+class OutputError(EqbenchError):
+    """An output location that cannot take what would be written there: a file where a results
+    directory belongs, no write permission, a full disk, or (for the commands that read results)
+    a results directory that does not exist. Checked before any work where it can be."""
 
 
 class CellTimeout(Exception):

@@ -27,7 +27,7 @@ from eqbench.artifacts import MODEL_FILE, SAMPLES_FILE, file_sha256, load_model,
 from eqbench.config import apply_overrides
 from eqbench.errors import ConfigError
 from eqbench.planning import CellPlan, default_results_dir
-from eqbench.records import CellResult, CellStore
+from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, TASKS
 from eqbench.runner import flow_facts, run_cell
 from eqbench.versions import eqbench_code_version, object_code_version
@@ -147,6 +147,7 @@ def evaluate(
 
     task = TASKS.get(TASK)
     device = resolve_device(device)
+    root = check_results_dir(default_results_dir(profile) if results_dir is None else results_dir)  # before any work
     model, system_name, loaded, config, source, model_code = _source(
         flow, system, name=name, checkpoint=checkpoint, cell=cell, model_config=model_config)
     params = apply_overrides(task.profile(profile), dict(overrides or {}), f"task {TASK} profile {profile}")
@@ -163,13 +164,13 @@ def evaluate(
     system_obj = get_system(system_name)
     declared = declared_capabilities(model) if source["kind"] != "object" else None
     info = flow_facts(loaded.to(device) if hasattr(loaded, "to") else loaded, system_obj, model, declared)
-    store = CellStore(default_results_dir(profile) if results_dir is None else results_dir)
+    store = CellStore(root)
     results = []
     for s in seeds:
         plan = CellPlan(TASK, model, system_name, profile, int(s), params, code, model_info=info)
         if not rerun:
             cached = store.read(TASK, plan.cell_id)
-            if cached is not None and cached.status == "ok":
+            if cached is not None and cached.status == "ok" and cached.records:
                 results.append(cached)
                 continue
         result = run_cell(plan, device=device, progress=progress, flow=loaded, results_root=store.root,

@@ -9,6 +9,13 @@ Why this shape (DESIGN "One run, as data flows", steps 5-6):
   only whole files, a rerun skips cells that are done, and workers never share a file.
 * Provenance (git sha, library versions, device, threads, host) travels with every row, so a
   number in ``results.csv`` can always be traced back to the code and machine that produced it.
+* The store checks itself: a cell file counts only where the store would have written it (its
+  name is its content's cell id, that id is the hash of its config, it sits in its task's
+  directory), each cell id once, and an ``ok`` cell only with records. Anything else is skipped
+  with a :class:`SkippedCellWarning` and listed (:meth:`CellStore.scan`), never silently dropped
+  or counted twice; a skipped file at a cell's own path is rerun.
+* Output locations are checked before any work (:func:`check_results_dir`), and a write that
+  fails (a full disk) is one :class:`~eqbench.errors.OutputError` line, leaving no partial file.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import math
 import os
 import platform as _platform
 import re
+import shutil
 import socket
 import subprocess
 import warnings
@@ -31,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eqbench.atomic import atomic_write_text, remove_orphaned_temps
+from eqbench.errors import OutputError
 
 if TYPE_CHECKING:  # pandas is only needed by collect(); keep `import eqbench.records` light
     import pandas
@@ -42,6 +51,10 @@ __all__ = [
     "Record",
     "CellResult",
     "CellStore",
+    "SkippedCell",
+    "SkippedCellWarning",
+    "check_output_file",
+    "check_results_dir",
     "provenance",
     "canonical_json",
     "cell_id",
@@ -312,6 +325,23 @@ def settings_key(config: Mapping[str, Any]) -> str:
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]+")
 _UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
+#: A results directory whose disk has less free space than this is refused before any work.
+MIN_FREE_BYTES = 1 << 20
+
+
+class SkippedCellWarning(UserWarning):
+    """A cell file the store does not use (unreadable, misnamed, a duplicate, ok without records)."""
+
+
+@dataclass(frozen=True)
+class SkippedCell:
+    """A file under ``cells/`` that is not used, and why (shown by ``collect`` and the report)."""
+
+    path: str  #: relative to the results directory
+    reason: str
+    cell_id: str = ""  #: the id its content claims, where it could be read
+    task: str = ""
+
 
 class CellStore:
     """Per-cell result files under ``root/cells/<task>/<cell_id>.json`` and their collection."""
@@ -319,6 +349,8 @@ class CellStore:
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
         self.cells_dir = self.root / "cells"
+        #: What the last :meth:`scan` (or :meth:`collect`) left out, with the reasons.
+        self.skipped: list[SkippedCell] = []
 
     def __repr__(self) -> str:
         return f"CellStore({str(self.root)!r})"
@@ -340,12 +372,15 @@ class CellStore:
         return self.root / "artifacts" / cell_file.parent.name / cell_id
 
     def write(self, cell: CellResult) -> Path:
-        """Atomically write ``cell`` over any earlier result of the same cell; return its path."""
+        """Atomically write ``cell`` over any earlier result of the same cell; return its path.
+
+        A write that fails (a full disk, a directory made read-only meanwhile) raises
+        :class:`~eqbench.errors.OutputError` (one line) and leaves no partial file behind."""
         if cell.status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {cell.status!r}")
         path = self.path(cell.task, cell.cell_id)
         text = json.dumps(cell.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
-        atomic_write_text(path, text)
+        _write_or_explain(path, text, "cell")
         return path
 
     def remove_orphaned_temps(self) -> list[Path]:
@@ -355,63 +390,223 @@ class CellStore:
             return []
         return [p for d in sorted(self.cells_dir.iterdir()) if d.is_dir() for p in remove_orphaned_temps(d)]
 
-    def _load(self, path: Path) -> CellResult | None:
-        """Parse one file; anything unreadable is reported and treated as absent, so the cell
-        is simply rerun (and atomically overwritten) instead of crashing a sweep or a collect.
-        """
+    def _check(self, path: Path) -> tuple[CellResult | None, str]:
+        """Parse one file and check that it is the cell the store would have written there:
+        ``(cell, "")``; ``(what it holds or None, why it is not)``; ``(None, "")`` when it is gone."""
         try:
             with path.open(encoding="utf-8") as fh:
-                return CellResult.from_dict(json.load(fh))
+                cell = CellResult.from_dict(json.load(fh))
         except FileNotFoundError:
-            return None
+            return None, ""
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            warnings.warn(
-                f"ignoring unreadable cell file {path} ({type(exc).__name__}: {exc}); "
-                "it will be rerun",
-                stacklevel=3,
-            )
-            return None
+            return None, f"unreadable ({type(exc).__name__}: {exc})".replace("\n", " ")
+        try:
+            expected = self.path(cell.task, cell.cell_id)
+            hashed = cell_id(cell.config)
+        except (ValueError, TypeError) as exc:
+            return cell, f"not a valid cell ({exc})"
+        if path.stem != cell.cell_id:
+            return cell, (f"its name is not its content's cell id {cell.cell_id} "
+                          "(a copy or a renamed file)")
+        if path.parent.name != expected.parent.name:
+            return cell, f"its task {cell.task!r} belongs in cells/{expected.parent.name}/, not here"
+        if hashed != cell.cell_id:
+            return cell, f"its cell id is not the hash of its config ({hashed}): edited, or written by other code"
+        if "task" in cell.config and cell.config["task"] != cell.task:
+            return cell, f"its task {cell.task!r} is not its config's task {cell.config['task']!r}"
+        return cell, ""
+
+    def _relative(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+    def _skip(self, path: Path, reason: str, *, rerun: bool, stacklevel: int = 3) -> SkippedCell:
+        warnings.warn(f"ignoring cell file {path}: {reason}" + ("; it will be rerun" if rerun else ""),
+                      SkippedCellWarning, stacklevel=stacklevel)
+        return SkippedCell(self._relative(path), reason)
 
     def read(self, task: str, cell_id: str) -> CellResult | None:
-        """The stored cell, or ``None`` if it is missing or unreadable (with a warning)."""
-        return self._load(self.path(task, cell_id))
+        """The stored cell, or ``None`` if it is missing, unreadable or not this cell (with a
+        warning; the cell is then rerun and its file atomically replaced)."""
+        path = self.path(task, cell_id)
+        cell, problem = self._check(path)
+        if problem:
+            self._skip(path, problem, rerun=True)
+            return None
+        return cell
 
     def is_done(self, task: str, cell_id: str) -> bool:
-        """True only for a readable cell with status ``"ok"``: failed cells are retried."""
+        """True only for a readable cell with status ``"ok"`` and at least one record: failed
+        cells, and ``ok`` cells without records (a cell that records nothing is unfinished), are
+        run again."""
         cell = self.read(task, cell_id)
-        return cell is not None and cell.status == "ok"
+        return cell is not None and cell.status == "ok" and bool(cell.records)
+
+    def scan(self) -> tuple[list[CellResult], list[SkippedCell]]:
+        """Every valid cell in sorted path order, and every ``*.json`` file under ``cells/<task>/``
+        that is not used with the reason (also kept in :attr:`skipped`, each with a
+        :class:`SkippedCellWarning`): unreadable, not named by its content's cell id (a copy
+        under another name), in another task's directory, a cell id that is not the hash of its
+        config, or a second file of one cell id. Temp files of writers are not cell files."""
+        cells: list[CellResult] = []
+        skipped: list[SkippedCell] = []
+        seen: dict[str, Path] = {}
+        if self.cells_dir.is_dir():
+            for path in sorted(self.cells_dir.glob("*/*.json")):
+                if path.name.startswith("."):
+                    continue
+                cell, problem = self._check(path)
+                if not problem and cell is not None and cell.cell_id in seen:
+                    problem = f"a second file of cell {cell.cell_id} (first: {self._relative(seen[cell.cell_id])})"
+                if problem:
+                    skip = self._skip(path, problem, rerun=problem.startswith("unreadable"), stacklevel=4)
+                    skipped.append(dataclasses.replace(skip, cell_id=cell.cell_id if cell else "",
+                                                       task=cell.task if cell else path.parent.name))
+                elif cell is not None:
+                    seen[cell.cell_id] = path
+                    cells.append(cell)
+        self.skipped = skipped
+        return cells, skipped
 
     def iter_cells(self) -> Iterator[CellResult]:
-        """Every readable cell, in sorted path order; temp files and broken files are skipped."""
-        if not self.cells_dir.is_dir():
-            return
-        for path in sorted(self.cells_dir.glob("*/*.json")):
-            if path.name.startswith("."):
-                continue
-            cell = self._load(path)
-            if cell is not None:
-                yield cell
+        """Every valid cell (:meth:`scan`), in sorted path order; temp files are not cells, and
+        broken, misnamed or duplicate files are skipped with a warning."""
+        yield from self.scan()[0]
 
-    def collect(self, out: Path | str | None = None) -> pandas.DataFrame:
-        """Concatenate all cells into one long table with exactly :data:`RECORD_COLUMNS`.
-
-        A failed cell contributes a single ``cell_failed`` row (value NaN, with its reason) and
-        none of its partial records, so failures are visible but never mistaken for results.
-        Rows are sorted deterministically and the CSV (default ``root/results.csv``) is written
-        atomically, so a report never reads a half-written table.
-        """
+    def table(self) -> tuple[pandas.DataFrame, list[SkippedCell]]:
+        """The long table of every valid cell (as :meth:`collect` writes it, without writing it)
+        and the cell files left out, with the reasons (:meth:`scan`, plus ``ok`` cells without
+        records: unfinished, rerun by the next run)."""
         import pandas as pd
 
-        rows = [row for cell in self.iter_cells() for row in _rows(cell)]
+        cells, skipped = self.scan()
+        used = []
+        for cell in cells:
+            if cell.status == "ok" and not cell.records:
+                path = self.path(cell.task, cell.cell_id)
+                skip = self._skip(path, "status ok but no records: unfinished", rerun=True)
+                skipped.append(dataclasses.replace(skip, cell_id=cell.cell_id, task=cell.task))
+            else:
+                used.append(cell)
+        self.skipped = skipped
+        rows = [row for cell in used for row in _rows(cell)]
         df = pd.DataFrame(rows, columns=list(RECORD_COLUMNS))
         for col in _INT_COLUMNS:
             df[col] = pd.array(df[col].tolist(), dtype="Int64")
         for col in _FLOAT_COLUMNS:
             df[col] = df[col].astype("float64")
         df = df.sort_values(_SORT_KEYS, kind="mergesort", na_position="last").reset_index(drop=True)
+        return df, skipped
+
+    def collect(self, out: Path | str | None = None) -> pandas.DataFrame:
+        """Concatenate all cells into one long table with exactly :data:`RECORD_COLUMNS`.
+
+        A failed cell contributes a single ``cell_failed`` row (value NaN, with its reason and
+        every identifying setting of its config) and none of its partial records, so failures are
+        visible but never mistaken for results. Each cell counts once, by cell id; the files left
+        out are in :attr:`skipped` and ``df.attrs["skipped"]`` (:class:`SkippedCell`, with the
+        reason). Rows are sorted deterministically and the CSV (default ``root/results.csv``) is
+        written atomically, so a report never reads a half-written table.
+        """
+        df, skipped = self.table()
         out_path = self.root / "results.csv" if out is None else Path(out)
-        atomic_write_text(out_path, df.to_csv(index=False))
+        _write_or_explain(out_path, df.to_csv(index=False), "results table")
+        df.attrs["skipped"] = list(skipped)
         return df
+
+
+def _write_or_explain(path: Path, text: str, what: str) -> None:
+    """:func:`atomic_write_text`, with a failure (a full disk) as one :class:`OutputError` line;
+    the atomic write has removed its temp file by then, so nothing partial is left."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise OutputError(f"cannot write the {what} {path}: {why}; cells finished before are stored, "
+                          "so free space (or fix permissions) and run the same command again") from None
+
+
+# -- output locations ---------------------------------------------------------------------------
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
+def _check_writable(directory: Path, label: str) -> None:
+    """``directory`` (existing or to be made) can take new files: where it exists or would be
+    made, writable, and with some free space on its disk."""
+    probe = _nearest_existing(directory)
+    if not probe.is_dir():
+        raise OutputError(f"{label}: {probe} is a file, so no directory can be made under it")
+    for place in (probe, directory / "cells") if probe == directory else (probe,):
+        if place.is_dir() and not os.access(place, os.W_OK | os.X_OK):
+            raise OutputError(f"{label}: {place} is not writable (permissions or a read-only file system); "
+                              "choose another directory")
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return
+    if free < MIN_FREE_BYTES:
+        raise OutputError(f"{label}: no space left on its disk ({free} bytes free at {probe})")
+
+
+def check_results_dir(path: str | os.PathLike[str] | None, *, read: bool = False, write: bool = True,
+                      what: str = "--results") -> Path:
+    """Check a results directory before any work and return it as a :class:`~pathlib.Path`;
+    raises :class:`~eqbench.errors.OutputError` (one line) when it cannot serve.
+
+    Always refused: an empty name (``""`` would mean the current directory) and a path that is
+    a file. ``read``: it must exist already (the commands that read results: ``collect``,
+    ``report``, ``plot``), so a misspelt name is an error that creates nothing. ``write``: new
+    files must be possible there (the directory, or its nearest existing parent, writable, and
+    not a full disk). Runner, sweep, evaluate and the command line call this first.
+
+    Example:
+        >>> import tempfile
+        >>> check_results_dir(tempfile.mkdtemp()).is_dir()
+        True
+        >>> check_results_dir("")
+        Traceback (most recent call last):
+        ...
+        eqbench.errors.OutputError: --results is empty; name a results directory (e.g. results/quick)
+    """
+    if path is None or os.fspath(path) == "":
+        raise OutputError(f"{what} is empty; name a results directory (e.g. results/quick)")
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{what} {directory} is a file, not a results directory")
+    if read and not directory.is_dir():
+        parent = directory.parent
+        near = []
+        if parent.is_dir():
+            import difflib
+
+            siblings = [d.name for d in parent.iterdir() if d.is_dir()]
+            near = difflib.get_close_matches(directory.name, siblings, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(str(parent / n) for n in near)}?" if near else \
+            "; run a task first or pass --results DIR"
+        raise OutputError(f"no results directory at {directory} (nothing to read){hint}")
+    if write:
+        _check_writable(directory, f"{what} {directory}")
+    return directory
+
+
+def check_output_file(path: str | os.PathLike[str], *, what: str = "--out") -> Path:
+    """Check a file to be written (``--out``) before any work: a name, not a directory, in a
+    directory that exists or can be made, writable, on a disk with space."""
+    if os.fspath(path) == "":
+        raise OutputError(f"{what} is empty; name a file")
+    out = Path(path)
+    if out.is_dir():
+        raise OutputError(f"{what} {out} is a directory; name a file")
+    _check_writable(out.parent, f"{what} {out}")
+    return out
 
 
 def _opt_int(value: Any) -> int | None:
@@ -442,14 +637,22 @@ def _rows(cell: CellResult) -> list[dict[str, Any]]:
         "config_json": canonical_json(cell.config),
     }
     if cell.status != "ok":
+        # Every identifying setting comes from the config, as a task's records would carry it
+        # (CellContext.record: ``n_train`` and ``variant`` are settings, under ``params``), so two
+        # failed cells that differ in a setting stay two rows that say how they differ.
         cfg = cell.config
+        params = cfg.get("params") if isinstance(cfg.get("params"), Mapping) else {}
+
+        def setting(key: str) -> Any:
+            return params.get(key, cfg.get(key))
+
         return [
             {
                 **common,
                 "system": str(cfg.get("system", "")),
                 "model": str(cfg.get("model", "")),
-                "variant": str(cfg.get("variant", "")),
-                "n_train": _opt_int(cfg.get("n_train")),
+                "variant": str(setting("variant") or ""),
+                "n_train": _opt_int(setting("n_train")),
                 "seed": _opt_int(cfg.get("seed")),
                 "metric": CELL_FAILED,
                 "value": math.nan,

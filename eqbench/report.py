@@ -4,9 +4,13 @@ Why one file: a report is mailed, attached to a CI run or opened from an archive
 it must need nothing beside itself. Figures are therefore inlined as SVG text (no ``<img src>``),
 the style sheet is inline, there is no script and no external URL to fetch.
 
-What it is built from, and only from: ``RESULTS/results.csv`` (the long table of
-:mod:`eqbench.records`) and ``baselines/published.csv`` (the published numbers, typed in by hand).
-Every verdict and every number on the page is computed from these two tables when the report is
+What it is built from, and only from: the long table of :mod:`eqbench.records` and
+``baselines/published.csv`` (the published numbers, typed in by hand). The long table is rebuilt
+from the cell files (``RESULTS/cells/``) when they are there, so a stale or truncated
+``results.csv`` cannot pass for the results (the page says when it disagreed); cell files the
+store does not use (unreadable, misnamed copies, duplicates, ``ok`` without records) are listed
+with the reason. Without ``cells/`` (an archived table) it reads ``RESULTS/results.csv`` and says
+so. Every verdict and every number on the page is computed from these tables when the report is
 rendered; nothing is remembered from an earlier run.
 
 **Every number means one thing.** The unit of aggregation is the settings key (a cell's whole
@@ -24,7 +28,8 @@ over the registered tasks and renders. The page, top to bottom:
    across seeds, beside the paper's number where one exists), then the verdict table
    (``reproduced`` / ``not reproduced`` / ``not measured`` / ``no verdict (smoke profile)``) with
    the evidence: profile, settings, seeds and spread of every number used;
-2. failed cells with their reasons (a failure must never hide behind a missing row);
+2. failed cells with their reasons (a failure must never hide behind a missing row), and the
+   cell files not used, with theirs (a skipped file must never hide either);
 3. per task and profile: the conventions its numbers follow, its figures, the measured headline
    metrics (one row per settings key: mean ± std across seeds, or over seeds × rounds where the
    task repeats rounds), and the matching published numbers beside them;
@@ -39,7 +44,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +74,7 @@ __all__ = [
     "Claim",
     "ClaimResult",
     "ClaimVerdict",
+    "LoadedResults",
     "NO_VERDICT",
     "NOT_MEASURED",
     "NOT_REPRODUCED",
@@ -81,6 +87,7 @@ __all__ = [
     "evaluate_claims",
     "inline_svg",
     "load_baselines",
+    "load_results",
     "render_report",
     "task_sections",
     "write_report",
@@ -167,15 +174,69 @@ def load_baselines(path: Path | None = None) -> pandas.DataFrame:
                        na_values={"value": [""], "error": [""]})
 
 
-def _read_results(results_dir: Path) -> pandas.DataFrame:
+@dataclass
+class LoadedResults:
+    """The long table a report is built from, where it came from, and what was left out."""
+
+    table: pandas.DataFrame
+    #: ``"cells"`` (rebuilt from ``cells/``) or ``"results.csv"`` (no cells to rebuild from).
+    source: str
+    #: Cell files not used, with the reasons (:class:`eqbench.records.SkippedCell`).
+    skipped: list[Any] = field(default_factory=list)
+    #: One line when ``results.csv`` disagreed with the cells (or is missing), else "".
+    note: str = ""
+
+
+def _csv_summary(csv: Path) -> str:
     import pandas as pd
 
+    try:
+        ids = pd.read_csv(csv, usecols=["cell_id"], dtype=str)["cell_id"]
+    except Exception as exc:  # noqa: BLE001  (whatever is wrong with it, it is described, not fatal)
+        return f"unreadable ({type(exc).__name__})"
+    return f"{ids.nunique()} cells, {len(ids)} rows"
+
+
+def load_results(results_dir: Path | str) -> LoadedResults:
+    """The long table of ``results_dir`` for a report: rebuilt from ``cells/`` when present
+    (:meth:`eqbench.records.CellStore.table`, with the files it skipped and a note when
+    ``results.csv`` says something else), else read from ``results.csv``. Writes nothing."""
+    import io
+
+    from eqbench.records import CellStore, SkippedCellWarning
+
+    results_dir = Path(results_dir)
+    store = CellStore(results_dir)
+    csv = results_dir / "results.csv"
+    if not store.cells_dir.is_dir():
+        return LoadedResults(_read_results(results_dir), "results.csv")
+    with warnings.catch_warnings():  # the skipped files are listed on the page and by the caller
+        warnings.simplefilter("ignore", SkippedCellWarning)
+        df, skipped = store.table()
+    text = df.to_csv(index=False)
+    note = ""
+    if not csv.is_file():
+        note = f"{csv} is missing; this page is built from the cell files"
+    elif csv.read_bytes() != text.encode("utf-8"):
+        note = (f"{csv} disagrees with the cell files (it holds {_csv_summary(csv)}; the cells give "
+                f"{df['cell_id'].nunique()} cells, {len(df)} rows); this page is built from the cells, and "
+                f"`eqbench collect --results {results_dir}` rewrites the table")
+    return LoadedResults(_parse_results(io.StringIO(text), csv), "cells", list(skipped), note)
+
+
+def _read_results(results_dir: Path) -> pandas.DataFrame:
     csv = results_dir / "results.csv"
     if not csv.exists():
         raise EqbenchError(f"no results table at {csv}; run a task or `eqbench collect --results {results_dir}` first")
+    return _parse_results(csv, csv)
+
+
+def _parse_results(source: Any, csv: Path) -> pandas.DataFrame:
+    import pandas as pd
+
     # Hex ids are text: a key such as "12e4..." must not be read as a number.
     text = {c: str for c in ("cell_id", "settings_key", "capabilities", "code_version", "config_json")}
-    table = pd.read_csv(csv, low_memory=False, dtype=text)
+    table = pd.read_csv(source, low_memory=False, dtype=text)
     missing = {"cell_id", "task", "system", "model", "variant", "n_train", "seed", "metric", "value", "unit", "step",
                "status", "reason"} - set(table.columns)
     if missing:
@@ -580,11 +641,17 @@ Densities”, ICML 2020. Generated {{ generated }} from <code>results.csv</code>
 <code>baselines/published.csv</code> only.</p>
 
 <nav><strong>Contents:</strong> <a href="#claims">claims</a> · <a href="#failed-cells">failed cells</a>
+· <a href="#skipped-cells">cell files not used</a>
 {% for s in sections %} · <a href="#task-{{ s.task }}">{{ s.task }}</a>{% endfor %} · <a href="#provenance">provenance</a>
 </nav>
 
 <section id="claims">
 <h2>The paper's claims</h2>
+{% if skipped %}
+<p class="no-verdict">{{ skipped | length }} cell file{{ '' if skipped | length == 1 else 's' }} could not be used
+(<a href="#skipped-cells">listed below</a> with the reasons): these verdicts rest on the other cells only.</p>
+{% endif %}
+{% if note %}<p class="no-verdict">{{ note }}.</p>{% endif %}
 <p class="muted">Judged per profile, on {{ verdict_profiles }} runs only; every number is one settings key
 (the cell config without its seed), mean ± std across its seeds. Each panel: the measured numbers a verdict rests
 on (dots, bars: std across seeds) and the paper's number where one exists (red ×).</p>
@@ -629,6 +696,30 @@ them</caption>
 </tbody></table></div>
 {% else %}
 <p>None: every cell finished.</p>
+{% endif %}
+</section>
+
+<section id="skipped-cells">
+<h2>Cell files not used</h2>
+{% if source == "cells" %}
+<p class="muted">The table of this page is rebuilt from the cell files under <code>cells/</code>; a file counts
+only where the store writes it (named by its cell id, the hash of its config), each cell once, and a finished cell
+only with records.{% if note %} {{ note }}.{% endif %}</p>
+{% if skipped %}
+<div class="scroll"><table class="skipped">
+<caption>{{ skipped | length }} cell file{{ '' if skipped | length == 1 else 's' }} not used: none of their
+numbers are on this page</caption>
+<thead><tr><th>file</th><th>task</th><th>cell id</th><th>reason</th></tr></thead>
+<tbody>
+{% for c in skipped %}<tr><td>{{ c.path }}</td><td>{{ c.task }}</td><td>{{ c.cell_id }}</td><td>{{ c.reason }}</td></tr>
+{% endfor %}
+</tbody></table></div>
+{% else %}
+<p>None: every cell file was read and used.</p>
+{% endif %}
+{% else %}
+<p class="muted">Built from <code>results.csv</code> alone: there is no <code>cells/</code> directory beside it to
+check it against.</p>
 {% endif %}
 </section>
 
@@ -725,24 +816,27 @@ def _section_context(section: TaskSection, table: pandas.DataFrame, ok: pandas.D
 
 
 def _failed_rows(table: pandas.DataFrame) -> tuple[list[str], list[list[str]]]:
-    header = ["task", "system", "model", "variant", "n_train", "seed", "cell_id", "started", "reason"]
+    header = ["task", "system", "model", "variant", "n_train", "profile", "seed", "cell_id", "started", "reason"]
     failed = table[(table["status"] == "failed") | (table["metric"] == "cell_failed")]
     failed = failed.drop_duplicates("cell_id") if "cell_id" in failed.columns else failed
     rows = []
     for r in failed.to_dict("records"):
-        rows.append([_key_text(r.get(c)) for c in ("task", "system", "model", "variant", "n_train", "seed",
+        rows.append([_key_text(r.get(c)) for c in ("task", "system", "model", "variant", "n_train", "profile", "seed",
                                                     "cell_id", "started_at")] + [str(r.get("reason") or "(no reason)")])
     return header, rows
 
 
-def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None = None) -> str:
-    """The report of ``results_dir`` as one HTML string (see the module docstring)."""
+def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None = None,
+                  loaded: LoadedResults | None = None) -> str:
+    """The report of ``results_dir`` as one HTML string (see the module docstring); ``loaded``:
+    its :func:`load_results`, if the caller has it already."""
     import datetime as dt
 
     import jinja2
 
     results_dir = Path(results_dir)
-    table = _read_results(results_dir)
+    loaded = load_results(results_dir) if loaded is None else loaded
+    table = loaded.table
     if "profile" not in table.columns:
         table["profile"] = ""
     baselines = load_baselines() if baselines is None else baselines
@@ -770,20 +864,28 @@ def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None
         verdict_profiles=" and ".join(VERDICT_PROFILES),
         failed=failed,
         failed_header=failed_header,
+        skipped=loaded.skipped,
+        source=loaded.source,
+        note=loaded.note,
         sections=contexts,
         other_tasks=sorted(set(table["task"].dropna().astype(str)) - known),
         provenance=_provenance(table),
     )
 
 
-def write_report(results_dir: Path | str, out: Path | str | None = None) -> Path:
+def write_report(results_dir: Path | str, out: Path | str | None = None, *,
+                 loaded: LoadedResults | None = None) -> Path:
     """Render the report of ``results_dir`` and write it atomically to ``out``
-    (default ``results_dir/report.html``); returns the path written."""
+    (default ``results_dir/report.html``); returns the path written. A write that fails (a full
+    disk) is one :class:`~eqbench.errors.OutputError` line and leaves no partial file."""
     from eqbench.atomic import atomic_write_text
+    from eqbench.errors import OutputError
 
     results_dir = Path(results_dir)
     out_path = Path(out) if out is not None else results_dir / "report.html"
-    html = render_report(results_dir)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_path, html)
+    html = render_report(results_dir, loaded=loaded)
+    try:
+        atomic_write_text(out_path, html)
+    except OSError as exc:
+        raise OutputError(f"cannot write the report {out_path}: {exc.strerror or exc}") from None
     return out_path

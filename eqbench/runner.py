@@ -21,7 +21,7 @@ from eqbench.artifacts import ArtifactWriter
 from eqbench.devices import resolve_device
 from eqbench.errors import EqbenchError
 from eqbench.planning import CellPlan, code_versions, default_results_dir, plan_cells
-from eqbench.records import CellResult, CellStore, Record, now_iso, provenance
+from eqbench.records import CellResult, CellStore, Record, check_results_dir, now_iso, provenance
 from eqbench.registry import SYSTEMS, TASKS
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext
 
@@ -166,7 +166,7 @@ def run(
     """
     device = resolve_device(device)
     plans = plan_cells(task, model, system, profile, seed=seed, overrides=overrides)
-    store = CellStore(default_results_dir(profile) if results_dir is None else results_dir)
+    store = CellStore(check_results_dir(default_results_dir(profile) if results_dir is None else results_dir))
     todo = [plan for plan in plans if rerun or not store.is_done(plan.task, plan.cell_id)]
     if todo:
         store.remove_orphaned_temps()

@@ -18,7 +18,7 @@ from typing import Any
 from eqbench.cost import CellEstimate, CostModel
 from eqbench.errors import ConfigError
 from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
-from eqbench.records import CellResult, CellStore
+from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.planning import CellPlan, default_results_dir, plan_cells
 
@@ -64,7 +64,8 @@ def plan_sweep(
         if seeds < 1:
             raise ConfigError(f"--seeds must be a positive count, got {seeds}")
         overrides["seeds"] = list(range(seeds))
-    store = CellStore(default_results_dir(profile) if results_dir is None else results_dir)
+    store = CellStore(check_results_dir(default_results_dir(profile) if results_dir is None else results_dir,
+                                        write=False))
     plan = SweepPlan()
     planned: set[str] = set()  # cell ids: a reference cell is shared by every model
     for system in systems:
@@ -130,7 +131,7 @@ def sweep(
 
     from eqbench.tasks.common import show_progress
 
-    results_dir = default_results_dir(profile) if results_dir is None else results_dir
+    results_dir = check_results_dir(default_results_dir(profile) if results_dir is None else results_dir)  # before any work
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
                       results_dir=results_dir, rerun=rerun)
     if on_plan is not None:

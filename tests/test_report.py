@@ -18,12 +18,16 @@ import pandas as pd
 import pytest
 
 from eqbench import report
-from eqbench.records import CellResult, CellStore, now_iso, provenance
+from eqbench.records import CellResult, CellStore, cell_id, now_iso, provenance
 from eqbench.tasks.bg_reweighting import claim_exact_divergence, claim_reweighting
 from eqbench.tasks.reporting import with_settings
 from eqbench.tasks.timing import claim_kernel_fastest
 
 FAILED_REASON = "RuntimeError: exploded <b>loudly</b> & for good"
+#: The failed cell's config, as a runner writes it (settings under ``params``).
+FAILED_CONFIG = {"task": "density-estimation", "model": "real-nvp", "system": "dw4", "profile": "smoke", "seed": 0,
+                 "params": {"n_train": 20, "variant": "aug", "iterations": 5}}
+FAILED_ID = cell_id(FAILED_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +41,7 @@ def results_dir(tmp_path_factory) -> Path:
                         ("metastable-states", "kernel-flow")]:
         cells = eqbench.run(task, model, "dw4", "smoke", results_dir=root, progress=False)
         assert all(c.status == "ok" for c in cells), [c.reason for c in cells]
-    config = {"task": "density-estimation", "model": "real-nvp", "system": "dw4", "n_train": 20, "seed": 0,
-              "variant": "", "profile": "smoke"}
-    CellStore(root).write(CellResult(task="density-estimation", cell_id="feedc0ffee000001", config=config,
+    CellStore(root).write(CellResult(task="density-estimation", cell_id=FAILED_ID, config=FAILED_CONFIG,
                                      status="failed", reason=FAILED_REASON, started_at=now_iso(),
                                      duration_s=0.5, provenance=provenance("cpu")))
     CellStore(root).collect()
@@ -110,9 +112,18 @@ def test_claims_have_verdicts(html: str, results_dir: Path) -> None:
 
 def test_failed_cells_listed_with_reason_escaped(html: str) -> None:
     failed = html.split('id="failed-cells"')[1].split("</section>")[0]
-    assert "feedc0ffee000001" in failed and "real-nvp" in failed
+    assert FAILED_ID in failed and "real-nvp" in failed
+    row = failed.split(FAILED_ID)[0].rsplit("<tr>", 1)[1]
+    assert "<td>aug</td><td>20</td><td>smoke</td>" in row, "a failed cell keeps its settings (variant, n_train)"
     assert "exploded &lt;b&gt;loudly&lt;/b&gt; &amp; for good" in failed, "reasons are shown, HTML-escaped"
     assert "<b>loudly" not in html
+
+
+def test_every_cell_file_of_real_runs_is_used(html: str) -> None:
+    """Cells as the runner writes them (reference cells included) pass the store's own checks."""
+    skipped = html.split('id="skipped-cells"')[1].split("</section>")[0]
+    assert "None: every cell file was read and used." in skipped
+    assert "disagrees" not in html and "could not be used" not in html
 
 
 def test_provenance(html: str) -> None:
@@ -131,7 +142,12 @@ def test_cli_report(cli, results_dir: Path, tmp_path: Path) -> None:
     assert out.exists() and f"report: {out}" in proc.stdout
     missing = cli("report", "--results", str(tmp_path / "nothing"))
     assert missing.returncode == 2
-    assert missing.stderr.count("\n") == 1 and "no results table" in missing.stderr and "collect" in missing.stderr
+    assert missing.stderr.count("\n") == 1 and "no results directory" in missing.stderr
+    assert not (tmp_path / "nothing").exists(), "a misspelt results directory is not created"
+    (tmp_path / "empty").mkdir()
+    empty = cli("report", "--results", str(tmp_path / "empty"))
+    assert empty.returncode == 2
+    assert empty.stderr.count("\n") == 1 and "no results table" in empty.stderr and "collect" in empty.stderr
 
 
 # -- the pieces ---------------------------------------------------------------------------------------
