@@ -8,10 +8,19 @@ rerun finishes exactly the missing ones (the store is keyed by the cell's config
 
 Failures the cell itself cannot record are recorded by the parent:
 
-- a worker that dies (out of memory, SIGKILL) leaves a claim file ``.running/<cell_id>`` and no
-  result; the parent writes the failed result "worker died" and carries on with a fresh pool;
-- a cell past its time limit is interrupted in the worker by ``SIGALRM`` (local executor) or
-  killed by SLURM (submitit reports it), and becomes a failed result with that reason.
+- a local worker that dies (out of memory, SIGKILL) ends only its own cell: the parent knows
+  which cell it ran (:class:`eqbench.workers.WorkerPool`), retries it alone once the others are
+  done (the OOM killer may have picked the wrong process), and records "worker process died" if
+  it dies alone too; the other workers go on;
+- a cell past its time limit is interrupted in the worker by ``SIGALRM`` (armed after the cell's
+  heavy imports; a local worker in which it fired is replaced, never reused), killed by the
+  parent if it does not stop within a grace period, or killed by SLURM (submitit reports it),
+  and becomes a failed result "cell exceeded its time limit of N s".
+
+Local workers die with the sweep however it dies (SIGKILL included); nothing outlives it. A
+running cell has a claim file ``.running/<cell_id>`` beside the cells (``host pid`` of whoever
+runs it); claims of processes that no longer exist are removed when a sweep starts
+(:func:`remove_stale_claims`), and nothing relies on them to decide what to run.
 
 dask and submitit are optional extras; asking for an executor whose package is missing raises a
 :class:`~eqbench.errors.ConfigError` with the install command.
@@ -21,11 +30,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +40,7 @@ from typing import Any
 from eqbench.errors import CellTimeout, ConfigError
 from eqbench.records import CellResult, CellStore, now_iso, provenance
 from eqbench.planning import CellPlan
+from eqbench.workers import Outcome, WorkerPool, time_limit_reason, worker_slot
 
 __all__ = [
     "EXECUTORS",
@@ -44,6 +52,7 @@ __all__ = [
     "SlurmExecutor",
     "execute_cell",
     "make_executor",
+    "remove_stale_claims",
     "run_jobs",
     "SlurmOptions",
 ]
@@ -66,6 +75,42 @@ def _claim_path(store: CellStore, plan: CellPlan) -> Path:
     return store.path(plan.task, plan.cell_id).parent / ".running" / plan.cell_id
 
 
+def _claim(store: CellStore, plan: CellPlan) -> Path:
+    """Mark the cell as running here: ``host pid``, for people and :func:`remove_stale_claims`."""
+    claim = _claim_path(store, plan)
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    claim.write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return claim
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_claims(results_dir: str | Path) -> list[Path]:
+    """Remove the claim files of cells whose process no longer exists on this host (a sweep that
+    was killed); returns them. Claims of other hosts (a shared results directory) are kept."""
+    if os.name != "posix":  # no signal-0 liveness test; claims are informative only
+        return []
+    host, removed = socket.gethostname(), []
+    for claim in sorted(CellStore(results_dir).cells_dir.glob("*/.running/*")):
+        try:
+            words = claim.read_text().split()
+        except OSError:
+            continue
+        owner_host, pid = (words[0], words[1]) if len(words) >= 2 else (host, words[0] if words else "")
+        if owner_host == host and (not pid.isdigit() or not _pid_alive(int(pid))):
+            claim.unlink(missing_ok=True)
+            removed.append(claim)
+    return removed
+
+
 def _worker_device(device: str) -> str:
     """``auto`` on a multi-GPU node: one GPU per worker, chosen by the worker's pool index."""
     import torch
@@ -76,8 +121,10 @@ def _worker_device(device: str) -> str:
         return resolve_device(device)
     if not torch.cuda.is_available():
         return "cpu"
-    identity = multiprocessing.current_process()._identity  # (k,) for the k-th pool worker
-    index = (identity[0] - 1) if identity else 0
+    index = worker_slot()  # the worker's place in the local pool, kept by its replacements
+    if index is None:
+        identity = multiprocessing.current_process()._identity  # (k,) for the k-th worker elsewhere
+        index = (identity[0] - 1) if identity else 0
     return f"cuda:{index % torch.cuda.device_count()}"
 
 
@@ -91,41 +138,24 @@ def execute_cell(job: CellJob) -> CellResult:
 
     Sets the torch thread budget first (workers must not oversubscribe the cores: two torch
     processes with two threads each on two cores ran 5x slower than one thread each, measured).
+    The time limit is armed after the cell's imports (:func:`eqbench.runner.run_cell_limited`;
+    SIGALRM reaches only a main thread: local and SLURM workers, not dask worker threads, where
+    the scheduler limits cells instead).
     """
+    store = CellStore(job.results_dir)
+    claim = _claim(store, job.plan)
     import torch
 
-    from eqbench.runner import run_cell
+    from eqbench.runner import run_cell_limited
 
     torch.set_num_threads(max(1, job.threads))
-    store = CellStore(job.results_dir)
-    claim = _claim_path(store, job.plan)
-    claim.parent.mkdir(parents=True, exist_ok=True)
-    claim.write_text(f"{os.getpid()}\n")
     device = _worker_device(job.device)
-    previous = None
-    # SIGALRM only reaches the main thread (local pool workers; not dask worker threads, where
-    # the scheduler or SLURM enforces limits instead).
-    if job.time_limit_s is not None and hasattr(signal, "setitimer") and _in_main_thread():
-        def on_alarm(signum, frame):
-            raise CellTimeout(f"cell exceeded its time limit of {job.time_limit_s:g} s")
-        previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, job.time_limit_s)
-    try:
-        result = run_cell(job.plan, device=device, progress=False, results_root=store.root,
-                          artifacts_dir=store.artifact_dir(job.plan.task, job.plan.cell_id) if job.artifacts else None)
-    finally:
-        if previous is not None:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+    result = run_cell_limited(job.plan, device=device, time_limit_s=job.time_limit_s, progress=False,
+                              results_root=store.root,
+                              artifacts_dir=store.artifact_dir(job.plan.task, job.plan.cell_id) if job.artifacts else None)
     store.write(result)
     claim.unlink(missing_ok=True)
     return result
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 class Executor(ABC):
@@ -142,12 +172,14 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
-    """A ``concurrent.futures`` process pool with the ``spawn`` start method.
+    """Worker processes on this machine (:class:`eqbench.workers.WorkerPool`, ``spawn`` start).
 
     Spawned (not forked) workers start clean: no inherited torch thread pools or CUDA contexts.
-    A worker death breaks the whole pool: cells that had not started are resubmitted to a fresh
-    pool; cells that were running (found by their claim files) are retried one at a time, and a
-    cell whose lone worker dies again is recorded as failed ("worker process died").
+    They die with the sweep's process however it dies, and a worker in which a time limit fired
+    is replaced. A worker that dies takes only its own cell with it: a cell whose worker died
+    beside other running cells is retried alone after the rest (out of memory, the kernel may
+    have killed the wrong process), and a cell whose lone worker dies is recorded as failed
+    ("worker process died").
     """
 
     name = "local"
@@ -158,70 +190,44 @@ class LocalExecutor(Executor):
         self.jobs = jobs
 
     def run(self, jobs: Sequence[CellJob]) -> Iterator[CellResult]:
-        pending, solo = list(jobs), []
-        while pending or solo:
-            # A broken pool takes down every worker, so the culprit among the cells that were
-            # running is not known: each of them is retried alone, and a cell whose solo worker
-            # dies too is the one that kills workers (out of memory, segfault, SIGKILL).
-            alone = not pending
-            batch = [solo.pop(0)] if alone else pending
-            pending = [] if not alone else pending
-            broken_jobs: list[CellJob] = []
-            yield from self._run_pool(batch, 1 if alone else self.jobs, broken_jobs)
-            if not broken_jobs:
-                continue
-            again, started = _split_crashed(broken_jobs)
-            if alone:
-                for job in started:
-                    result = _failed(job.plan, "worker process died without a result (killed or out of memory)",
-                                     job.device)
-                    CellStore(job.results_dir).write(result)
-                    _claim_path(CellStore(job.results_dir), job.plan).unlink(missing_ok=True)
-                    yield result
-                pending.extend(again)
-            else:
-                pending.extend(again)
-                solo.extend(started)
-
-    @staticmethod
-    def _run_pool(jobs: list[CellJob], workers: int, broken_jobs: list[CellJob]) -> Iterator[CellResult]:
-        context = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context)
-        futures: dict[Future, CellJob] = {pool.submit(execute_cell, job): job for job in jobs}
-        interrupted = False
-        try:
-            remaining = set(futures)
-            while remaining:
-                done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-                for future in done:
-                    job = futures[future]
-                    try:
-                        yield future.result()
-                    except BrokenProcessPool:
-                        broken_jobs.append(job)
-                    except Exception as exc:  # noqa: BLE001  (pickling or pool errors: record, go on)
-                        result = _failed(job.plan, f"executor error: {type(exc).__name__}: {exc}", job.device)
-                        CellStore(job.results_dir).write(result)
-                        yield result
-        except BaseException:  # Ctrl-C, or the consumer gave up: stop the workers now, not after their cells
-            interrupted = True
-            for process in list(getattr(pool, "_processes", {}).values()):  # no public handle on the workers
-                process.terminate()
-            raise
-        finally:
-            pool.shutdown(wait=not (broken_jobs or interrupted), cancel_futures=True)
+        with WorkerPool(self.jobs) as pool:
+            solo: list[CellJob] = []
+            for outcome in pool.imap_unordered(execute_cell, jobs, on_dispatch=_claim_job):
+                if outcome.kind == "died" and not outcome.alone:
+                    solo.append(outcome.item)
+                    continue
+                yield _local_result(outcome)
+            for job in solo:  # alone now: if its worker dies again, this cell is what kills it
+                for outcome in pool.imap_unordered(execute_cell, [job], on_dispatch=_claim_job):
+                    yield _local_result(outcome)
 
 
-def _split_crashed(jobs: list[CellJob]) -> tuple[list[CellJob], list[CellJob]]:
-    """Unfinished jobs of a broken pool: (never started, started and interrupted)."""
-    again, started = [], []
-    for job in jobs:
-        store = CellStore(job.results_dir)
-        claimed = _claim_path(store, job.plan).exists()
-        if not claimed and store.read(job.plan.task, job.plan.cell_id) is not None:
-            continue  # it finished and was stored before the pool broke
-        (started if claimed else again).append(job)
-    return again, started
+def _claim_job(job: CellJob) -> None:
+    """The parent claims a cell as it hands it out: a cell whose claim is gone was stored whole by its worker."""
+    _claim(CellStore(job.results_dir), job.plan)
+
+
+def _local_result(outcome: Outcome) -> CellResult:
+    """The result of a local cell however its worker ended; the parent stores what the worker could not."""
+    job: CellJob = outcome.item
+    if outcome.kind == "ok":
+        return outcome.value
+    store = CellStore(job.results_dir)
+    claim = _claim_path(store, job.plan)
+    if outcome.kind in ("died", "timeout") and not claim.exists():
+        stored = store.read(job.plan.task, job.plan.cell_id)
+        if stored is not None:  # stored whole just before its worker died
+            return stored
+    if outcome.kind == "timeout":
+        reason = time_limit_reason(outcome.value if outcome.value is not None else job.time_limit_s or 0)
+    elif outcome.kind == "died":
+        reason = "worker process died without a result (killed or out of memory)"
+    else:
+        reason = f"executor error: {type(outcome.value).__name__}: {outcome.value}"
+    result = _failed(job.plan, reason, job.device)
+    store.write(result)
+    claim.unlink(missing_ok=True)
+    return result
 
 
 class DaskExecutor(Executor):

@@ -19,14 +19,15 @@ from typing import Any
 
 from eqbench.artifacts import ArtifactWriter
 from eqbench.devices import resolve_device
-from eqbench.errors import EqbenchError
+from eqbench.errors import CellTimeout, EqbenchError
 from eqbench.planning import CellPlan, code_versions, default_results_dir, plan_cells
 from eqbench.records import CellResult, CellStore, Record, check_results_dir, now_iso, provenance
-from eqbench.registry import SYSTEMS, TASKS
+from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext
+from eqbench.workers import ProgressLines, WorkerPool, check_time_limit, time_limit, time_limit_reason
 
-__all__ = ["CellPlan", "ContractError", "code_versions", "default_results_dir", "flow_facts", "plan_cells", "preflight",
-           "run", "run_cell"]
+__all__ = ["CellPlan", "ContractError", "code_versions", "default_results_dir", "failed_result", "flow_facts",
+           "plan_cells", "preflight", "prepare_cell", "run", "run_cell", "run_cell_limited"]
 
 
 class ContractError(EqbenchError):
@@ -132,6 +133,96 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
                       artifacts=dict(writer.manifest) if writer is not None else {})
 
 
+def prepare_cell(plan: CellPlan) -> None:
+    """Import what a cell of ``plan`` runs (torch, the task's module, the model builder's module,
+    the flow contract) *before* its time limit is armed: an alarm that interrupts an import leaves
+    the module half-initialised for the rest of the process. An import that fails here is left
+    to the cell, which records it as its failure."""
+    try:
+        import torch  # noqa: F401
+
+        import eqbench.components  # noqa: F401
+        import eqbench.testing  # noqa: F401
+
+        TASKS.get(plan.task)
+        SYSTEMS.get(plan.system)
+        if plan.model != REFERENCE_MODEL:
+            MODELS.get(plan.model)
+    except Exception:  # noqa: BLE001  (the cell meets it again and records it)
+        pass
+
+
+def failed_result(plan: CellPlan, reason: str, device: str, *, started_at: str | None = None,
+                  duration_s: float = float("nan")) -> CellResult:
+    """A failed cell recorded by whoever noticed the failure (a worker past its limit, the parent
+    of a worker that died)."""
+    return CellResult(task=plan.task, cell_id=plan.cell_id, config=plan.config, status="failed", reason=reason,
+                      started_at=started_at or now_iso(), duration_s=duration_s, provenance=provenance(device))
+
+
+def run_cell_limited(plan: CellPlan, *, device: str = "cpu", time_limit_s: float | None = None,
+                     progress: bool | None = None, artifacts_dir: str | Path | None = None,
+                     results_root: str | Path | None = None) -> CellResult:
+    """:func:`run_cell` under a time limit (:func:`eqbench.workers.time_limit`), armed after the
+    cell's heavy imports (:func:`prepare_cell`). A cell in which the limit fired is a failed
+    cell with reason "cell exceeded its time limit of N s", whatever the cell's code made of the
+    exception; the process is then tainted (a :class:`~eqbench.workers.WorkerPool` worker retires)."""
+    prepare_cell(plan)
+    started, start = now_iso(), time.perf_counter()
+    result, limit = None, None
+    try:
+        with time_limit(time_limit_s) as limit:
+            result = run_cell(plan, device=device, progress=progress, artifacts_dir=artifacts_dir,
+                              results_root=results_root)
+    except CellTimeout:
+        pass
+    except BaseException:
+        if limit is None or not limit.fired:
+            raise
+    if (limit is not None and limit.fired) or result is None:
+        result = failed_result(plan, time_limit_reason(time_limit_s or 0), device, started_at=started,
+                               duration_s=time.perf_counter() - start)
+    return result
+
+
+def _cell_in_worker(job: tuple[CellPlan, str, float | None, bool | None, str | None, str | None, int]) -> CellResult:
+    """One cell of :func:`run` with a time limit, in a :class:`~eqbench.workers.WorkerPool` worker."""
+    plan, device, limit, progress, artifacts_dir, results_root, threads = job
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    return run_cell_limited(plan, device=device, time_limit_s=limit, progress=progress, artifacts_dir=artifacts_dir,
+                            results_root=results_root)
+
+
+def _preflight_in_worker(job: tuple[list[CellPlan], float | None, int]) -> list[CellPlan] | None:
+    """:func:`preflight` of :func:`run` with a time limit, in a worker; ``None`` if it ran past it."""
+    plans, limit, threads = job
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    for plan in plans:
+        prepare_cell(plan)
+    state = None
+    try:
+        with time_limit(limit) as state:
+            checked = preflight(plans)
+    except CellTimeout:
+        return None
+    except BaseException:
+        if state is None or not state.fired:
+            raise
+    return None if state is None or state.fired else checked
+
+
+def _worker_reason(outcome: Any, limit: float) -> str:
+    if outcome.kind == "timeout":
+        return time_limit_reason(limit)
+    if outcome.kind == "died":
+        return "worker process died without a result (killed or out of memory)"
+    return f"executor error: {type(outcome.value).__name__}: {outcome.value}"
+
+
 def run(
     task: str,
     model: str,
@@ -145,6 +236,7 @@ def run(
     rerun: bool = False,
     progress: bool | None = None,
     artifacts: bool = True,
+    time_limit_s: float | None = None,
 ) -> list[CellResult]:
     """Run every cell of a task profile for one model and system.
 
@@ -158,33 +250,92 @@ def run(
     ``<results_dir>/artifacts/`` (:mod:`eqbench.artifacts`), so it can be re-scored without
     retraining (:func:`eqbench.evaluation.evaluate`).
 
+    ``time_limit_s``: a cell running longer becomes a failed cell ("cell exceeded its time limit
+    of N s"), as in a sweep. The cells (and the model check before them, limited alike) then run
+    in a worker process, replaced after a limit fired in it, so a cell stopped mid-import never
+    breaks the next one. Without a terminal (``progress=None``, stderr not a TTY) a line per
+    finished cell, and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`).
+
     Example:
         >>> import eqbench, tempfile
         >>> cells = eqbench.run("test-nll", "gaussian", "dw2", "smoke", results_dir=tempfile.mkdtemp())
         >>> cells[0].status, "equivariant" in cells[0].model_info["capabilities"]
         ('ok', True)
     """
+    from eqbench.tasks.common import show_progress
+
+    limit = check_time_limit(time_limit_s)
     device = resolve_device(device)
     plans = plan_cells(task, model, system, profile, seed=seed, overrides=overrides)
     store = CellStore(check_results_dir(default_results_dir(profile) if results_dir is None else results_dir))
     todo = [plan for plan in plans if rerun or not store.is_done(plan.task, plan.cell_id)]
     if todo:
         store.remove_orphaned_temps()
-    checked = {plan.cell_id: plan for plan in preflight(todo)}
+    pool = WorkerPool(1) if limit is not None and todo else None
+    lines = ProgressLines(f"run {task} {model} {system}", len(todo),
+                          enabled=bool(todo) and progress is None and not show_progress(None))
     results = []
-    for plan in plans:
-        if plan.cell_id not in checked:
-            cached = store.read(plan.task, plan.cell_id)
-            if cached is not None:
-                results.append(cached)
-                continue
-            checked.update((p.cell_id, p) for p in preflight([plan]))
-        result = run_cell(checked[plan.cell_id], device=device, progress=progress,
-                          artifacts_dir=store.artifact_dir(plan.task, plan.cell_id) if artifacts else None,
-                          results_root=store.root)
-        store.write(result)
-        results.append(result)
+    try:
+        with lines:
+            if pool is None:
+                checked, refused = {plan.cell_id: plan for plan in preflight(todo)}, {}
+            else:
+                checked, refused = _preflight_limited(pool, todo, limit, device)
+            for plan in plans:
+                if plan.cell_id in refused:
+                    result = refused[plan.cell_id]
+                else:
+                    if plan.cell_id not in checked:
+                        cached = store.read(plan.task, plan.cell_id)
+                        if cached is not None:
+                            results.append(cached)
+                            continue
+                        checked.update((p.cell_id, p) for p in (preflight([plan]) if pool is None else [plan]))
+                    artifacts_dir = store.artifact_dir(plan.task, plan.cell_id) if artifacts else None
+                    if pool is None:
+                        result = run_cell(checked[plan.cell_id], device=device, progress=progress,
+                                          artifacts_dir=artifacts_dir, results_root=store.root)
+                    else:
+                        result = _run_cell_limited_in(pool, checked[plan.cell_id], device, limit, progress,
+                                                      artifacts_dir, store.root)
+                store.write(result)
+                results.append(result)
+                lines.update(result.status == "ok")
+    finally:
+        if pool is not None:
+            pool.close()
     return results
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _preflight_limited(pool: WorkerPool, todo: list[CellPlan], limit: float,
+                       device: str) -> tuple[dict[str, CellPlan], dict[str, CellResult]]:
+    """:func:`preflight` in ``pool``'s worker under ``limit``: (checked plans, failed results
+    for every cell when the check ran past the limit or killed its worker). A model the check
+    refuses raises here, as without a limit."""
+    if not todo:
+        return {}, {}
+    outcome = pool.call(_preflight_in_worker, (todo, limit, _torch_threads()))
+    if outcome.kind == "ok" and outcome.value is not None:
+        return {plan.cell_id: plan for plan in outcome.value}, {}
+    if outcome.kind == "error":
+        raise outcome.value
+    reason = time_limit_reason(limit) if outcome.kind == "ok" else _worker_reason(outcome, limit)
+    return {}, {plan.cell_id: failed_result(plan, reason, device) for plan in todo}
+
+
+def _run_cell_limited_in(pool: WorkerPool, plan: CellPlan, device: str, limit: float, progress: bool | None,
+                         artifacts_dir: Path | None, root: Path) -> CellResult:
+    outcome = pool.call(_cell_in_worker, (plan, device, limit, progress, str(artifacts_dir) if artifacts_dir else None,
+                                          str(root), _torch_threads()))
+    if outcome.kind == "ok":
+        return outcome.value
+    return failed_result(plan, _worker_reason(outcome, limit), device)
 
 
 def records_of(results: Sequence[CellResult]) -> list[Record]:

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eqbench"
 
 #: Lowest first. A module may import its own layer and the layers below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "resources", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities"),
+    ("errors", "resources", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities",
+     "workers"),
     ("systems", "records"),
     ("flows", "data", "components", "artifacts"),
     ("metrics", "minima", "train", "testing", "timing"),
