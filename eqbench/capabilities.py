@@ -37,7 +37,8 @@ def checked_capabilities(capabilities: Iterable[str], what: str) -> frozenset[st
     return caps
 
 
-def model_builder(*, capabilities: Iterable[str], description: str = "") -> Callable[[_B], _B]:
+def model_builder(*, capabilities: Iterable[str], description: str = "",
+                  validate: Callable[[Any, dict[str, Any]], None] | None = None) -> Callable[[_B], _B]:
     """Declare what a builder builds, so that eqbench knows it without constructing a model.
 
     Why: planning a sweep needs each model's capabilities (which tasks it can run, whether an
@@ -47,6 +48,15 @@ def model_builder(*, capabilities: Iterable[str], description: str = "") -> Call
     model whose built flow is not what its builder declared. ``description`` is what
     ``eqbench list`` shows (default: the docstring's first line).
 
+    ``validate(system, config)``, optional, checks a ``model_config`` without building the model
+    and raises :class:`~eqbench.errors.ConfigError` naming what is wrong and what is valid.
+    Planning calls it (:func:`eqbench.components.validate_model_config`) for every cell before
+    anything runs or is written, so a bad setting is one line and exit code 2, not a failed
+    cell; a builder without one has its settings judged when the pre-flight builds it. It runs in
+    the process that plans a sweep, so it must be cheap and do no model work (no torch
+    computation, no training): look at the values only. The built-in builders declare theirs
+    with :func:`eqbench.flows.settings.check_settings` and call it themselves before building.
+
     Example:
         >>> @model_builder(capabilities=["trainable", "exact-density"], description="my flow")
         ... def build(system, config):
@@ -55,11 +65,15 @@ def model_builder(*, capabilities: Iterable[str], description: str = "") -> Call
         (['exact-density', 'trainable'], 'my flow')
     """
     caps = checked_capabilities(capabilities, "model_builder")
+    if validate is not None and not callable(validate):
+        raise ConfigError(f"model_builder validate= must be a function validate(system, config), got {validate!r}")
 
     def mark(builder: _B) -> _B:
         builder.capabilities = caps  # type: ignore[attr-defined]
         if description:
             builder.description = description  # type: ignore[attr-defined]
+        if validate is not None:
+            builder.validate_config = validate  # type: ignore[attr-defined]
         return builder
 
     return mark

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import textwrap
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from eqbench import catalog  # noqa: F401  (registers the built-ins)
 from eqbench.config import TRAINING_DEFAULTS, TRAINING_HELP
 from eqbench.errors import EqbenchError, UnknownNameError
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
-from eqbench.workers import check_time_limit
 
 EXAMPLES = """\
 examples:
@@ -289,13 +286,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eqbench.api import run
     from eqbench.config import parse_overrides
 
-    time_limit = check_time_limit(args.time_limit)
     overrides = parse_overrides(args.set or [])
     seed = _seed_overrides(args, overrides)
     _set_threads(args.threads)
     results = run(args.task, args.model, args.system, args.profile, seed=seed, device=args.device,
-                  overrides=overrides, results_dir=args.results, rerun=args.rerun, artifacts=not args.no_artifacts,
-                  time_limit_s=time_limit)
+                  overrides=overrides, results_dir=args.results, rerun=args.rerun, artifacts=not args.no_artifacts)
     return _finish(args, args.task, results)
 
 
@@ -372,7 +367,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from eqbench.records import CellStore
     from eqbench.sweep import plan_sweep, sweep
 
-    time_limit = check_time_limit(args.time_limit)
     overrides = parse_overrides(args.set or [])
     seed = _seed_overrides(args, overrides)
     if seed is not None:
@@ -392,7 +386,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(plan.todo)} cells to run, {len(plan.done)} already finished{price}", file=sys.stderr)
 
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
-                          threads=args.threads or None, device=args.device, time_limit_s=time_limit,
+                          threads=args.threads or None, device=args.device, time_limit_s=args.time_limit,
                           address=args.address, slurm=slurm, on_plan=announce, artifacts=not args.no_artifacts,
                           **common)
     for model, system, reason in plan.unsupported:
@@ -510,11 +504,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the self-contained HTML report of a results directory (see :mod:`eqbench.report`)."""
-    from eqbench.report import load_results, write_report
+    import warnings
+
+    from eqbench.report import BaselinesWarning, load_results, write_report
 
     root = _results_to_read(args, writes_inside=args.out is None)
     loaded = load_results(root)
-    out = write_report(root, args.out, loaded=loaded)
+    with warnings.catch_warnings(record=True) as unread:  # unreadable published numbers: one line, the page says so
+        warnings.simplefilter("always", BaselinesWarning)
+        out = write_report(root, args.out, loaded=loaded)
+    for warning in unread:
+        if issubclass(warning.category, BaselinesWarning):
+            print(f"eqbench: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     print(f"report: {out}")
     if loaded.note:
         print(f"note: {loaded.note}")
@@ -564,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
     p.add_argument("--model", required=True, help="model id (see `list models`) or a module:builder path")
     p.add_argument("--system", required=True, help="system id (see `list systems`)")
-    _cell_arguments(p, time_limit=True)
+    _cell_arguments(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="run a task over many models x systems x grid points x seeds, resumable",
@@ -583,10 +586,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", help="model ids or module:builder paths (default: the paper's built-in "
                    "models the task supports; plugins run only when named)")
     p.add_argument("--system", nargs="+", help="system ids (default: every system the task supports)")
-    _cell_arguments(p, sweep=True, time_limit=True)
+    _cell_arguments(p, sweep=True)
     p.add_argument("--executor", default="local", choices=("local", "dask", "slurm"),
                    help="local process pool (default), dask.distributed, or SLURM via submitit")
     p.add_argument("--jobs", type=int, default=1, help="concurrent cells (local/dask workers, SLURM array cap)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="a cell running longer becomes a failed cell (local executor)")
     p.add_argument("--address", default=None, help="dask scheduler address (default: a LocalCluster)")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--gpus-per-job", type=int, default=0, help="SLURM GPUs per cell")
@@ -661,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False, time_limit: bool = False) -> None:
+def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     """The flags of every command that runs cells, with one meaning each (run, sweep, evaluate)."""
     p.add_argument("--profile", default="smoke",
                    help="smoke (seconds per cell), quick (minutes: the paper's effects), paper (the full protocol) "
@@ -680,11 +685,6 @@ def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False, time_lim
     p.add_argument("--no-artifacts", action="store_true",
                    help="keep only the records, not each cell's trained model and samples (RESULTS/artifacts/)")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
-    if time_limit:
-        p.add_argument("--time-limit", type=str, default=None, metavar="SECONDS",
-                       help="a cell running longer becomes a failed cell \"cell exceeded its time limit of N s\" "
-                            "(a positive number; local and SLURM workers, not dask); the worker it ran in is "
-                            "replaced" + ("" if sweep else ". With a limit, cells run in a worker process"))
 
 
 def _default_results(args: argparse.Namespace) -> str:
@@ -704,22 +704,9 @@ def _default_results(args: argparse.Namespace) -> str:
     raise EqbenchError(f"several results directories, one per profile; pass --results with one of: {', '.join(found)}")
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (``timeout``, ``docker stop``, ``scancel``, ``kill``), handled like Ctrl-C: the
-    running cells and their workers stop, the finished ones stay stored; exit code 143."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
-    raise _Terminated()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if getattr(args, "results", "") is None:
             args.results = _default_results(args)
@@ -727,12 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EqbenchError as exc:
         print(f"eqbench: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, _Terminated)
-        print(f"\neqbench: {'terminated (SIGTERM)' if terminated else 'interrupted'}. Finished cells are stored "
-              "(each written whole or not at all); run the same command again to run only the missing ones.",
-              file=sys.stderr)
-        return 143 if terminated else 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    except KeyboardInterrupt:
+        print("\neqbench: interrupted. Finished cells are stored (each written whole or not at all); "
+              "run the same command again to run only the missing ones.", file=sys.stderr)
+        return 130

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from eqbench.systems.base import ParticleSystem
 
 __all__ = ["CAPABILITIES", "get_system", "build_model", "capabilities_of", "model_builder",
-           "declared_capabilities", "model_capabilities"]
+           "declared_capabilities", "model_capabilities", "validate_model_config"]
 
 def get_system(name: str | ParticleSystem) -> ParticleSystem:
     """A registered system by name (``dw2``, ``dw4``, ``lj13``, or a plugin's).
@@ -66,6 +66,38 @@ def build_model(name: str, system: str | ParticleSystem, config: Mapping[str, An
         text = " ".join(str(exc).split())
         raise EqbenchError(f"model {name!r} failed to build for system {system_obj.name}: "
                            f"{type(exc).__name__}: {text}") from exc
+
+
+def validate_model_config(name: str, system: str | ParticleSystem, config: Mapping[str, Any] | None = None) -> bool:
+    """Check model ``name``'s settings ``config`` without building it, by the validator its
+    builder declares (``model_builder(validate=...)``); ``False`` when it declares none (the
+    pre-flight then judges the settings when it builds the model, in the cell's process).
+
+    A bad setting is a one-line :class:`~eqbench.errors.ConfigError` naming the model and the
+    system, as :func:`build_model` gives it; a validator that fails otherwise is an
+    :class:`~eqbench.errors.EqbenchError` naming the model.
+
+    Example:
+        >>> validate_model_config("kernel-flow", "dw4", {"steps": 2.7})
+        Traceback (most recent call last):
+        ...
+        eqbench.errors.ConfigError: model 'kernel-flow' on dw4: kernel-flow setting steps must be a positive integer; got 2.7
+    """
+    check = getattr(MODELS.get(name), "validate_config", None)
+    if check is None:
+        return False
+    system_obj = get_system(system)
+    try:
+        check(system_obj, dict(config or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"model {name!r} on {system_obj.name}: {exc}") from exc
+    except EqbenchError:
+        raise
+    except Exception as exc:
+        text = " ".join(str(exc).split())
+        raise EqbenchError(f"model {name!r}: its settings validator failed on {system_obj.name}: "
+                           f"{type(exc).__name__}: {text}") from exc
+    return True
 
 
 def model_capabilities(name: str, system: str | ParticleSystem,

@@ -14,6 +14,7 @@ training settings of :data:`TRAINING_DEFAULTS` (the paper's protocol) in every p
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -145,6 +146,8 @@ def _number(params: Mapping[str, Any], key: str) -> float:
     value = params[key]
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key} must be a number, got {value!r}; {key}: {TRAINING_HELP[key]}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}; {key}: {TRAINING_HELP[key]}")
     return float(value)
 
 
@@ -166,8 +169,8 @@ def check_training_settings(params: Mapping[str, Any]) -> None:
     if not _number(params, "weight_decay") >= 0:
         raise ConfigError(f"weight_decay must be >= 0, got {params['weight_decay']!r}")
     clip = params["grad_clip"]
-    if clip != "off" and not (not isinstance(clip, bool) and isinstance(clip, int | float) and clip > 0):
-        raise ConfigError(f"grad_clip must be \"off\" or a number > 0, got {clip!r}")
+    if clip != "off" and not (not isinstance(clip, bool) and isinstance(clip, int | float) and 0 < clip < math.inf):
+        raise ConfigError(f"grad_clip must be \"off\" or a number > 0 (finite), got {clip!r}")
     for key, least in (("lr_warmup", 0), ("kl_batch_size", 1)):
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

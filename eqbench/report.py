@@ -87,6 +87,8 @@ __all__ = [
     "evaluate_claims",
     "inline_svg",
     "load_baselines",
+    "BaselinesWarning",
+    "BASELINE_COLUMNS",
     "load_results",
     "render_report",
     "task_sections",
@@ -157,21 +159,50 @@ def baselines_path() -> Path:
     return resources.baselines_path()
 
 
-def load_baselines(path: Path | None = None) -> pandas.DataFrame:
-    """The published numbers, or an empty table (with a warning) when the file is absent.
+class BaselinesWarning(UserWarning):
+    """The published numbers could not be read (a missing, empty or malformed
+    ``baselines/published.csv``): the report shows measured numbers only, and says so."""
 
-    A missing baselines file must not stop a report of measured results; the page then says that
-    no published numbers were found.
+
+#: The columns of ``baselines/published.csv`` (tests/test_baselines.py checks the file's schema).
+BASELINE_COLUMNS = ("source", "table", "system", "model", "metric", "value", "error", "unit", "convention", "note")
+
+
+def load_baselines(path: Path | None = None) -> pandas.DataFrame:
+    """The published numbers, or an empty table (with a one-line :class:`BaselinesWarning`)
+    when the file is absent, empty or malformed (not CSV, a missing column, a value that is not a
+    number).
+
+    A bad baselines file must not stop a report of measured results: the empty table carries the
+    reason in ``attrs["problem"]`` and the page says that it shows measured numbers only, and why.
     """
     import pandas as pd
 
-    path = path or baselines_path()
-    columns = ["source", "table", "system", "model", "metric", "value", "error", "unit", "convention", "note"]
+    path = Path(path or baselines_path())
+
+    def unavailable(problem: str) -> pandas.DataFrame:
+        warnings.warn(f"{problem}; the report shows measured numbers only", BaselinesWarning, stacklevel=3)
+        empty = pd.DataFrame(columns=list(BASELINE_COLUMNS))
+        empty.attrs["problem"] = problem
+        return empty
+
     if not path.exists():
-        warnings.warn(f"no published baselines at {path}; the report shows measured numbers only", stacklevel=2)
-        return pd.DataFrame(columns=columns)
-    return pd.read_csv(path, dtype={"error": "float64", "value": "float64"}, keep_default_na=False,
-                       na_values={"value": [""], "error": [""]})
+        return unavailable(f"no published baselines at {path}")
+    try:
+        table = pd.read_csv(path, dtype={"error": "float64", "value": "float64"}, keep_default_na=False,
+                            na_values={"value": [""], "error": [""]})
+    except pd.errors.EmptyDataError:
+        return unavailable(f"the published baselines {path} are empty")
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # pandas' ParserError is a ValueError
+        text = " ".join(str(exc).split())[:200]
+        return unavailable(f"the published baselines {path} cannot be read ({type(exc).__name__}: {text})")
+    missing = [c for c in BASELINE_COLUMNS if c not in table.columns]
+    if missing:
+        return unavailable(f"the published baselines {path} lack the columns {', '.join(missing)} "
+                           f"(expected: {', '.join(BASELINE_COLUMNS)})")
+    if table.empty:
+        return unavailable(f"the published baselines {path} hold no rows")
+    return table
 
 
 @dataclass
@@ -639,6 +670,8 @@ figcaption { font-size: 0.85em; color: #555; }
 Reproducing Köhler, Klein &amp; Noé, “Equivariant Flows: Exact Likelihood Generative Learning for Symmetric
 Densities”, ICML 2020. Generated {{ generated }} from <code>results.csv</code> and
 <code>baselines/published.csv</code> only.</p>
+{% if baselines_problem %}<p class="no-verdict">Published numbers unavailable: {{ baselines_problem }}. This page
+shows the measured numbers only: no published number is placed beside them or in a verdict.</p>{% endif %}
 
 <nav><strong>Contents:</strong> <a href="#claims">claims</a> · <a href="#failed-cells">failed cells</a>
 · <a href="#skipped-cells">cell files not used</a>
@@ -870,6 +903,7 @@ def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None
         sections=contexts,
         other_tasks=sorted(set(table["task"].dropna().astype(str)) - known),
         provenance=_provenance(table),
+        baselines_problem=str(baselines.attrs.get("problem", "")),
     )
 
 

@@ -17,11 +17,10 @@ from typing import Any
 
 from eqbench.cost import CellEstimate, CostModel
 from eqbench.errors import ConfigError
-from eqbench.executors import CellJob, SlurmOptions, make_executor, remove_stale_claims, run_jobs
+from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
 from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, SYSTEMS, TASKS
-from eqbench.workers import ProgressLines, check_time_limit
-from eqbench.planning import CellPlan, default_results_dir, plan_cells
+from eqbench.planning import CellPlan, NoCellsError, default_results_dir, plan_cells
 
 __all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
 
@@ -32,7 +31,9 @@ class SweepPlan:
 
     todo: list[CellPlan] = field(default_factory=list)
     done: list[CellPlan] = field(default_factory=list)
-    unsupported: list[tuple[str, str, str]] = field(default_factory=list)  # (model, system, reason)
+    #: (model, system, reason): pairs the task does not support, and pairs that select no cell
+    #: (:class:`~eqbench.planning.NoCellsError`); a sweep in which every pair selects none is refused.
+    unsupported: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 def plan_sweep(
@@ -69,6 +70,7 @@ def plan_sweep(
                                         write=False))
     plan = SweepPlan()
     planned: set[str] = set()  # cell ids: a reference cell is shared by every model
+    empty: list[str] = []  # why pairs that the task supports selected no cell
     for system in systems:
         for model in models:
             try:
@@ -76,12 +78,21 @@ def plan_sweep(
             except ConfigError as exc:
                 plan.unsupported.append((model, system, str(exc)))
                 continue
-            for cell in plan_cells(task, model, system, profile, overrides=overrides):
+            try:
+                cells = plan_cells(task, model, system, profile, overrides=overrides)
+            except NoCellsError as exc:  # e.g. augment = [true] only, on an equivariant model
+                plan.unsupported.append((model, system, str(exc)))
+                empty.append(str(exc))
+                continue
+            for cell in cells:
                 if cell.cell_id in planned:
                     continue
                 planned.add(cell.cell_id)
                 finished = not rerun and store.is_done(cell.task, cell.cell_id)
                 (plan.done if finished else plan.todo).append(cell)
+    if empty and not plan.todo and not plan.done:
+        others = f" (and {len(empty) - 1} more model/system pairs)" if len(empty) > 1 else ""
+        raise NoCellsError(f"{empty[0]}{others}")
     return plan
 
 
@@ -127,17 +138,11 @@ def sweep(
     ``on_plan`` sees the plan before any cell starts (the CLI prints its price there). Each worker
     runs :func:`eqbench.runner.preflight` on a model before that model's first cell in it (model
     code never runs in this process: a model that kills its process must only fail its cells); a
-    model that breaks the contract fails its cells with the breach as their reason.
-
-    ``time_limit_s`` (a positive number, checked before any work): a cell running longer becomes
-    a failed cell "cell exceeded its time limit of N s"; a local worker in which it fired is
-    replaced. Without a terminal (``progress=None``, stderr not a TTY) a line per finished cell,
-    and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`)."""
+    model that breaks the contract fails its cells with the breach as their reason."""
     from tqdm.auto import tqdm
 
     from eqbench.tasks.common import show_progress
 
-    time_limit_s = check_time_limit(time_limit_s)
     results_dir = check_results_dir(default_results_dir(profile) if results_dir is None else results_dir)  # before any work
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
                       results_dir=results_dir, rerun=rerun)
@@ -146,7 +151,6 @@ def sweep(
     if not plan.todo:
         return plan, []
     CellStore(results_dir).remove_orphaned_temps()  # what a killed earlier sweep left mid-write
-    remove_stale_claims(results_dir)  # ... and the claims of its cells
     if device != "auto":
         from eqbench.devices import resolve_device
 
@@ -155,18 +159,15 @@ def sweep(
                  for cell in plan.todo]
     runner = make_executor(executor, jobs=jobs, results_dir=results_dir, address=address, slurm=slurm)
     bar = tqdm(total=len(jobs_list), desc=f"sweep {task}", disable=not show_progress(progress), unit="cell")
-    lines = ProgressLines(f"sweep {task}", len(jobs_list), enabled=progress is None and not show_progress(None))
 
     def advance(result: CellResult) -> None:
         bar.update(1)
-        lines.update(result.status == "ok")
         if result.status != "ok":
             bar.write(f"failed cell {result.cell_id} ({result.config.get('model')}, {result.config.get('system')}): "
                       f"{result.reason}")
 
     try:
-        with lines:
-            results = run_jobs(runner, jobs_list, on_result=advance)
+        results = run_jobs(runner, jobs_list, on_result=advance)
     finally:
         bar.close()
     return plan, results

@@ -36,10 +36,11 @@ from torchdiffeq import odeint, odeint_adjoint
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.flows.divergence import METHODS, brute_force_divergence, hutchinson_divergence, rademacher_like
+from eqbench.flows.settings import Setting, choice, integer, number
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["SolverConfig", "CNF", "CNF_OPTIONS", "DTYPES", "EXACT_METHODS", "parse_dtype", "pop_cnf_options",
-           "reject_unknown"]
+__all__ = ["SolverConfig", "CNF", "CNF_OPTIONS", "DTYPES", "EXACT_METHODS", "cnf_settings", "parse_dtype",
+           "pop_cnf_options", "reject_unknown"]
 
 SOLVER_MODES = ("dto", "otd")
 #: Divergence methods that compute the trace exactly (up to round-off): the only valid
@@ -59,8 +60,11 @@ class SolverConfig:
     def __post_init__(self) -> None:
         if self.mode not in SOLVER_MODES:
             raise ConfigError(f"unknown solver mode {self.mode!r}; valid: {', '.join(SOLVER_MODES)}")
-        if self.steps < 1:
-            raise ConfigError(f"solver steps must be >= 1, got {self.steps}")
+        if not integer(1).check(self.steps):
+            raise ConfigError(f"solver steps must be a positive integer, got {self.steps!r}")
+        for name in ("atol", "rtol"):
+            if not number(above=0.0).check(getattr(self, name)):
+                raise ConfigError(f"solver {name} must be a finite number > 0, got {getattr(self, name)!r}")
 
 
 class _Dynamics(nn.Module):
@@ -241,6 +245,24 @@ def parse_dtype(value: object, model: str) -> torch.dtype:
 CNF_OPTIONS = ("solver", "steps", "atol", "rtol", "train_divergence", "eval_divergence")
 
 
+def cnf_settings(*, closed_form: bool) -> dict[str, Setting]:
+    """The schema (:mod:`eqbench.flows.settings`) of the settings every CNF builder accepts:
+    ``solver`` (dto, otd), ``steps`` (a positive integer), ``atol`` / ``rtol`` (finite, > 0),
+    ``train_divergence`` (a divergence method the model has), ``eval_divergence`` (an exact one)."""
+    methods = tuple(m for m in METHODS if closed_form or m != "closed-form")
+    exact = tuple(m for m in EXACT_METHODS if closed_form or m != "closed-form")
+    return {
+        "solver": choice(*SOLVER_MODES),
+        "steps": integer(1),
+        "atol": number(above=0.0),
+        "rtol": number(above=0.0),
+        "train_divergence": choice(*methods),
+        "eval_divergence": choice(*exact, valid=(
+            f"exact ({', '.join(exact)}): log_prob and sample are exact; ask for an estimator by name, "
+            "e.g. log_prob(x, divergence='hutchinson')")),
+    }
+
+
 def pop_cnf_options(config: dict, *, train_divergence: str = "exact") -> dict:
     """Remove the common CNF settings from ``config`` and return them as ``CNF.__init__`` kwargs.
 
@@ -248,17 +270,19 @@ def pop_cnf_options(config: dict, *, train_divergence: str = "exact") -> dict:
     ``atol``/``rtol``, adjoint). Models without a closed-form divergence pass
     ``train_divergence="hutchinson"`` as their default (paper §7.3). ``eval_divergence`` (what
     ``log_prob``/``sample`` use unless told otherwise) must be one of :data:`EXACT_METHODS`.
+    Values are taken as they are (the builder checked them with :func:`cnf_settings`): a
+    setting is never truncated or coerced.
     """
     solver = SolverConfig(
-        mode=str(config.pop("solver", "dto")),
-        steps=int(config.pop("steps", 20)),
+        mode=config.pop("solver", "dto"),
+        steps=config.pop("steps", 20),
         atol=float(config.pop("atol", 1e-10)),
         rtol=float(config.pop("rtol", 1e-5)),
     )
     return {
         "solver": solver,
-        "train_divergence": str(config.pop("train_divergence", train_divergence)),
-        "eval_divergence": str(config.pop("eval_divergence", "exact")),
+        "train_divergence": config.pop("train_divergence", train_divergence),
+        "eval_divergence": config.pop("eval_divergence", "exact"),
     }
 
 

@@ -35,6 +35,7 @@ capabilities (:func:`eqbench.capabilities.model_builder`), validates its setting
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from os import PathLike
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -45,6 +46,7 @@ from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.flows.cnf import parse_dtype
+from eqbench.flows.settings import Setting, check_settings, dtype_setting
 from eqbench.geometry import com_free_basis
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
@@ -53,6 +55,10 @@ __all__ = ["FlatBijection", "FlatFlow", "ZukoBijection", "as_flat_bijection", "f
 
 #: Settings every builder made by :func:`flat_flow_builder` accepts besides its own.
 FLAT_OPTIONS = ("checkpoint", "dtype")
+#: A flat flow's own settings, when named without a schema: any value (the factory judges it).
+_ANY = Setting(lambda value: True, "any value")
+_CHECKPOINT = Setting(lambda value: value is None or isinstance(value, str | PathLike),
+                      "the path of a torch.save'd state_dict")
 
 
 @runtime_checkable
@@ -300,7 +306,7 @@ def flat_flow_builder(
     *,
     name: str,
     description: str,
-    settings: Iterable[str] = (),
+    settings: Iterable[str] | Mapping[str, Setting] = (),
     symmetries: Iterable[str] = (),
     trainable: bool = True,
 ) -> Callable[[ParticleSystem, Mapping[str, Any] | None], FlatFlow]:
@@ -310,7 +316,11 @@ def flat_flow_builder(
     ``n_features = (N-1)·D``; ``config`` holds only the keys named in ``settings`` that the model
     config sets. Every builder also accepts ``checkpoint`` (path of a saved ``state_dict``, loaded
     after building: :func:`load_checkpoint`) and ``dtype`` (``"float32"``, the default, or
-    ``"float64"``); other keys are a one-line ConfigError naming the valid ones.
+    ``"float64"``); other keys are a one-line ConfigError naming the valid ones. ``settings``
+    (names, or a mapping of names) may map a name to an :class:`eqbench.flows.settings.Setting`
+    (e.g. ``{"transforms": integer(1)}``) so that its values are checked too. The builder declares
+    that check (``model_builder(validate=...)``: names, values, ``dtype``, that a checkpoint is
+    a file; the factory is not called), so planning refuses bad settings before any cell runs.
 
     Capabilities are declared (:func:`eqbench.capabilities.model_builder`) from the arguments:
     ``exact-density`` always (the adapter's density is exact), ``trainable`` unless
@@ -328,8 +338,10 @@ def flat_flow_builder(
         >>> build(eqbench.get_system("dw4"), {"transforms": 1}).n_features
         6
     """
-    own = tuple(settings)
-    valid = sorted({*own, *FLAT_OPTIONS})
+    pairs = settings.items() if isinstance(settings, Mapping) else ((key, None) for key in settings)
+    own = {key: value if isinstance(value, Setting) else _ANY for key, value in pairs}
+    schema = {**own, "checkpoint": _CHECKPOINT, "dtype": dtype_setting()}
+    valid = sorted(schema)
     claimed = tuple(symmetries)
     capabilities = {"exact-density"}
     if trainable:
@@ -337,12 +349,18 @@ def flat_flow_builder(
     if {"rotation", "permutation"} <= set(claimed):
         capabilities.add("equivariant")
 
-    @model_builder(capabilities=capabilities, description=description)
+    def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
+        """The settings' names, ``dtype`` and that a ``checkpoint`` is a file; nothing is built
+        and the factory is not called (planning calls this in a sweep's parent process)."""
+        check_settings(config, name, schema)
+        checkpoint = config.get("checkpoint")
+        if checkpoint and not Path(checkpoint).is_file():
+            raise ConfigError(f"checkpoint {str(checkpoint)!r} is not a file; expected a torch.save'd state_dict")
+
+    @model_builder(capabilities=capabilities, description=description, validate=validate)
     def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> FlatFlow:
+        check_settings(config or {}, name, schema)
         config = dict(config or {})
-        unknown = sorted(set(config) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown {name} settings: {', '.join(unknown)}; valid: {', '.join(valid)}")
         checkpoint = config.pop("checkpoint", None)
         dtype = parse_dtype(config.pop("dtype", "float32"), name)
         flow = FlatFlow(system, make(system.n_dof, config), symmetries=claimed).to(dtype)

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from eqbench.capabilities import model_builder
-from eqbench.errors import ConfigError
+from eqbench.flows.settings import check_settings, number
 from eqbench.flows.base import Flow
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
-__all__ = ["IsotropicGaussian", "build"]
+__all__ = ["SETTINGS", "IsotropicGaussian", "build", "validate"]
 
 
 class IsotropicGaussian(Flow):
@@ -50,11 +50,17 @@ class IsotropicGaussian(Flow):
         self.log_scale.copy_(0.5 * variance.log())
 
 
-@model_builder(capabilities=["equivariant", "exact-density"])
+#: The settings of ``gaussian`` (:mod:`eqbench.flows.settings`): the initial σ.
+SETTINGS = {"scale": number(above=0.0)}
+
+
+def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
+    """Check ``gaussian`` settings without building anything (planning calls this)."""
+    check_settings(config, "gaussian", SETTINGS)
+
+
+@model_builder(capabilities=["equivariant", "exact-density"], validate=validate)
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> IsotropicGaussian:
-    """Registry builder: ``config`` may set ``scale`` (initial σ, default 1)."""
-    config = dict(config or {})
-    scale = float(config.pop("scale", 1.0))
-    if config:
-        raise ConfigError(f"unknown gaussian settings: {', '.join(sorted(config))}; valid: scale")
-    return IsotropicGaussian(system, scale=scale)
+    """Registry builder: ``config`` may set ``scale`` (initial σ, a finite number > 0, default 1)."""
+    validate(system, config or {})
+    return IsotropicGaussian(system, scale=float(dict(config or {}).get("scale", 1.0)))

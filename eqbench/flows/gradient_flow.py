@@ -54,8 +54,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from eqbench.capabilities import model_builder
-from eqbench.errors import ConfigError
-from eqbench.flows.cnf import CNF, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import CNF, cnf_settings, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.settings import check_settings, dtype_setting, number
 from eqbench.flows.defaults import distance_kernel_placement
 from eqbench.geometry import pair_vectors
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
@@ -64,9 +64,11 @@ __all__ = [
     "N_RBF",
     "DistanceRBF",
     "GradientFlowBase",
+    "SETTINGS",
     "SimpleGradientFlow",
     "build",
     "rbf_placement",
+    "validate",
 ]
 
 #: Number of distance kernels (paper C.2).
@@ -182,26 +184,30 @@ class SimpleGradientFlow(GradientFlowBase):
 
 
 
-def _init_scale(config: dict, model: str) -> float:
-    scale = float(config.pop("init_scale", DEFAULT_INIT_SCALE))
-    if not scale > 0:
-        raise ConfigError(f"{model} setting init_scale must be positive; got {scale}")
-    return scale
+#: The settings of the gradient flows (:mod:`eqbench.flows.settings`): the CNF ones (no closed-form
+#: divergence), ``init_scale`` and ``dtype``.
+SETTINGS = {**cnf_settings(closed_form=False), "init_scale": number(above=0.0), "dtype": dtype_setting()}
+
+
+def validate(system: ParticleSystem, config: Mapping[str, Any], model: str = "gradient-flow") -> None:
+    """Check a gradient flow's settings without building anything (planning calls this)."""
+    check_settings(config, model, SETTINGS)
 
 
 def build_gradient_flow(cls: type[GradientFlowBase], model: str, system: ParticleSystem,
                         config: Mapping[str, Any] | None) -> GradientFlowBase:
     """Shared builder of the gradient flows: settings ``init_scale``, ``dtype`` and the CNF ones."""
+    validate(system, config or {}, model)
     config = dict(config or {})
     rbf_placement(system)  # a system with bad lengths: fail before anything else
     options = pop_cnf_options(config, train_divergence="hutchinson")
-    init_scale = _init_scale(config, model)
+    init_scale = float(config.pop("init_scale", DEFAULT_INIT_SCALE))
     dtype = parse_dtype(config.pop("dtype", "float32"), model)
     reject_unknown(config, model, ("init_scale", "dtype"))
     return cls(system, init_scale=init_scale, **options).to(dtype)
 
 
-@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
+@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"], validate=validate)
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SimpleGradientFlow:
     """Registry builder for ``gradient-flow``: any system (RBF placement from its kind and lengths).
 

@@ -65,7 +65,6 @@ Implementation notes (timings measured on the project's 2-core CPU box, float32,
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,12 +74,13 @@ from torch.autograd.function import once_differentiable
 
 from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
-from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import CNF, SolverConfig, cnf_settings, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.settings import Setting, check_settings, dtype_setting, integer, number
 from eqbench.flows.defaults import distance_kernel_placement, time_kernel_placement
 from eqbench.geometry import pair_indices
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
-__all__ = ["KERNEL_FLOW_OPTIONS", "KernelFlow", "build", "default_kernels"]
+__all__ = ["KERNEL_FLOW_OPTIONS", "SETTINGS", "KernelFlow", "build", "default_kernels", "validate"]
 
 #: Settings of ``build`` besides the common CNF ones.
 KERNEL_FLOW_OPTIONS = ("n_distance_kernels", "n_time_kernels", "init_scale", "dtype")
@@ -436,7 +436,22 @@ class KernelFlow(CNF):
         )
 
 
-@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
+#: The settings of ``kernel-flow`` (:mod:`eqbench.flows.settings`): the CNF ones and its own.
+SETTINGS = {
+    **cnf_settings(closed_form=True),
+    "n_distance_kernels": Setting(integer(2).check, "an integer >= 2 (at least 2 distance and 2 time kernels)"),
+    "n_time_kernels": Setting(integer(2).check, "an integer >= 2 (at least 2 distance and 2 time kernels)"),
+    "init_scale": number(at_least=0.0),
+    "dtype": dtype_setting(),
+}
+
+
+def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
+    """Check ``kernel-flow`` settings without building anything (planning calls this)."""
+    check_settings(config, "kernel-flow", SETTINGS)
+
+
+@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"], validate=validate)
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> KernelFlow:
     """Registry builder for ``kernel-flow``.
 
@@ -447,17 +462,13 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Ke
     parameters on every system; the kernel placement follows the system's kind and lengths
     (:func:`default_kernels`), so the flow builds for any system.
     """
+    validate(system, config or {})
     config = dict(config or {})
     options = pop_cnf_options(config)
-    try:
-        n_distance = int(config.pop("n_distance_kernels", 50))
-        n_time = int(config.pop("n_time_kernels", 10))
-        init_scale = float(config.pop("init_scale", 1e-3))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"kernel-flow: invalid setting ({exc})") from exc
+    n_distance = config.pop("n_distance_kernels", 50)
+    n_time = config.pop("n_time_kernels", 10)
+    init_scale = float(config.pop("init_scale", 1e-3))
     dtype = parse_dtype(config.pop("dtype", "float32"), "kernel-flow")
     reject_unknown(config, "kernel-flow", KERNEL_FLOW_OPTIONS)
-    if not math.isfinite(init_scale) or init_scale < 0:
-        raise ConfigError(f"kernel-flow: init_scale must be a finite number >= 0, got {init_scale}")
     kernels = default_kernels(system, n_distance, n_time)
     return KernelFlow(system, init_scale=init_scale, dtype=dtype, **kernels, **options)

@@ -63,11 +63,12 @@ from torch import nn
 
 from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
-from eqbench.flows.cnf import CNF, SolverConfig, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.cnf import CNF, SolverConfig, cnf_settings, parse_dtype, pop_cnf_options, reject_unknown
+from eqbench.flows.settings import check_settings, dtype_setting, number, widths
 from eqbench.flows.defaults import is_large, paper_width
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["NeuralODE", "build", "default_hidden", "parse_dtype", "parse_hidden"]
+__all__ = ["SETTINGS", "NeuralODE", "build", "default_hidden", "parse_dtype", "parse_hidden", "validate"]
 
 
 def default_hidden(system: ParticleSystem) -> tuple[int, ...]:
@@ -118,28 +119,34 @@ class NeuralODE(CNF):
 
 
 def parse_hidden(value: Any, model: str) -> tuple[int, ...]:
-    """A list of positive layer widths from a config value (list/tuple of ints)."""
-    if isinstance(value, int) or not isinstance(value, (list, tuple)) or not value:
-        raise ConfigError(f"{model} setting hidden must be a non-empty list of widths, e.g. [64, 64]; got {value!r}")
-    try:
-        widths = tuple(int(h) for h in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{model} setting hidden must be a list of integers; got {value!r}") from None
-    if any(h < 1 or h != v for h, v in zip(widths, value)):
-        raise ConfigError(f"{model} setting hidden must hold positive integers; got {value!r}")
-    return widths
+    """A list of positive layer widths from a config value (list/tuple of integers; 64.0 is
+    refused, never truncated)."""
+    setting = widths()
+    if not setting.check(value):
+        raise ConfigError(f"{model} setting hidden must be {setting.valid}; got {value!r}")
+    return tuple(int(h) for h in value)
 
 
-@model_builder(capabilities=["cnf", "trainable", "exact-density"])
+#: The settings of ``node`` (:mod:`eqbench.flows.settings`): the CNF ones (no closed-form
+#: divergence), ``hidden``, ``init_scale`` and ``dtype``.
+SETTINGS = {**cnf_settings(closed_form=False), "hidden": widths(), "init_scale": number(above=0.0),
+            "dtype": dtype_setting()}
+
+
+def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
+    """Check ``node`` settings without building anything (planning calls this)."""
+    check_settings(config, "node", SETTINGS)
+
+
+@model_builder(capabilities=["cnf", "trainable", "exact-density"], validate=validate)
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> NeuralODE:
     """Registry builder for ``node`` (paper C.3): any system, hidden widths by its dimension
     (:func:`default_hidden`) unless ``hidden`` is set."""
+    validate(system, config or {})
     config = dict(config or {})
     options = pop_cnf_options(config, train_divergence="hutchinson")
     hidden = parse_hidden(config.pop("hidden", list(default_hidden(system))), "node")
     init_scale = float(config.pop("init_scale", 0.1))
-    if not init_scale > 0:
-        raise ConfigError(f"node setting init_scale must be positive; got {init_scale}")
     dtype = parse_dtype(config.pop("dtype", "float32"), "node")
     reject_unknown(config, "node", ("hidden", "init_scale", "dtype"))
     return NeuralODE(system, hidden, init_scale=init_scale, dtype=dtype, **options)

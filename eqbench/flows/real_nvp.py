@@ -117,10 +117,12 @@ from eqbench.flows.prior import StandardNormal
 from eqbench.flows.cnf import parse_dtype
 from eqbench.flows.defaults import is_large, paper_width
 from eqbench.flows.node import parse_hidden
+from eqbench.flows.settings import Setting, check_settings, dtype_setting, integer, number, widths
 from eqbench.geometry import remove_com
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["DEFAULT_IW_DRAWS", "AffineCoupling", "RealNVP", "build", "default_blocks", "default_hidden"]
+__all__ = ["DEFAULT_IW_DRAWS", "SETTINGS", "AffineCoupling", "RealNVP", "build", "default_blocks", "default_hidden",
+           "validate"]
 
 #: Coupling blocks of the paper's DW-4 and LJ-13 architectures (C.5).
 _SMALL_BLOCKS, _LARGE_BLOCKS = 8, 16
@@ -317,33 +319,40 @@ def _check_draws(k: object) -> int:
     return k
 
 
-@model_builder(capabilities=["trainable"])
+def _bound_ok(value: Any) -> bool:
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        return True
+    return number(at_least=0.0).check(value)
+
+
+#: The settings of ``real-nvp`` (:mod:`eqbench.flows.settings`).
+SETTINGS = {
+    "blocks": integer(1),
+    "hidden": widths(),
+    "log_scale_bound": Setting(_bound_ok, "a finite number >= 0 (0 = no bound) or 'none'"),
+    "init_scale": number(above=0.0),
+    "iw_draws": integer(1),
+    "dtype": dtype_setting(),
+}
+
+
+def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
+    """Check ``real-nvp`` settings without building anything (planning calls this)."""
+    check_settings(config, "real-nvp", SETTINGS)
+
+
+@model_builder(capabilities=["trainable"], validate=validate)
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> RealNVP:
     """Registry builder for ``real-nvp`` (paper B.2, C.5): any system, blocks and hidden widths by
     its dimension (:func:`default_blocks`, :func:`default_hidden`) unless set."""
+    validate(system, config or {})
     config = dict(config or {})
     blocks = config.pop("blocks", default_blocks(system))
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise ConfigError(f"real-nvp setting blocks must be a positive integer; got {blocks!r}")
     hidden = parse_hidden(config.pop("hidden", list(default_hidden(system))), "real-nvp")
     bound = config.pop("log_scale_bound", 10.0)
-    if bound is None or (isinstance(bound, str) and bound.lower() == "none"):
-        bound = None
-    else:
-        try:
-            bound = float(bound)
-        except (TypeError, ValueError):
-            raise ConfigError(f"real-nvp setting log_scale_bound must be a number or 'none'; got {bound!r}") from None
-        if bound < 0 or not math.isfinite(bound):
-            raise ConfigError(f"real-nvp setting log_scale_bound must be >= 0 (0 = no bound); got {bound}")
-        bound = bound or None
+    bound = None if bound is None or isinstance(bound, str) else (float(bound) or None)
     init_scale = float(config.pop("init_scale", 0.01))
-    if not init_scale > 0:
-        raise ConfigError(f"real-nvp setting init_scale must be positive; got {init_scale}")
     iw_draws = _check_draws(config.pop("iw_draws", DEFAULT_IW_DRAWS))
     dtype = parse_dtype(config.pop("dtype", "float32"), "real-nvp")
-    if config:
-        valid = ("blocks", "dtype", "hidden", "init_scale", "iw_draws", "log_scale_bound")
-        raise ConfigError(f"unknown real-nvp settings: {', '.join(sorted(config))}; valid: {', '.join(valid)}")
     return RealNVP(system, blocks, hidden, log_scale_bound=bound, init_scale=init_scale, iw_draws=iw_draws,
                    dtype=dtype)

@@ -44,10 +44,11 @@ from eqbench.flows.gradient_flow import (
     shrink_,
     tanh_mlp,
 )
+from eqbench.flows.gradient_flow import validate as validate_gradient_flow
 from eqbench.geometry import pair_vectors
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["N_PARAMETERS", "SchNetGradientFlow", "build"]
+__all__ = ["N_PARAMETERS", "SchNetGradientFlow", "build", "validate"]
 
 #: Trainable scalars of the default architecture (paper C.2).
 N_PARAMETERS = 9_857
@@ -86,7 +87,12 @@ class SchNetGradientFlow(GradientFlowBase):
         return F.softplus(self.readout(h).squeeze(-1)).sum(-1)
 
 
-@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"])
+def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
+    """Check ``schnet-flow`` settings without building anything (planning calls this)."""
+    validate_gradient_flow(system, config, "schnet-flow")
+
+
+@model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"], validate=validate)
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> SchNetGradientFlow:
     """Registry builder for ``schnet-flow``: any system (RBF placement from its kind and lengths).
 

@@ -100,6 +100,10 @@ class Task(ABC):
     #: :data:`eqbench.config.TRAINING_DEFAULTS` (the paper's protocol unless the profile says
     #: otherwise), settable with ``--set``.
     trains: bool = False
+    #: Settings that are a number of configurations drawn from a reference-data split:
+    #: ``{setting: split}`` (``train``, ``val``, ``test``). Planning refuses a value larger than
+    #: the split holds (its size is the system's data protocol's, known without the data).
+    data_splits: Mapping[str, str] = {}
 
     def profiles(self) -> dict[str, dict[str, Any]]:
         """Profiles from ``tasks/<name>.toml``; plugin tasks may override this."""
@@ -140,6 +144,12 @@ class Task(ABC):
         already equivariant) or to name a point's ``variant``; called after :meth:`validate`.
         """
         return [dict(params)]
+
+    def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        """Why :meth:`expand_cell` made no cell of any grid point (``params``: one of them), in
+        words that say what to change; :func:`eqbench.planning.plan_cells` refuses such a
+        request with it rather than run nothing."""
+        return f"task {self.name} makes no cell of model {model!r} on {system} with these settings"
 
     def reference_params(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         """The settings of a cell that does not depend on the model, or ``None`` (default) when it does.

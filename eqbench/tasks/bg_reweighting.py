@@ -84,8 +84,8 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import (augmentation_cells, check_finite, fraction, nll_records, positive_int,
-                                  sample_with_log_q, show_progress, train_flow)
+from eqbench.tasks.common import (augmentation_cells, augmentation_reason, check_finite, fraction, nll_records,
+                                  positive_int, sample_with_log_q, show_progress, train_flow)
 
 from eqbench.tasks.reporting import (
     NLL_CONVENTION,
@@ -113,7 +113,8 @@ if TYPE_CHECKING:
 
     from eqbench.flows.cnf import CNF
 
-__all__ = ["BGReweighting", "TASK", "FREE_ENERGY_SYSTEM", "energy_edges", "FINITE_ENERGY_UNIT"]
+__all__ = ["BGReweighting", "TASK", "FREE_ENERGY_SYSTEM", "energy_edges", "FINITE_ENERGY_UNIT",
+           "check_reweighting_settings"]
 
 #: The system whose pair-distance free energy is known exactly (two particles; paper Fig. 3b).
 FREE_ENERGY_SYSTEM = "dw2"
@@ -178,6 +179,25 @@ def sample_cnf_log_q(
     return torch.cat(xs), {method: torch.cat(parts) for method, parts in log_qs.items()}
 
 
+def check_reweighting_settings(params: Mapping[str, Any]) -> None:
+    """The settings :meth:`BGReweighting.reweighting_records` and the solver override read
+    (``solver_steps``, ``free_energy_window``, ``distance_range``, ``model_config``), shared
+    with the ``evaluate`` task, which scores flows the same way."""
+    steps = params.get("solver_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
+    window = params.get("free_energy_window")
+    if isinstance(window, bool) or not isinstance(window, int | float) or not 0 < window < math.inf:
+        raise ConfigError(f"free_energy_window must be a finite positive number of kT, got {window!r}")
+    bounds = params.get("distance_range")
+    if (not isinstance(bounds, list) or len(bounds) != 2
+            or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
+            or not 0 <= bounds[0] < bounds[1] < math.inf):
+        raise ConfigError(f"distance_range must be [low, high] with 0 <= low < high (finite), got {bounds!r}")
+    if not isinstance(params.get("model_config", {}), Mapping):
+        raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
+
+
 class BGReweighting(Task):
     """ML pre-training, then the ML/KL λ-mix; reweighted samples against MCMC (see the module docstring)."""
 
@@ -189,6 +209,7 @@ class BGReweighting(Task):
     systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("augment",)
     requires = ("trainable",)
+    data_splits = {"n_train": "train", "n_test": "test"}
 
     # ------------------------------------------------------------------ settings
     def validate(self, params: Mapping[str, Any]) -> None:
@@ -198,22 +219,13 @@ class BGReweighting(Task):
         fraction(params, "lambda_end")
         if not isinstance(params.get("augment"), bool):
             raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
-        steps = params.get("solver_steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
-        window = params.get("free_energy_window")
-        if isinstance(window, bool) or not isinstance(window, int | float) or not window > 0:
-            raise ConfigError(f"free_energy_window must be a positive number of kT, got {window!r}")
-        bounds = params.get("distance_range")
-        if (not isinstance(bounds, list) or len(bounds) != 2
-                or not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds)
-                or not 0 <= bounds[0] < bounds[1]):
-            raise ConfigError(f"distance_range must be [low, high] with 0 <= low < high, got {bounds!r}")
-        if not isinstance(params.get("model_config", {}), Mapping):
-            raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
+        check_reweighting_settings(params)
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
         return augmentation_cells(params, model, system)
+
+    def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        return augmentation_reason(params, model)
 
     # ------------------------------------------------------------------ one cell
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:

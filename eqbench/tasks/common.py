@@ -38,6 +38,7 @@ __all__ = [
     "show_progress",
     "variant_name",
     "augmentation_cells",
+    "augmentation_reason",
     "check_finite",
 ]
 
@@ -76,6 +77,13 @@ def augmentation_cells(params: Mapping[str, Any], model: str, system: str) -> li
         return []
     point["variant"] = variant_name(point["augment"])
     return [point]
+
+
+def augmentation_reason(params: Mapping[str, Any], model: str) -> str:
+    """Why :func:`augmentation_cells` made no cell: only ``augment = true`` was asked for, and the
+    model is equivariant."""
+    return (f"augment = true only, and model {model!r} is equivariant: augmenting its training would change "
+            "nothing, so it runs only without augmentation; include false (--set augment=[false])")
 
 
 def show_progress(progress: bool | None) -> bool:

@@ -32,6 +32,7 @@ from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (
     augmentation_cells,
+    augmentation_reason,
     check_finite,
     nll_records,
     positive_int,
@@ -77,6 +78,7 @@ class DensityEstimation(Task):
     #: ``harmonic``: the known-answer system (target = prior; NLL of the prior known in closed form).
     systems = ("dw2", "dw4", "lj13", "harmonic")
     grid_axes = ("n_train", "augment")
+    data_splits = {"n_train": "train", "n_test": "test", "n_val": "val"}
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "batch_size"):
@@ -91,6 +93,9 @@ class DensityEstimation(Task):
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
         return augmentation_cells(params, model, system)
+
+    def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        return augmentation_reason(params, model)
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         """Training costs per configuration-step (iterations x batch), scoring per configuration

@@ -354,8 +354,8 @@ class DivergenceCost(Task):
             raise ConfigError(f"fit_points must be an integer >= 2, got {fit_points!r}")
         if params["min_repeats"] > params["repeats"]:
             raise ConfigError(f"min_repeats ({params['min_repeats']}) must not exceed repeats ({params['repeats']})")
-        if _number(params, "budget_s", low=0.0) <= 0:
-            raise ConfigError(f"budget_s must be a positive number of seconds, got {params['budget_s']!r}")
+        if not 0 < _number(params, "budget_s", low=0.0) < math.inf:
+            raise ConfigError(f"budget_s must be a finite positive number of seconds, got {params['budget_s']!r}")
         _number(params, "time", low=0.0, high=1.0)
         if not isinstance(params.get("model_config", {}), Mapping):
             raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")

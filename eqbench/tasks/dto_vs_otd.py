@@ -118,6 +118,7 @@ class DtoVsOtd(Task):
     systems = ("dw4",)
     grid_axes = ("solver",)
     requires = ("cnf", "trainable")
+    data_splits = {"n_train": "train", "n_test": "test"}
 
     def validate(self, params: Mapping[str, Any]) -> None:
         if params.get("solver") not in SOLVERS:

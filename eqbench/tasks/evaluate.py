@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
+from eqbench.tasks.bg_reweighting import check_reweighting_settings
 from eqbench.tasks.common import check_finite, nll_records, positive_int, sample_with_log_q
 from eqbench.tasks.reporting import NLL_CONVENTION, TaskSection
 
@@ -58,6 +59,7 @@ class Evaluate(Task):
     summary = ("score a flow trained elsewhere (checkpoint, a cell's kept model, a Python object): NLL on "
                "train/val/test, reweighting, ESS, W2, energy histograms; never trains")
     systems = None
+    data_splits = {"n_train_eval": "train", "n_val": "val", "n_test": "test", "n_reference": "test"}
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train_eval", "n_val", "n_test", "n_samples", "sample_batch_size", "n_reference",
@@ -74,9 +76,7 @@ class Evaluate(Task):
                               "or `eqbench evaluate --checkpoint/--cell`")
         if params["samples"] == "saved" and source.get("kind") != "cell":
             raise ConfigError("samples = \"saved\" re-scores a cell's kept samples: evaluate a cell (--cell)")
-        steps = params.get("solver_steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
+        check_reweighting_settings(params)  # scored as bg-reweighting scores: the same settings
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         return {"score_wall_s": params["n_train_eval"] + params["n_val"] + params["n_test"],

@@ -29,6 +29,7 @@ class TestNLL(Task):
     trains = True
     summary = "fit one model by maximum likelihood on n_train samples; NLL on train and test before/after"
     grid_axes = ("n_train",)
+    data_splits = {"n_train": "train", "n_test": "test"}
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("n_train", "n_test", "iterations", "batch_size"):

@@ -101,6 +101,7 @@ class Timing(Task):
     #: ratios to it are what compares with the paper; the known-answer ``harmonic`` system has
     #: no published timing to place beside.
     systems = ("dw2", "dw4", "lj13")
+    data_splits = {"n_data": "train"}
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("batch_size", "n_data", "train_epochs", "train_iterations", "sample_epochs",
@@ -113,8 +114,8 @@ class Timing(Task):
             if params[key] < 2:
                 raise ConfigError(f"{key} must be >= 2: the standard deviation needs two epochs, got {params[key]}")
         budget = params.get("budget_s")
-        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
-            raise ConfigError(f"budget_s must be a positive number of seconds, got {budget!r}")
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget < math.inf:
+            raise ConfigError(f"budget_s must be a finite positive number of seconds, got {budget!r}")
         reference = params.get("reference_model")
         if not isinstance(reference, str):
             raise ConfigError(f"reference_model must be a model name (or \"\" for no ratios), got {reference!r}")
