@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from eqbench import catalog  # noqa: F401  (registers the built-ins)
 from eqbench.config import TRAINING_DEFAULTS, TRAINING_HELP
 from eqbench.errors import EqbenchError, UnknownNameError
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
+from eqbench.workers import check_time_limit
 
 EXAMPLES = """\
 examples:
@@ -286,11 +289,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eqbench.api import run
     from eqbench.config import parse_overrides
 
+    time_limit = check_time_limit(args.time_limit)
     overrides = parse_overrides(args.set or [])
     seed = _seed_overrides(args, overrides)
     _set_threads(args.threads)
     results = run(args.task, args.model, args.system, args.profile, seed=seed, device=args.device,
-                  overrides=overrides, results_dir=args.results, rerun=args.rerun, artifacts=not args.no_artifacts)
+                  overrides=overrides, results_dir=args.results, rerun=args.rerun, artifacts=not args.no_artifacts,
+                  time_limit_s=time_limit)
     return _finish(args, args.task, results)
 
 
@@ -367,6 +372,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from eqbench.records import CellStore
     from eqbench.sweep import plan_sweep, sweep
 
+    time_limit = check_time_limit(args.time_limit)
     overrides = parse_overrides(args.set or [])
     seed = _seed_overrides(args, overrides)
     if seed is not None:
@@ -386,7 +392,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(plan.todo)} cells to run, {len(plan.done)} already finished{price}", file=sys.stderr)
 
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
-                          threads=args.threads or None, device=args.device, time_limit_s=args.time_limit,
+                          threads=args.threads or None, device=args.device, time_limit_s=time_limit,
                           address=args.address, slurm=slurm, on_plan=announce, artifacts=not args.no_artifacts,
                           **common)
     for model, system, reason in plan.unsupported:
@@ -567,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
     p.add_argument("--model", required=True, help="model id (see `list models`) or a module:builder path")
     p.add_argument("--system", required=True, help="system id (see `list systems`)")
-    _cell_arguments(p)
+    _cell_arguments(p, time_limit=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sweep", help="run a task over many models x systems x grid points x seeds, resumable",
@@ -586,12 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", help="model ids or module:builder paths (default: the paper's built-in "
                    "models the task supports; plugins run only when named)")
     p.add_argument("--system", nargs="+", help="system ids (default: every system the task supports)")
-    _cell_arguments(p, sweep=True)
+    _cell_arguments(p, sweep=True, time_limit=True)
     p.add_argument("--executor", default="local", choices=("local", "dask", "slurm"),
                    help="local process pool (default), dask.distributed, or SLURM via submitit")
     p.add_argument("--jobs", type=int, default=1, help="concurrent cells (local/dask workers, SLURM array cap)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
-                   help="a cell running longer becomes a failed cell (local executor)")
     p.add_argument("--address", default=None, help="dask scheduler address (default: a LocalCluster)")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--gpus-per-job", type=int, default=0, help="SLURM GPUs per cell")
@@ -666,7 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
+def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False, time_limit: bool = False) -> None:
     """The flags of every command that runs cells, with one meaning each (run, sweep, evaluate)."""
     p.add_argument("--profile", default="smoke",
                    help="smoke (seconds per cell), quick (minutes: the paper's effects), paper (the full protocol) "
@@ -685,6 +689,11 @@ def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False) -> None:
     p.add_argument("--no-artifacts", action="store_true",
                    help="keep only the records, not each cell's trained model and samples (RESULTS/artifacts/)")
     p.add_argument("--no-plot", action="store_true", help="do not redraw the task's figures afterwards")
+    if time_limit:
+        p.add_argument("--time-limit", type=str, default=None, metavar="SECONDS",
+                       help="a cell running longer becomes a failed cell \"cell exceeded its time limit of N s\" "
+                            "(a positive number; local and SLURM workers, not dask); the worker it ran in is "
+                            "replaced" + ("" if sweep else ". With a limit, cells run in a worker process"))
 
 
 def _default_results(args: argparse.Namespace) -> str:
@@ -704,9 +713,22 @@ def _default_results(args: argparse.Namespace) -> str:
     raise EqbenchError(f"several results directories, one per profile; pass --results with one of: {', '.join(found)}")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``docker stop``, ``scancel``, ``kill``), handled like Ctrl-C: the
+    running cells and their workers stop, the finished ones stay stored; exit code 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if getattr(args, "results", "") is None:
             args.results = _default_results(args)
@@ -714,7 +736,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EqbenchError as exc:
         print(f"eqbench: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\neqbench: interrupted. Finished cells are stored (each written whole or not at all); "
-              "run the same command again to run only the missing ones.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        print(f"\neqbench: {'terminated (SIGTERM)' if terminated else 'interrupted'}. Finished cells are stored "
+              "(each written whole or not at all); run the same command again to run only the missing ones.",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

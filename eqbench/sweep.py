@@ -17,9 +17,10 @@ from typing import Any
 
 from eqbench.cost import CellEstimate, CostModel
 from eqbench.errors import ConfigError
-from eqbench.executors import CellJob, SlurmOptions, make_executor, run_jobs
+from eqbench.executors import CellJob, SlurmOptions, make_executor, remove_stale_claims, run_jobs
 from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, SYSTEMS, TASKS
+from eqbench.workers import ProgressLines, check_time_limit
 from eqbench.planning import CellPlan, NoCellsError, default_results_dir, plan_cells
 
 __all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
@@ -138,11 +139,17 @@ def sweep(
     ``on_plan`` sees the plan before any cell starts (the CLI prints its price there). Each worker
     runs :func:`eqbench.runner.preflight` on a model before that model's first cell in it (model
     code never runs in this process: a model that kills its process must only fail its cells); a
-    model that breaks the contract fails its cells with the breach as their reason."""
+    model that breaks the contract fails its cells with the breach as their reason.
+
+    ``time_limit_s`` (a positive number, checked before any work): a cell running longer becomes
+    a failed cell "cell exceeded its time limit of N s"; a local worker in which it fired is
+    replaced. Without a terminal (``progress=None``, stderr not a TTY) a line per finished cell,
+    and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`)."""
     from tqdm.auto import tqdm
 
     from eqbench.tasks.common import show_progress
 
+    time_limit_s = check_time_limit(time_limit_s)
     results_dir = check_results_dir(default_results_dir(profile) if results_dir is None else results_dir)  # before any work
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
                       results_dir=results_dir, rerun=rerun)
@@ -151,6 +158,7 @@ def sweep(
     if not plan.todo:
         return plan, []
     CellStore(results_dir).remove_orphaned_temps()  # what a killed earlier sweep left mid-write
+    remove_stale_claims(results_dir)  # ... and the claims of its cells
     if device != "auto":
         from eqbench.devices import resolve_device
 
@@ -159,15 +167,18 @@ def sweep(
                  for cell in plan.todo]
     runner = make_executor(executor, jobs=jobs, results_dir=results_dir, address=address, slurm=slurm)
     bar = tqdm(total=len(jobs_list), desc=f"sweep {task}", disable=not show_progress(progress), unit="cell")
+    lines = ProgressLines(f"sweep {task}", len(jobs_list), enabled=progress is None and not show_progress(None))
 
     def advance(result: CellResult) -> None:
         bar.update(1)
+        lines.update(result.status == "ok")
         if result.status != "ok":
             bar.write(f"failed cell {result.cell_id} ({result.config.get('model')}, {result.config.get('system')}): "
                       f"{result.reason}")
 
     try:
-        results = run_jobs(runner, jobs_list, on_result=advance)
+        with lines:
+            results = run_jobs(runner, jobs_list, on_result=advance)
     finally:
         bar.close()
     return plan, results
