@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.artifacts import MODEL_FILE, SAMPLES_FILE, file_sha256, load_model, load_state
 from eqbench.config import apply_overrides
 from eqbench.errors import ConfigError
-from eqbench.planning import CellPlan, check_sample_counts, default_results_dir, seed_list
+from eqbench.planning import CellPlan, check_data_for, check_sample_counts, default_results_dir, seed_list
 from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, TASKS
 from eqbench.runner import flow_facts, run_cell
@@ -157,6 +157,7 @@ def evaluate(
                           "without artifacts; evaluate it with samples='draw' (--samples draw)")
     task.validate(params)
     check_sample_counts(task, params, get_system(system_name))  # no split holds more than its protocol's size
+    check_data_for([CellPlan(TASK, model, system_name, profile, 0, params)])  # read-only cache: refuse up front
     seeds = seed_list(params, seed)
     params.pop("seeds", None)
     code = {"eqbench": eqbench_code_version()}

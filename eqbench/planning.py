@@ -22,8 +22,8 @@ from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.tasks.base import REFERENCE_MODEL, Task
 from eqbench.versions import eqbench_code_version, object_code_version
 
-__all__ = ["CellPlan", "NoCellsError", "check_sample_counts", "code_versions", "default_results_dir", "plan_cells",
-           "seed_list"]
+__all__ = ["CellPlan", "NoCellsError", "check_data_for", "check_sample_counts", "code_versions", "default_results_dir",
+           "plan_cells", "seed_list"]
 
 
 @dataclass(frozen=True)
@@ -199,3 +199,19 @@ def plan_cells(
         reason = task_obj.no_cells_reason(dropped if dropped is not None else params, model, system)
         raise NoCellsError(f"no cells to run: {reason}")
     return plans
+
+
+def check_data_for(plans: Sequence[CellPlan]) -> None:
+    """Refuse before any work when the reference data these cells read are missing or corrupt
+    in a cache that cannot be written (a read-only shared cache): one
+    :class:`~eqbench.errors.DataError` naming every data set and the fix. A writable cache passes
+    (missing data are generated on first use). Reference cells and tasks name the splits they read
+    (:meth:`eqbench.tasks.base.Task.splits_read`)."""
+    from eqbench.components import get_system
+    from eqbench.data.store import check_data_available
+
+    needed: dict[str, set[str]] = {}
+    for plan in plans:
+        needed.setdefault(plan.system, set()).update(TASKS.get(plan.task).splits_read())
+    for system, splits in needed.items():
+        check_data_available([get_system(system)], tuple(sorted(splits)))

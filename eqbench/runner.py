@@ -20,7 +20,7 @@ from typing import Any
 from eqbench.artifacts import ArtifactWriter
 from eqbench.devices import resolve_device
 from eqbench.errors import CellTimeout, EqbenchError
-from eqbench.planning import CellPlan, code_versions, default_results_dir, plan_cells
+from eqbench.planning import CellPlan, check_data_for, code_versions, default_results_dir, plan_cells
 from eqbench.records import CellResult, CellStore, Record, check_results_dir, now_iso, provenance
 from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext
@@ -270,6 +270,7 @@ def run(
     store = CellStore(check_results_dir(default_results_dir(profile) if results_dir is None else results_dir))
     todo = [plan for plan in plans if rerun or not store.is_done(plan.task, plan.cell_id)]
     if todo:
+        check_data_for(todo)  # a read-only cache without the data: one line, before any work
         store.remove_orphaned_temps()
     pool = WorkerPool(1) if limit is not None and todo else None
     lines = ProgressLines(f"run {task} {model} {system}", len(todo),

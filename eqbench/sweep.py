@@ -21,7 +21,7 @@ from eqbench.executors import CellJob, SlurmOptions, make_executor, remove_stale
 from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.workers import ProgressLines, check_time_limit
-from eqbench.planning import CellPlan, NoCellsError, default_results_dir, plan_cells
+from eqbench.planning import CellPlan, NoCellsError, check_data_for, default_results_dir, plan_cells
 
 __all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
 
@@ -157,6 +157,7 @@ def sweep(
         on_plan(plan)
     if not plan.todo:
         return plan, []
+    check_data_for(plan.todo)  # a read-only cache without the data: one line, before any cell
     CellStore(results_dir).remove_orphaned_temps()  # what a killed earlier sweep left mid-write
     remove_stale_claims(results_dir)  # ... and the claims of its cells
     if device != "auto":

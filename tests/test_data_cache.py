@@ -182,21 +182,27 @@ def test_read_only_cache_cli_enforced(tmp_path, enforcing_prefix):
         _set_writable(cache, True)
 
 
-def test_run_on_read_only_cache_missing_data_fails_with_one_line(tmp_path, monkeypatch, read_only):
-    """A run whose data are missing from a read-only cache: refused, or every cell failed with a
-    one-line reason naming the data set, the cache and the fix (never a PermissionError)."""
+@pytest.mark.parametrize("entry", ["run", "sweep", "evaluate"])
+def test_run_on_read_only_cache_missing_data_is_refused_before_any_work(tmp_path, monkeypatch, read_only, entry):
+    """A run, sweep or evaluation whose data are missing from a read-only cache is refused before
+    any cell runs or anything is written, in one line naming the data set and the fix."""
+    from eqbench.sweep import sweep
+
     cache = read_only(_copy_cache(tmp_path / "cache", splits=()))
     monkeypatch.setenv("EQBENCH_CACHE", str(cache))
-    try:
-        cells = eqbench.run("test-nll", "gaussian", "dw2", "smoke", overrides={"n_test": 100},
-                            results_dir=tmp_path / "results", progress=False, artifacts=False)
-    except DataError as exc:  # refused before any work
-        assert "dw2" in _one_line(str(exc)) and "not writable" in str(exc)
-        return
-    assert cells and all(c.status == "failed" for c in cells)
-    for cell in cells:
-        assert "\n" not in cell.reason and "dw2 train reference data is missing" in cell.reason, cell.reason
-        assert "not writable" in cell.reason and str(cache / "data") in cell.reason
+    results = tmp_path / "results"
+    calls = {
+        "run": lambda: eqbench.run("test-nll", "gaussian", "dw2", "smoke", overrides={"n_test": 100},
+                                   results_dir=results, progress=False, artifacts=False),
+        "sweep": lambda: sweep("test-nll", ["gaussian"], ["dw2"], "smoke", overrides={"n_test": 100},
+                               results_dir=results, progress=False),
+        "evaluate": lambda: eqbench.evaluate("gaussian", "dw2", results_dir=results),
+    }
+    with pytest.raises(DataError) as info:
+        calls[entry]()
+    message = str(info.value)
+    assert "\n" not in message and "dw2" in message and "not writable" in message
+    assert not (results / "cells").exists()
 
 
 # ------------------------------------------------------------------------- pools that do not fit

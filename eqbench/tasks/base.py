@@ -105,6 +105,11 @@ class Task(ABC):
     #: the split holds (its size is the system's data protocol's, known without the data).
     data_splits: Mapping[str, str] = {}
 
+    def splits_read(self) -> tuple[str, ...]:
+        """The reference-data splits this task's cells read: those of :attr:`data_splits`, else
+        the training pool. Override when a cell reads a split no setting sizes."""
+        return tuple(sorted(set(self.data_splits.values()))) or ("train",)
+
     def profiles(self) -> dict[str, dict[str, Any]]:
         """Profiles from ``tasks/<name>.toml``; plugin tasks may override this."""
         return load_profiles(self.name)

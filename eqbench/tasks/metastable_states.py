@@ -320,6 +320,11 @@ class MetastableStates(Task):
     systems = ("dw4", "lj13")
     grid_axes = ("variant",)
 
+    def splits_read(self) -> tuple[str, ...]:
+        """Training configurations come from ``train``; the short-MCMC reference row draws its
+        configurations from ``test``."""
+        return ("test", "train")
+
     def validate(self, params: Mapping[str, Any]) -> None:
         from eqbench.components import get_system
 
