@@ -293,3 +293,17 @@ def test_cli_report_with_a_malformed_baselines_file_is_one_warning_line(tmp_path
     assert len(lines) == 1 and lines[0].startswith("eqbench: warning: the published baselines "), captured.err
     assert "Traceback" not in captured.err
     assert "Published numbers unavailable" in (tmp_path / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "evaluate"])
+@pytest.mark.parametrize(("flag", "message"), [(["--threads", "-3"], "--threads must be >= 0"),
+                                                (["--seed", "1", "--seeds", "2"], "not both"),
+                                                (["--seeds", "0"], "--seeds must be a positive count"),
+                                                (["--seed", "-1"], "--seed must be a non-negative integer")])
+def test_cli_flags_shared_by_the_cell_commands_are_checked_alike(command, flag, message, tmp_path, capsys):
+    results = tmp_path / "results"
+    target = ["--model", "gaussian", "--system", "dw4"] + ([] if command == "evaluate" else ["--task", "test-nll"])
+    code = main([command, *target, *flag, "--results", str(results), "--no-plot"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().count("\n") == 0 and message in err, err
+    assert not (results / "cells").exists()
