@@ -373,6 +373,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from eqbench.sweep import plan_sweep, sweep
 
     time_limit = check_time_limit(args.time_limit)
+    if args.threads < 0:  # the workers set it; the parent only checks it
+        raise EqbenchError(f"--threads must be >= 0 (0 = cores / jobs), got {args.threads}")
     overrides = parse_overrides(args.set or [])
     seed = _seed_overrides(args, overrides)
     if seed is not None:
