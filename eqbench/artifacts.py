@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from eqbench.flows.base import Flow
 
-__all__ = ["MODEL_FILE", "SAMPLES_FILE", "ArtifactWriter", "file_sha256", "load_model", "load_samples", "load_state",
+__all__ = ["MODEL_FILE", "SAMPLES_FILE", "ArtifactWriter", "load_model", "load_samples", "load_state",
            "model_payload"]
 
 MODEL_FILE = "model.pt"
@@ -154,15 +154,6 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[Flow, dict[str
                         f"{' '.join(str(exc).split())[:300]}") from exc
     flow = flow.to(device).eval()
     return flow, {k: v for k, v in payload.items() if k != "state_dict"}
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes: what identifies a checkpoint in a cell's config."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_state(flow: Flow, path: str | Path) -> Flow:

@@ -23,7 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eqbench.artifacts import MODEL_FILE, SAMPLES_FILE, file_sha256, load_model, load_state
+from eqbench.artifacts import MODEL_FILE, SAMPLES_FILE, load_model, load_state
+from eqbench.data.diagnostics import sha256_file
 from eqbench.config import apply_overrides
 from eqbench.errors import ConfigError
 from eqbench.planning import CellPlan, check_data_for, check_sample_counts, default_results_dir, seed_list
@@ -83,7 +84,7 @@ def _source(flow: Any, system: str | None, *, name: str | None, checkpoint: str 
         if system is not None and get_system(system).name != info["system"]:
             raise ConfigError(f"cell {directory.name} was trained on {info['system']}, not {system}")
         source = {"kind": "cell", "path": str(directory.resolve()), "cell_id": directory.name,
-                  "task": directory.parent.name, "sha256": file_sha256(directory / MODEL_FILE)}
+                  "task": directory.parent.name, "sha256": sha256_file(directory / MODEL_FILE)}
         return (info["model"], info["system"], loaded, dict(info["model_config"]), source,
                 object_code_version(MODELS.get(info["model"])))
     if system is None:
@@ -94,7 +95,7 @@ def _source(flow: Any, system: str | None, *, name: str | None, checkpoint: str 
         built = build_model(flow, system, config)
         if checkpoint is not None:
             load_state(built, checkpoint)
-            source = {"kind": "checkpoint", "path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}
+            source = {"kind": "checkpoint", "path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)}
         else:
             source = {"kind": "built"}
         return flow, system_name, built, config, source, object_code_version(MODELS.get(flow))

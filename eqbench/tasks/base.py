@@ -70,9 +70,14 @@ class CellContext:
             self.artifacts.save_model(flow, model=self.model, system=self.system.name, model_config=config,
                                       code=self.code)
 
-    def keep_samples(self, x: Any, log_q: Any, energy: Any, **arrays: Any) -> None:
-        """Keep the flow samples this cell scored with their exact ``log q`` and energies."""
+    def keep_samples(self, x: Any, log_q: Any, **arrays: Any) -> None:
+        """Keep the flow samples this cell scored with their exact ``log q`` and their energies
+        (computed here, in float64, only when artifacts are kept)."""
         if self.artifacts is not None:
+            import torch
+
+            with torch.no_grad():
+                energy = self.system.energy(x.detach().to("cpu", torch.float64))
             self.artifacts.save_samples(x, log_q, energy, **arrays)
 
     def record(self, metric: str, value: float, unit: str = "", **fields: Any) -> Record:

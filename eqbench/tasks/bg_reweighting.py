@@ -286,10 +286,7 @@ class BGReweighting(Task):
                                          progress=ctx.progress)
         records.append(ctx.record("sample_wall_s", time.perf_counter() - start, "s"))
         log_q_hutch = metrics.as_array(log_qs["hutchinson"]) if hutchinson else None
-        if ctx.artifacts is not None:
-            with torch.no_grad():
-                energy = ctx.system.energy(x.detach().to("cpu", torch.float64))
-            ctx.keep_samples(x, log_q, energy, **({"log_q_hutchinson": log_q_hutch} if hutchinson else {}))
+        ctx.keep_samples(x, log_q, **({"log_q_hutchinson": log_q_hutch} if hutchinson else {}))
         records += self.reweighting_records(ctx, x, metrics.as_array(log_q), test, log_q_hutch)
         check_finite(records)
         return records

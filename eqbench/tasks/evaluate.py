@@ -134,10 +134,7 @@ class Evaluate(Task):
                                            progress=ctx.progress)
             log_q = metrics.as_array(log_q_t)
             records.append(ctx.record("sample_wall_s", time.perf_counter() - start, "s"))
-            if ctx.artifacts is not None:
-                with torch.no_grad():
-                    energy = ctx.system.energy(x.detach().to("cpu", torch.float64))
-                ctx.keep_samples(x, log_q, energy)
+            ctx.keep_samples(x, log_q)
         reference = load_data(ctx.system, split="test", n=p["n_reference"], seed=ctx.seed, dtype=torch.float64)
         records += REWEIGHTING.reweighting_records(ctx, x, log_q, reference)
         check_finite(records)
