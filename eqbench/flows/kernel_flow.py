@@ -96,8 +96,8 @@ def default_kernels(system: ParticleSystem, n_distance_kernels: int = 50, n_time
     - double well (DW-2 / DW-4, and any ``dw<N>``): distance centres equispaced over the pair
       distances ``[0, 2 d0] = [0, 8]``, γ = 0.5; time bandwidths β = 0.3.
     - Lennard-Jones (LJ-13, and any ``lj<N>``): distance centres
-      ``rm · sort((linspace(0, 16) - 1.5)² / 32)`` (dense near 0 and around r_m = 1, sparser
-      towards ~6.6 rm), γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64). The paper only says the time
+      ``rm · sort((linspace(0, 16) - 1.5)² / 32)`` (densest near 0: 17 of 50 centres lie below
+      0.5 rm and only 4 in [0.8, 1.3] rm around the LJ minimum; sparser towards ~6.6 rm), γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64). The paper only says the time
       bandwidths are narrower near t = 0.5 and wider towards the ends; eqbench uses
       β = 0.15 + 0.6 (ν - 0.5)², i.e. 0.15 at t = 0.5 rising quadratically to 0.30 (the DW
       value) at t = 0 and 1, the same quadratic shape as the distance bandwidths.

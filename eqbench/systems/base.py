@@ -10,7 +10,7 @@ never from its name (DESIGN "Models declare what they are"): its :attr:`Particle
 (one of :data:`SYSTEM_KINDS`) and its length scales, :attr:`ParticleSystem.length_scale` and
 :attr:`ParticleSystem.pair_distance_range`, derived from the potential's parameters. The paper
 places its distance kernels by the potential (C.1, C.2: equispaced over [0, 8] for the double
-well with d0 = 4, dense around rm = 1 for Lennard-Jones); a system with the same potential and
+well with d0 = 4; for Lennard-Jones the authors' quadratic placement in units of rm = 1); a system with the same potential and
 another particle count or parameter then gets the same placement, scaled with its lengths.
 
 All derivatives are analytic (pair potentials make that cheap); tests check them against
