@@ -15,14 +15,19 @@ distances. This module provides the first two steps:
   is a minimum when the Hessian is positive definite on the complement of the symmetry zero
   modes (D translations and D(D-1)/2 rotations, SPEC §5); a saddle has a negative eigenvalue.
 
-- :func:`sorted_distance_signature`, :func:`distinct_minima`: the third step. Two minima are
+- :func:`gradient_descent`: the alternative of the authors' code for §7.5 (en_flows
+  ``deprecated/eqnode/minima.py``): plain fixed small steps until the gradient norm is below a
+  tolerance; :func:`minimize_with` selects either by name (:data:`MINIMIZERS`).
+- :func:`sorted_distance_signature`, :func:`distinct_minima`: the third step. By default two minima are
   equated when their sorted pairwise-distance vectors lie within ``eps`` (Euclidean norm), and
   equality is made transitive by single linkage (connected components of the "within ``eps``"
   graph). Copies of one minimum (rotated, reflected, permuted, translated) have identical
   signatures up to the minimiser's tolerance, so they always end in one component; a component
   may also swallow different minima whose signatures happen to be close. The number of
   components is therefore a lower bound on the number of distinct minima, as paper §7.5 says of
-  its count, and it does not depend on the order of the samples.
+  its count, and it does not depend on the order of the samples. The authors' code instead
+  measures the L1 norm and lets each configuration join the first representative within ``eps``
+  (``norm = "l1"``, ``rule = "first-representative"``).
 - :func:`census_of_minima`: all of it for a sample set: non-finite samples dropped and counted,
   minimisation, unconverged runs and saddles dropped and counted (SPEC §5), clustering of the
   rest into a :class:`MinimaCensus` that counts distinct minima per energy bin, at other
@@ -45,17 +50,33 @@ __all__ = [
     "MinimaCensus",
     "MinimizationResult",
     "census_of_minima",
+    "CLUSTER_NORMS",
+    "CLUSTER_RULES",
+    "MINIMIZERS",
     "distinct_minima",
+    "gradient_descent",
     "hessian",
     "hessians",
     "is_minimum",
     "minimize",
+    "minimize_with",
     "novel_minima",
     "projected_hessian_eigenvalues",
     "sorted_distance_signature",
     "sorted_signature_distance",
     "zero_mode_basis",
 ]
+
+#: Minimisers :func:`census_of_minima` can use: eqbench's L-BFGS (:func:`minimize`) or the plain
+#: fixed-step gradient descent of the authors' code (:func:`gradient_descent`).
+MINIMIZERS: tuple[str, ...] = ("lbfgs", "gradient-descent")
+#: Norms on the difference of sorted pair-distance vectors: eqbench's Euclidean (``"l2"``) or the
+#: authors' code's sum of absolute differences (``"l1"``).
+CLUSTER_NORMS: tuple[str, ...] = ("l2", "l1")
+#: Rules that turn "within eps" into clusters (:func:`distinct_minima`): eqbench's connected
+#: components (``"single-linkage"``) or the authors' code's greedy ``"first-representative"``.
+CLUSTER_RULES: tuple[str, ...] = ("single-linkage", "first-representative")
+_NORM_P = {"l2": 2.0, "l1": 1.0}
 
 
 @dataclass(frozen=True)
@@ -269,6 +290,90 @@ def minimize(
     )
 
 
+def gradient_descent(
+    system: ParticleSystem,
+    x: torch.Tensor,
+    *,
+    step: float = 1e-3,
+    gtol: float = 1e-6,
+    max_steps: int = 100_000,
+    max_displacement: float = 0.01,
+) -> MinimizationResult:
+    """Plain fixed-step gradient descent ``x <- x - step ∇u(x)`` from each configuration ``[B, N, D]``.
+
+    The minimiser of the authors' code for paper §7.5 (en_flows ``deprecated/eqnode/minima.py``,
+    ``optimize``: step 1e-3, up to 1e5 steps, no momentum, no line search). With small steps the
+    path follows the steepest-descent flow, so it ends in the basin of attraction of the start,
+    which a quasi-Newton step of a particle diameter need not do. Two differences to that code,
+    both needed for samples of an untrained generator: each configuration stops on its own once
+    ``|∇u| < gtol`` (Euclidean norm over all N·D coordinates, the convention of :func:`minimize`;
+    the authors stop the whole batch when the largest squared norm is below their threshold),
+    and a step that would move a particle further than ``max_displacement`` is shortened to that
+    length (overlapping Lennard-Jones starts have gradients of 1e12, which a fixed step would
+    turn into an explosion; near a minimum the cap is never reached). A row whose energy
+    becomes non-finite stops and stays unconverged; ``steps`` counts the steps taken.
+    """
+    system.check_shape(x)
+    if x.ndim != 3:
+        raise ValueError(
+            f"gradient_descent expects a batch of shape [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}"
+        )
+    if max_steps < 0 or not gtol > 0 or not step > 0 or not max_displacement > 0:
+        raise ValueError("gradient_descent needs max_steps >= 0, gtol > 0, step > 0, max_displacement > 0")
+    x = x.detach()
+    batch, n_coord = x.shape[0], system.dim
+    pos = remove_com(x).reshape(batch, n_coord).clone()
+    with torch.no_grad():
+        energy, grad = _energy_and_gradient(system, pos)
+    if not torch.isfinite(energy).all():
+        raise ValueError("gradient_descent: non-finite energy at some starting configurations")
+    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
+    idx = (grad.norm(dim=-1) >= gtol).nonzero().squeeze(-1)
+    p_c, g_c = pos[idx], grad[idx]
+    with torch.no_grad():
+        for _ in range(max_steps):
+            if idx.numel() == 0:
+                break
+            d = -step * g_c
+            move = d.reshape(-1, system.n_particles, system.n_dims).norm(dim=-1).amax(-1)
+            d = d * torch.clamp(max_displacement / move, max=1.0).unsqueeze(-1)
+            trial = p_c + d
+            e_t, g_t = _energy_and_gradient(system, trial)
+            finite = torch.isfinite(e_t) & torch.isfinite(g_t).all(-1)
+            steps[idx[finite]] += 1
+            p_c = torch.where(finite.unsqueeze(-1), trial, p_c)
+            g_c = torch.where(finite.unsqueeze(-1), g_t, g_c)
+            pos[idx], grad[idx] = p_c, g_c
+            energy[idx[finite]] = e_t[finite]
+            keep = finite & (g_c.norm(dim=-1) >= gtol)
+            idx, p_c, g_c = idx[keep], p_c[keep], g_c[keep]
+    gnorm = grad.norm(dim=-1)
+    out = remove_com(pos.reshape(batch, system.n_particles, system.n_dims))
+    return MinimizationResult(
+        x=out, energy=energy, grad_norm=gnorm, converged=gnorm < gtol, steps=steps, gtol=gtol
+    )
+
+
+def minimize_with(
+    system: ParticleSystem,
+    x: torch.Tensor,
+    *,
+    minimizer: str = "lbfgs",
+    gtol: float = 1e-6,
+    max_steps: int = 10_000,
+    max_displacement: float = 0.3,
+    gd_step: float = 1e-3,
+) -> MinimizationResult:
+    """Minimise with the named method (:data:`MINIMIZERS`): ``"lbfgs"`` is :func:`minimize` with
+    its per-particle step cap ``max_displacement``; ``"gradient-descent"`` is
+    :func:`gradient_descent` with step ``gd_step`` (its displacement cap stays at its default)."""
+    if minimizer == "lbfgs":
+        return minimize(system, x, gtol=gtol, max_steps=max_steps, max_displacement=max_displacement)
+    if minimizer == "gradient-descent":
+        return gradient_descent(system, x, step=gd_step, gtol=gtol, max_steps=max_steps)
+    raise ValueError(f"unknown minimizer {minimizer!r}; valid: {', '.join(MINIMIZERS)}")
+
+
 def _energy_of_flat(system: ParticleSystem) -> Callable[[torch.Tensor], torch.Tensor]:
     shape = (system.n_particles, system.n_dims)
     return lambda flat: system.energy(flat.reshape(shape))
@@ -428,24 +533,72 @@ def sorted_distance_signature(x: torch.Tensor) -> torch.Tensor:
 # -- distinct minima (paper §7.5, SPEC §5) ---------------------------------------------------
 
 
-def _cdist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Euclidean distances computed from differences, not from ``|a|² + |b|² - 2 a·b``: the
-    matrix-product shortcut loses ~1e-7 absolute accuracy on LJ-13 signatures (|a|² ~ 10³),
-    which is the order of the spread between copies of one minimum."""
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+def _cdist(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """Distances (``p = 2`` Euclidean, ``p = 1`` sum of absolute differences) computed from
+    differences, not from ``|a|² + |b|² - 2 a·b``: the matrix-product shortcut loses ~1e-7
+    absolute accuracy on LJ-13 signatures (|a|² ~ 10³), which is the order of the spread between
+    copies of one minimum."""
+    return torch.cdist(a, b, p=p, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def _sets_within(a: torch.Tensor, b: torch.Tensor, eps: float, chunk_size: int) -> bool:
+def _sets_within(a: torch.Tensor, b: torch.Tensor, eps: float, chunk_size: int, p: float = 2.0) -> bool:
     """True when some row of ``a`` lies within ``eps`` of some row of ``b``."""
     for start in range(0, a.shape[0], chunk_size):
-        if bool((_cdist(a[start:start + chunk_size], b) < eps).any()):
+        if bool((_cdist(a[start:start + chunk_size], b, p) < eps).any()):
             return True
     return False
 
 
-def distinct_minima(signatures: torch.Tensor, eps: float, *, chunk_size: int = 2048) -> torch.Tensor:
-    """Cluster label ``[M]`` of each signature ``[M, F]``: connected components of the graph that
-    joins two rows whose Euclidean distance is below ``eps`` (single linkage).
+def _first_representative(sig: torch.Tensor, eps: float, p: float, chunk_size: int) -> torch.Tensor:
+    """Labels of the greedy rule of the authors' code (en_flows ``count_states``): in sample
+    order, each row joins the first (oldest) representative within ``eps``, else becomes a new
+    representative. Labels are representatives in order of creation."""
+    n_rows = sig.shape[0]
+    labels = torch.empty(n_rows, dtype=torch.long)
+    reps = sig.new_zeros(0, sig.shape[1])
+    for start in range(0, n_rows, chunk_size):
+        block = sig[start:start + chunk_size]
+        assigned = torch.full((block.shape[0],), -1, dtype=torch.long)
+        if reps.shape[0]:
+            within = _cdist(block, reps, p) < eps
+            hit = within.any(dim=1)
+            assigned[hit] = within[hit].to(torch.uint8).argmax(dim=1)  # first True
+        rest = (assigned < 0).nonzero().squeeze(-1)
+        if rest.numel():
+            # Rows of this block left over can only join representatives created within the block,
+            # which are themselves rows of ``rest``: process them in order.
+            d_rest = _cdist(block[rest], block[rest], p)
+            new: list[int] = []  # positions in ``rest`` of the new representatives
+            for j in range(rest.numel()):
+                joined = next((k for k, r in enumerate(new) if bool(d_rest[j, r] < eps)), None)
+                if joined is None:
+                    assigned[rest[j]] = reps.shape[0] + len(new)
+                    new.append(j)
+                else:
+                    assigned[rest[j]] = reps.shape[0] + joined
+            reps = torch.cat([reps, block[rest[torch.tensor(new, dtype=torch.long)]]])
+        labels[start:start + block.shape[0]] = assigned
+    return labels
+
+
+def distinct_minima(
+    signatures: torch.Tensor,
+    eps: float,
+    *,
+    norm: str = "l2",
+    rule: str = "single-linkage",
+    chunk_size: int = 2048,
+) -> torch.Tensor:
+    """Cluster label ``[M]`` of each signature ``[M, F]``.
+
+    ``norm`` (:data:`CLUSTER_NORMS`) measures two rows apart (Euclidean, or L1 as in the
+    authors' code); ``rule`` (:data:`CLUSTER_RULES`) is either eqbench's ``"single-linkage"``,
+    described below, or the authors' ``"first-representative"`` (each row, in sample order,
+    joins the first representative within ``eps``, else becomes one; order-dependent, and a
+    row within ``eps`` of two representatives joins the older one).
+
+    Single linkage: connected components of the graph that joins two rows whose distance is
+    below ``eps``.
 
     Labels run over ``0 .. K-1`` in order of each component's first row, so ``K = labels.max() + 1``
     distinct minima. Why single linkage: copies of one minimum differ only by minimiser noise,
@@ -464,12 +617,19 @@ def distinct_minima(signatures: torch.Tensor, eps: float, *, chunk_size: int = 2
         raise ValueError(f"eps must be a positive number, got {eps!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if norm not in CLUSTER_NORMS:
+        raise ValueError(f"unknown cluster norm {norm!r}; valid: {', '.join(CLUSTER_NORMS)}")
+    if rule not in CLUSTER_RULES:
+        raise ValueError(f"unknown cluster rule {rule!r}; valid: {', '.join(CLUSTER_RULES)}")
+    p = _NORM_P[norm]
     sig = signatures.detach().to(device="cpu", dtype=torch.float64)
     n_rows = sig.shape[0]
     if n_rows == 0:
         return torch.zeros(0, dtype=torch.long)
     if not bool(torch.isfinite(sig).all()):
         raise ValueError("distinct_minima: non-finite signature")
+    if rule == "first-representative":
+        return _first_representative(sig, eps, p, chunk_size)
 
     leader_of = torch.empty(n_rows, dtype=torch.long)
     leader_rows: list[int] = []
@@ -478,12 +638,12 @@ def distinct_minima(signatures: torch.Tensor, eps: float, *, chunk_size: int = 2
         block = sig[start:start + chunk_size]
         assigned = torch.full((block.shape[0],), -1, dtype=torch.long)
         if leader_rows:
-            d_min, nearest = _cdist(block, leader_sig).min(dim=1)
+            d_min, nearest = _cdist(block, leader_sig, p).min(dim=1)
             hit = d_min < eps
             assigned[hit] = nearest[hit]
         rest = (assigned < 0).nonzero().squeeze(-1)
         if rest.numel():
-            d_rest = _cdist(block[rest], block[rest])
+            d_rest = _cdist(block[rest], block[rest], p)
             free = torch.ones(rest.numel(), dtype=torch.bool)
             new: list[int] = []
             for j in range(rest.numel()):
@@ -508,7 +668,7 @@ def distinct_minima(signatures: torch.Tensor, eps: float, *, chunk_size: int = 2
         return a
 
     for start in range(0, n_leaders, chunk_size):
-        near = _cdist(leader_sig[start:start + chunk_size], leader_sig) < 3.0 * eps
+        near = _cdist(leader_sig[start:start + chunk_size], leader_sig, p) < 3.0 * eps
         for a, b in near.nonzero().tolist():
             a += start
             if a >= b:
@@ -516,7 +676,7 @@ def distinct_minima(signatures: torch.Tensor, eps: float, *, chunk_size: int = 2
             root_a, root_b = find(a), find(b)
             if root_a == root_b:
                 continue
-            if _sets_within(sig[leader_of == a], sig[leader_of == b], eps, chunk_size):
+            if _sets_within(sig[leader_of == a], sig[leader_of == b], eps, chunk_size, p):
                 # The smaller leader index (the earlier first row) becomes the root, so that
                 # labels below follow first appearance.
                 parent[max(root_a, root_b)] = min(root_a, root_b)
@@ -551,6 +711,8 @@ class MinimaCensus:
     energy: torch.Tensor  #: ``[M]``
     signature: torch.Tensor  #: sorted pairwise distances ``[M, N(N-1)/2]``
     labels: torch.Tensor  #: component of each kept minimum ``[M]``, ``0 .. K-1``
+    norm: str = "l2"  #: signature norm of the clustering (:data:`CLUSTER_NORMS`)
+    rule: str = "single-linkage"  #: clustering rule (:data:`CLUSTER_RULES`)
 
     @property
     def n_minima(self) -> int:
@@ -589,7 +751,8 @@ class MinimaCensus:
 
     def with_eps(self, eps: float) -> MinimaCensus:
         """The same minima clustered at another threshold (SPEC §5: counts at ε/2 and 2ε)."""
-        return replace(self, eps=float(eps), labels=distinct_minima(self.signature, eps))
+        return replace(self, eps=float(eps),
+                       labels=distinct_minima(self.signature, eps, norm=self.norm, rule=self.rule))
 
     def closest_distinct_separation(self) -> float:
         """Smallest signature distance between the representatives of two distinct minima
@@ -599,7 +762,7 @@ class MinimaCensus:
         if self.n_distinct < 2:
             return math.inf
         reps = self.signature[self.representatives()]
-        d = _cdist(reps, reps)
+        d = _cdist(reps, reps, _NORM_P[self.norm])
         d.fill_diagonal_(math.inf)
         return float(d.min())
 
@@ -608,7 +771,8 @@ def novel_minima(census: MinimaCensus, reference: MinimaCensus) -> torch.Tensor:
     """Which distinct minima of ``census`` the ``reference`` set never reached: bool ``[K]``
     aligned with ``census.representatives()``.
 
-    Both sets are clustered together at ``census.eps``; a minimum is novel when its joint
+    Both sets are clustered together at ``census.eps`` with ``census``'s norm and rule (for
+    ``"first-representative"``, the census's rows first); a minimum is novel when its joint
     component holds no reference member. Paper §7.5 asks whether a generator discovers states
     "which have not been observed in the training data set"; this is that count.
     """
@@ -616,7 +780,8 @@ def novel_minima(census: MinimaCensus, reference: MinimaCensus) -> torch.Tensor:
     if reps.numel() == 0:
         return torch.zeros(0, dtype=torch.bool)
     m = census.n_minima
-    joint = distinct_minima(torch.cat([census.signature, reference.signature]), census.eps)
+    joint = distinct_minima(torch.cat([census.signature, reference.signature]), census.eps,
+                            norm=census.norm, rule=census.rule)
     seen = torch.zeros(int(joint.max()) + 1, dtype=torch.bool)
     seen[joint[m:]] = True
     return ~seen[joint[:m][reps]]
@@ -633,15 +798,22 @@ def census_of_minima(
     chunk_size: int = 5000,
     progress: bool = False,
     desc: str = "minimise",
+    minimizer: str = "lbfgs",
+    max_displacement: float = 0.3,
+    gd_step: float = 1e-3,
+    norm: str = "l2",
+    rule: str = "single-linkage",
 ) -> MinimaCensus:
     """Minimise every configuration of ``x`` ``[B, N, D]`` and cluster the minima (paper §7.5).
 
     Steps (SPEC §5): rows with non-finite coordinates or energy are dropped and counted (a
     generator may emit them; the minimiser cannot start there); the rest are minimised in
-    float64 with :func:`minimize` in chunks of ``chunk_size`` (bounded memory for 10⁵ LJ-13
+    float64 with ``minimizer`` (:func:`minimize_with`: L-BFGS with step cap ``max_displacement``,
+    or gradient descent with step ``gd_step``) in chunks of ``chunk_size`` (bounded memory for 10⁵ LJ-13
     samples); unconverged runs and converged saddles (:func:`is_minimum` with
     ``eigenvalue_tol``: a non-positive Hessian eigenvalue off the zero modes) are dropped and
-    counted; the minima left are clustered with :func:`distinct_minima` at ``eps``.
+    counted; the minima left are clustered with :func:`distinct_minima` at ``eps`` with ``norm``
+    and ``rule``.
     """
     system.check_shape(x)
     if x.ndim != 3:
@@ -659,7 +831,8 @@ def census_of_minima(
     n_unconverged = n_saddles = 0
     chunks = range(0, starts.shape[0], chunk_size)
     for start in tqdm(chunks, desc=desc, disable=not progress, leave=False):
-        result = minimize(system, starts[start:start + chunk_size], gtol=gtol, max_steps=max_steps)
+        result = minimize_with(system, starts[start:start + chunk_size], minimizer=minimizer, gtol=gtol,
+                               max_steps=max_steps, max_displacement=max_displacement, gd_step=gd_step)
         n_unconverged += result.n_unconverged
         xc, ec = result.x[result.converged], result.energy[result.converged]
         minimum = is_minimum(system, xc, tol=eigenvalue_tol) if xc.shape[0] else torch.zeros(0, dtype=torch.bool)
@@ -678,5 +851,7 @@ def census_of_minima(
         x=kept,
         energy=energy,
         signature=signature,
-        labels=distinct_minima(signature, eps),
+        labels=distinct_minima(signature, eps, norm=norm, rule=rule),
+        norm=norm,
+        rule=rule,
     )

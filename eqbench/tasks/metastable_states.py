@@ -55,6 +55,19 @@ by ML for ``ml_iterations`` then with ``(1-λ) ML + λ KL``, ``λ = mix_lambda``
 pretraining"). For DW-4 all minima count in one bin; the paper reports that the equivariant flow
 finds all five and the non-equivariant one only the training minimum (Fig. 7a).
 
+**Minimiser and clustering** (``minima_protocol``): ``"eqbench"`` (the default) is the L-BFGS and
+single linkage on the Euclidean norm described above; ``"paper-code"`` is what the authors' code
+for §7.5 does (en_flows ``deprecated/eqnode/minima.py``): gradient descent with fixed steps
+``gd_step`` (1e-3 there) for at most ``gd_max_steps``, the L1 norm with threshold ``eps_l1``, and
+each minimum joining the first representative within it (order-dependent). ``minimizer``,
+``cluster_norm``, ``cluster_rule`` override the preset one by one (``"preset"`` takes it);
+``max_displacement`` caps an L-BFGS step per particle (0.3 by default, a third of a neighbour
+distance on LJ-13, enough to cross a saddle; a smaller cap such as 0.05 keeps steps well inside
+a basin at the cost of more steps). The choice matters on LJ-13: from 400 training samples,
+L-BFGS (cap 0.3) and gradient descent (step 1e-3) end in different minima for 78, L-BFGS with
+cap 0.05 and gradient descent for 96 (a smaller cap does not make L-BFGS follow the descent
+path; its direction differs), while gradient descent with steps 1e-3 and 2.5e-4 differ for 1.
+
 **ε** (``eps``, per system): copies of one minimum agree to ~1e-7 in the signature norm at the
 minimiser's ``gtol = 1e-6``, while the closest distinct minima measured here lie 0.55 apart for
 DW-4 (its five minima) and 0.020 apart for LJ-13 (0.022 among the 223 minima of 1,000 training
@@ -125,7 +138,8 @@ VARIANTS: tuple[str, ...] = ("flow", "training", "mcmc-short", "mcmc-long")
 REFERENCE_SETTINGS: frozenset[str] = frozenset({
     "variant", "rounds", "training_set", "n_train", "train_minimum", "train_noise", "mcmc_short_samples",
     "mcmc_long_samples", "mcmc_chains", "mcmc_burn_in", "mcmc_stride", "eps", "gtol", "max_steps", "energy_bins",
-    "structures_per_bin"})
+    "structures_per_bin", "minima_protocol", "minimizer", "max_displacement", "gd_step", "gd_max_steps", "cluster_norm",
+    "cluster_rule", "eps_l1"})
 #: Settings only the ``flow`` method reads (besides the training settings of
 #: :data:`eqbench.config.TRAINING_DEFAULTS`), with the value a reference cell, planned without
 #: them, resolves them to; it never uses them.
@@ -137,6 +151,16 @@ TRAINING_SETS: tuple[str, ...] = ("minimum", "mcmc")
 AXES: tuple[str, ...] = ("x", "y", "z")
 
 _PROTOCOL = "protocol"
+#: ``minima_protocol`` presets: the minimiser and clustering each names. ``"eqbench"`` is L-BFGS and
+#: single linkage on the Euclidean norm (:mod:`eqbench.minima`); ``"paper-code"`` is the authors'
+#: code for §7.5 (en_flows ``deprecated/eqnode/minima.py``): fixed-step gradient descent, L1 norm,
+#: first representative within ε. ``minimizer``, ``cluster_norm`` and ``cluster_rule`` set to
+#: ``"preset"`` take the preset's value; any other valid value overrides it.
+MINIMA_PROTOCOLS: dict[str, dict[str, str]] = {
+    "eqbench": {"minimizer": "lbfgs", "cluster_norm": "l2", "cluster_rule": "single-linkage"},
+    "paper-code": {"minimizer": "gradient-descent", "cluster_norm": "l1", "cluster_rule": "first-representative"},
+}
+_PRESET = "preset"
 #: ``record(metric, value, unit="", step=None)``: appends one record of the running cell.
 RecordFn = Callable[..., None]
 #: Rows of the training split minimised to find the training minimum of ``training_set = "minimum"``.
@@ -209,12 +233,19 @@ class Settings:
     mcmc_chains: int
     mcmc_burn_in: int
     mcmc_stride: int
-    eps: float
+    eps: float  #: the clustering threshold of ``cluster_norm``: setting ``eps`` (L2) or ``eps_l1``
     gtol: float
     max_steps: int
     energy_bins: tuple[tuple[float, float], ...]
     structures_per_bin: int
     model_config: Mapping[str, Any]
+    minima_protocol: str = "eqbench"
+    minimizer: str = "lbfgs"
+    max_displacement: float = 0.3
+    gd_step: float = 1e-3
+    gd_max_steps: int = 100_000
+    cluster_norm: str = "l2"
+    cluster_rule: str = "single-linkage"
 
     @classmethod
     def resolve(cls, params: Mapping[str, Any], system: Any) -> Settings:
@@ -238,6 +269,24 @@ class Settings:
         model_config = params.get("model_config", {})
         if not isinstance(model_config, Mapping):
             raise ConfigError(f"model_config must be a table, got {model_config!r}")
+        from eqbench.minima import CLUSTER_NORMS, CLUSTER_RULES, MINIMIZERS
+
+        minima_protocol = get("minima_protocol")
+        if minima_protocol not in MINIMA_PROTOCOLS:
+            raise ConfigError(f"unknown minima_protocol {minima_protocol!r}; valid: {', '.join(MINIMA_PROTOCOLS)}")
+
+        def choice(key: str, valid: tuple[str, ...]) -> str:
+            value = get(key)
+            if value == _PRESET:
+                return MINIMA_PROTOCOLS[minima_protocol][key]
+            if value not in valid:
+                raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join((_PRESET, *valid))}")
+            return value
+
+        minimizer = choice("minimizer", MINIMIZERS)
+        cluster_norm = choice("cluster_norm", CLUSTER_NORMS)
+        cluster_rule = choice("cluster_rule", CLUSTER_RULES)
+        eps_by_norm = {"l2": _positive_float(get("eps"), "eps"), "l1": _positive_float(get("eps_l1"), "eps_l1")}
         protocol = system.data_protocol
         settings = cls(
             variant=variant,
@@ -256,12 +305,19 @@ class Settings:
             mcmc_chains=_protocol_int(get("mcmc_chains"), "mcmc_chains", protocol.n_chains, 1),
             mcmc_burn_in=_protocol_int(get("mcmc_burn_in"), "mcmc_burn_in", protocol.burn_in, 0),
             mcmc_stride=_protocol_int(get("mcmc_stride"), "mcmc_stride", protocol.stride, 1),
-            eps=_positive_float(get("eps"), "eps"),
+            eps=eps_by_norm[cluster_norm],
             gtol=_positive_float(get("gtol"), "gtol"),
             max_steps=_int(get("max_steps"), "max_steps", minimum=1),
             energy_bins=_bins(get("energy_bins")),
             structures_per_bin=_int(get("structures_per_bin"), "structures_per_bin", minimum=0),
             model_config=dict(model_config),
+            minima_protocol=minima_protocol,
+            minimizer=minimizer,
+            max_displacement=_positive_float(get("max_displacement"), "max_displacement"),
+            gd_step=_positive_float(get("gd_step"), "gd_step"),
+            gd_max_steps=_int(get("gd_max_steps"), "gd_max_steps", minimum=1),
+            cluster_norm=cluster_norm,
+            cluster_rule=cluster_rule,
         )
         if settings.training_set == "mcmc" and settings.n_train > protocol.n_train:
             raise ConfigError(f"n_train must be at most {protocol.n_train} (the {name} training pool), got {settings.n_train}")
@@ -417,10 +473,17 @@ class MetastableStates(Task):
 
 
 def _census(ctx: CellContext, s: Settings, x: torch.Tensor, desc: str) -> MinimaCensus:
+    return _census_of(ctx.system, s, x, progress=show_progress(ctx.progress), desc=desc)
+
+
+def _census_of(system: Any, s: Settings, x: torch.Tensor, **kwargs: Any) -> MinimaCensus:
+    """:func:`eqbench.minima.census_of_minima` with the cell's minimiser and clustering."""
     from eqbench.minima import census_of_minima
 
-    return census_of_minima(ctx.system, x, eps=s.eps, gtol=s.gtol, max_steps=s.max_steps,
-                            progress=show_progress(ctx.progress), desc=desc)
+    max_steps = s.max_steps if s.minimizer == "lbfgs" else s.gd_max_steps
+    return census_of_minima(system, x, eps=s.eps, gtol=s.gtol, max_steps=max_steps, minimizer=s.minimizer,
+                            max_displacement=s.max_displacement, gd_step=s.gd_step, norm=s.cluster_norm,
+                            rule=s.cluster_rule, **kwargs)
 
 
 def _training_set(ctx: CellContext, s: Settings) -> torch.Tensor:
@@ -429,13 +492,11 @@ def _training_set(ctx: CellContext, s: Settings) -> torch.Tensor:
 
     from eqbench.data.loading import load_data
     from eqbench.geometry import remove_com
-    from eqbench.minima import census_of_minima
-
     system = ctx.system
     if s.training_set == "mcmc":
         return load_data(system, split="train", n=s.n_train, seed=ctx.seed)
     pool = load_data(system, split="train", n=min(_MINIMUM_SEARCH_SAMPLES, system.data_protocol.n_train), seed=0)
-    found = census_of_minima(system, pool, eps=s.eps, gtol=s.gtol, max_steps=s.max_steps)
+    found = _census_of(system, s, pool)
     reps = found.representatives()
     if s.train_minimum >= reps.numel():
         raise ConfigError(f"train_minimum must be below {reps.numel()}: {reps.numel()} distinct {system.name} minima "
@@ -600,7 +661,9 @@ def _structure_records(record: RecordFn, s: Settings, censuses: Sequence[MinimaC
         return
     signature = sorted_distance_signature(x)
     pooled = MinimaCensus(n_input=x.shape[0], n_nonfinite=0, n_unconverged=0, n_saddles=0, eps=s.eps, x=x,
-                          energy=energy, signature=signature, labels=distinct_minima(signature, s.eps))
+                          energy=energy, signature=signature,
+                          labels=distinct_minima(signature, s.eps, norm=s.cluster_norm, rule=s.cluster_rule),
+                          norm=s.cluster_norm, rule=s.cluster_rule)
     order = pooled.representatives()
     slot = 0
     for low, high in s.structure_bins:
