@@ -89,7 +89,7 @@ def test_eval_divergence_must_be_exact():
 
 def test_training_estimators_are_declared():
     assert eqbench.build_model("node", DW4).training_estimator == {"divergence": "hutchinson"}
-    assert eqbench.build_model("gradient-flow", DW4).training_estimator == {"divergence": "hutchinson"}
+    assert eqbench.build_model("gradient-flow", DW4).training_estimator == {"divergence": "exact"}  # closed form
     assert eqbench.build_model("schnet-flow", DW4).training_estimator == {"divergence": "hutchinson"}
     assert eqbench.build_model("kernel-flow", DW4).training_estimator == {"divergence": "exact"}
     assert eqbench.build_model("node", DW4, {"train_divergence": "exact"}).training_estimator == {"divergence": "exact"}

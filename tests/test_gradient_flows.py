@@ -79,9 +79,10 @@ def test_builder_settings_and_errors(model):
     build = BUILDERS[model]
     flow = build(get_system("dw4"), {"steps": 7, "solver": "dto", "dtype": "float64"})
     assert flow.solver.steps == 7 and flow.solver.mode == "dto"
-    assert flow.train_divergence == "hutchinson" and flow.eval_divergence == "exact"
+    closed_form = model == "gradient-flow"  # a pair sum: closed-form Laplacian; SchNet: none
+    assert flow.train_divergence == ("exact" if closed_form else "hutchinson") and flow.eval_divergence == "exact"
     assert flow.symmetries == SYMMETRIES
-    assert flow.velocity_needs_grad and not flow.has_closed_form_divergence
+    assert flow.velocity_needs_grad and flow.has_closed_form_divergence == closed_form
     assert next(flow.parameters()).dtype == torch.float64
     with pytest.raises(ConfigError, match="init_scale"):
         build(get_system("dw4"), {"hidden": 3})
@@ -89,8 +90,16 @@ def test_builder_settings_and_errors(model):
         build(get_system("dw4"), {"init_scale": 0})
     with pytest.raises(ConfigError, match="dtype"):
         build(get_system("dw4"), {"dtype": "float16"})
+    for method in ("brute-force", "hutchinson"):
+        assert build(get_system("dw4"), {"train_divergence": method}).train_divergence == method
+    if closed_form:
+        assert build(get_system("dw4"), {"eval_divergence": "brute-force"}).eval_divergence == "brute-force"
+        assert build(get_system("dw4"), {"train_divergence": "closed-form"}).train_divergence == "closed-form"
+        return
     with pytest.raises(ConfigError, match="closed-form"):
         flow.divergence(0.0, configurations("dw4", 2), "closed-form")
+    with pytest.raises(ConfigError, match="train_divergence"):
+        build(get_system("dw4"), {"train_divergence": "closed-form"})
 
 
 @pytest.mark.parametrize("model", BUILDERS)
@@ -330,3 +339,130 @@ def test_default_init_is_close_to_identity(model):
         x, logdet = flow.forward(z)
     assert (x - z).abs().max() < 0.1
     assert logdet.abs().max() < 0.5
+
+
+# ----------------------------------------------------------------------------- closed form (simple flow)
+def spread_out(system: str, n: int, seed: int = 0) -> torch.Tensor:
+    """Configurations with pair distances far beyond the RBF range (paper C.2; SPEC §4: test
+    closed forms on spread-out configurations, not only typical ones): half of the particles
+    moved 1,000 length units away (the cross pairs' kernels all underflow, the rest stay
+    typical), and every row stretched by a factor rising from 1 to 4 (pairs in the basis' tail)."""
+    x = configurations(system, n, seed)
+    n_particles, n_dims = x.shape[-2:]
+    far = x.clone()
+    far[:, : n_particles // 2, 0] += 1000.0
+    stretched = x * torch.linspace(1.0, 4.0, n, dtype=x.dtype).view(n, 1, 1)
+    return remove_com(torch.cat((far, stretched)))
+
+
+def assert_closed_form_matches_brute_force(flow, x: torch.Tensor, t: float, atol: float = 1e-8) -> None:
+    """``flow.divergence(..., "closed-form")`` equals the autograd trace of the autograd
+    velocity ∇Φ (brute force), and its v equals that velocity."""
+    v, div = flow.divergence(t, x, "closed-form")
+    v_bf, div_bf = flow.divergence(t, x, "brute-force")
+    torch.testing.assert_close(v, v_bf, rtol=0, atol=1e-10)
+    assert (div - div_bf).abs().max().item() < atol, (div, div_bf)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("t", [0.0, 0.37, 1.0])
+def test_closed_form_divergence_matches_brute_force(system, t):
+    """Closed form ``2 Σ_{i<j} [f'' + (D - 1) f'/d]`` vs one autograd pass per coordinate, float64,
+    on typical and spread-out configurations, at several t (the field is autonomous)."""
+    flow = make_flow("gradient-flow", system)
+    typical = configurations(system, 4, seed=9)
+    far = spread_out(system, 4, seed=10)
+    for x in (typical, far):
+        assert_closed_form_matches_brute_force(flow, x, t)
+    # non-trivial: divergences of order one, so an error of a factor or a sign shows
+    _, div = flow.divergence(t, typical, "closed-form")
+    assert div.abs().min() > 1e-2
+    _, div_far = flow.divergence(t, far, "closed-form")
+    assert torch.isfinite(div_far).all() and div_far.abs().max() > 1e-2
+
+
+class _WrongPairCount(gradient_flow.SimpleGradientFlow):
+    """Counts each unordered pair's Laplacian for one particle only (factor-2 error)."""
+
+    def velocity_and_divergence(self, t, x):
+        v, div = super().velocity_and_divergence(t, x)
+        return v, div / 2
+
+
+class _WrongRadialSign(gradient_flow.SimpleGradientFlow):
+    """``f'' - (D - 1) f'/d`` instead of ``+`` (sign error in the radial Laplacian)."""
+
+    def velocity_and_divergence(self, t, x):
+        from eqbench.geometry import pairwise_distances
+
+        v, div = super().velocity_and_divergence(t, x)
+        d = pairwise_distances(x)
+        f1, _ = self.radial_jets(d)
+        return v, div - 4.0 * (x.shape[-1] - 1) * (f1 / d).sum(-1)
+
+
+class _WrongCurvature(gradient_flow.SimpleGradientFlow):
+    """Doubles the ``f''`` term (factor-2 error in the second radial derivative)."""
+
+    def velocity_and_divergence(self, t, x):
+        from eqbench.geometry import pairwise_distances
+
+        v, div = super().velocity_and_divergence(t, x)
+        _, f2 = self.radial_jets(pairwise_distances(x))
+        return v, div + 2.0 * f2.sum(-1)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("wrong", [_WrongPairCount, _WrongRadialSign, _WrongCurvature])
+def test_closed_form_check_catches_factor_and_sign_errors(system, wrong):
+    """The comparison above is sharp: a factor-2 or sign error in the closed form fails it."""
+    right = make_flow("gradient-flow", system)
+    torch.manual_seed(1)
+    flow = wrong(get_system(system), init_scale=1.0).double()
+    flow.load_state_dict(right.state_dict())
+    for x in (configurations(system, 4, seed=9), spread_out(system, 4, seed=10)):
+        assert_closed_form_matches_brute_force(right, x, 0.5)
+    with pytest.raises(AssertionError):
+        assert_closed_form_matches_brute_force(flow, configurations(system, 4, seed=9), 0.5)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_radial_jets_match_autograd(system):
+    """``f'(d)``, ``f''(d)`` of the pair term by forward jets vs autograd on ``pair_potential``,
+    from coincident to far beyond the RBF range."""
+    flow = make_flow("gradient-flow", system)
+    d = torch.cat((torch.linspace(0.0, 12.0, 241, dtype=torch.float64),
+                   torch.tensor([20.0, 100.0, 1e3, 1e6], dtype=torch.float64))).requires_grad_(True)
+    f = flow.pair_potential(d)
+    (f1,) = torch.autograd.grad(f.sum(), d, create_graph=True)
+    (f2,) = torch.autograd.grad(f1.sum(), d)
+    j1, j2 = flow.radial_jets(d.detach())
+    torch.testing.assert_close(j1, f1.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(j2, f2, rtol=1e-10, atol=1e-12)
+    assert j1[-3:].abs().max() == 0 and j2[-3:].abs().max() == 0  # beyond the basis: exactly 0
+
+
+def test_closed_form_is_default_and_differentiable():
+    """Training and evaluation use the closed form; it carries parameter gradients and equals the
+    brute-force gradients of a training loss (same DTO solve, exact divergences)."""
+    flow = make_flow("gradient-flow", "dw4", steps=3, init_scale=0.3).train()
+    brute = make_flow("gradient-flow", "dw4", steps=3, init_scale=0.3, train_divergence="brute-force").train()
+    assert flow.training_estimator == {"divergence": "exact"}
+    x = configurations("dw4", 3, seed=11)
+    for f in (flow, brute):
+        (-f.training_log_prob(x).mean()).backward()
+    for (name, p), q in zip(flow.named_parameters(), brute.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-10, msg=name)
+    with torch.no_grad():
+        v, div = flow.divergence(0.5, x)
+    assert not v.requires_grad and not div.requires_grad
+
+
+def test_coincident_pair_is_finite():
+    """A coincident pair contributes nothing to v and div v (autograd's norm gives the same v)."""
+    flow = make_flow("gradient-flow", "lj13")
+    x = configurations("lj13", 2, seed=12)
+    x[:, 1] = x[:, 0]
+    v, div = flow.divergence(0.5, x, "closed-form")
+    assert torch.isfinite(v).all() and torch.isfinite(div).all()
+    torch.testing.assert_close(v, flow.velocity(0.5, x), rtol=0, atol=1e-10)

@@ -3,7 +3,9 @@
 1. The paper's settings (DW-2, DW-4, LJ-13; paper C.1-C.5) are pinned value for value against
    ``tests/data/paper_model_defaults.json``, captured from the code before the defaults moved
    from system names to kinds: kernel centres and bandwidths, RBFs, parameter counts, every
-   parameter's shape, layer widths, blocks, solver settings.
+   parameter's shape, layer widths, blocks, solver settings. One deliberate change since the
+   capture: ``gradient-flow`` trains with ``train_divergence = "exact"`` (its closed-form
+   Laplacian, :mod:`eqbench.flows.gradient_flow`) instead of Hutchinson; parameters unchanged.
 2. Every paper model builds for systems the paper does not have (``dw8``, ``lj19``, ``lj55``,
    the known-answer ``harmonic`` system, a plugin system of kind ``other`` that gives only a
    length scale) and passes :func:`eqbench.testing.check_flow_quick`.

@@ -36,7 +36,8 @@ def test_smoke_every_cnf_dw4(model, tmp_path):
     params = results[0].config["params"]
     times = table[table["metric"] == "eval_time_s"]
     methods = set(times["variant"])
-    expected = {"velocity", "brute-force", "hutchinson"} | ({"closed-form"} if model == "kernel-flow" else set())
+    closed_form = model in ("kernel-flow", "gradient-flow")  # the models with a closed-form divergence
+    expected = {"velocity", "brute-force", "hutchinson"} | ({"closed-form"} if closed_form else set())
     assert methods == expected
     assert set(times["step"].astype(int)) == set(params["particle_counts"])
     assert (times["value"] > 0).all()
@@ -45,7 +46,7 @@ def test_smoke_every_cnf_dw4(model, tmp_path):
     err = table[table["variant"] == "hutchinson"]
     direct = err[err["metric"] == "hutchinson_direct_rel_dev"]["value"]
     assert len(direct) == len(params["particle_counts"]) and (direct < 1e-4).all(), direct.tolist()
-    if model == "kernel-flow":
+    if closed_form:
         closed = err[err["metric"] == "closed_form_rel_dev"]["value"]
         assert (closed < 1e-4).all(), closed.tolist()
     # An unbiased estimator: each count's mean error lies within 5 standard errors of 0.

@@ -143,21 +143,19 @@ class CNF(Flow):
         self._check_method(method)
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         if method in ("exact", "closed-form") and self.has_closed_form_divergence:
-            if not self.velocity_needs_grad:
-                return self.velocity_and_divergence(t, x)
+            # A closed form needs no autograd (even where ``velocity`` does): differentiable
+            # whenever gradients are enabled, nothing recorded under ``no_grad``.
+            return self.velocity_and_divergence(t, x)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            if method in ("exact", "closed-form") and self.has_closed_form_divergence:
-                v, div = self.velocity_and_divergence(t, x)
+            v = self.velocity(t, x)
+            if method == "hutchinson":
+                div = hutchinson_divergence(v, x, noise if noise is not None else rademacher_like(x),
+                                            create_graph=create_graph)
             else:
-                v = self.velocity(t, x)
-                if method == "hutchinson":
-                    div = hutchinson_divergence(v, x, noise if noise is not None else rademacher_like(x),
-                                                create_graph=create_graph)
-                else:
-                    div = brute_force_divergence(v, x, create_graph=create_graph)
+                div = brute_force_divergence(v, x, create_graph=create_graph)
         if not create_graph:
             v, div = v.detach(), div.detach()
         return v, div

@@ -36,10 +36,35 @@ Coincident particles (``d_ij = 0``) have no defined field (the distance is not d
 there); no epsilon is added, as such configurations have probability zero under the prior and
 the data.
 
-There is no closed-form divergence: training uses Hutchinson's estimator, evaluation the exact
-trace by brute force (one backward pass per coordinate), as in paper B.1 / §7.3. Each evaluation
-of v itself needs autograd (``velocity_needs_grad``), and the divergence differentiates v once
-more, so the velocity always keeps its graph (``create_graph=True``).
+**Closed-form divergence.** Φ is a sum of radial pair terms ``f(d) = softplus(MLP(RBF(d)))``,
+so with ``r_ij = x_i - x_j`` the field is ``v_i = Σ_{j≠i} f'(d_ij) r_ij / d_ij`` and the
+Laplacian of one pair term with respect to one of its particles is the radial Laplacian in D
+dimensions, ``f''(d) + (D - 1) f'(d) / d``. Both particles of a pair get it, so
+
+    div v = Σ_i Δ_i Φ = Σ_{i≠j} [f''(d_ij) + (D - 1) f'(d_ij) / d_ij]
+          = 2 Σ_{i<j} [f''(d_ij) + (D - 1) f'(d_ij) / d_ij],
+
+exact, at O(N²) pair evaluations instead of the N·D backward passes of brute force (paper §4,
+B.1: the paper itself brute-forces ΔΦ for this flow; the pair structure makes that unnecessary).
+There is no time dependence and no normalisation to differentiate (Φ is autonomous, the RBFs
+unnormalised). ``f'`` and ``f''`` are propagated through the MLP as second-order jets
+(:meth:`SimpleGradientFlow.radial_jets`): value, first and second derivative in d of every
+layer, three stacked rows per GEMM and the chain rule of tanh and softplus written out. These are
+ordinary differentiable tensor operations, so training differentiates the divergence with
+respect to the parameters (and OTD's adjoint with respect to x) by plain first-order autograd.
+Far beyond the RBF range every kernel underflows to 0 and so do ``f'``, ``f''``: the divergence
+stays exact there (no quotient, no 0/0).
+
+``gradient-flow`` therefore trains and scores with this closed form (``train_divergence`` and
+``eval_divergence`` ``"exact"``); ``brute-force`` and ``hutchinson`` remain available by name
+(they differentiate the autograd velocity ∇Φ, an independent check of the closed form, and are
+the paper's estimators for timing comparisons). The SchNet flow's Φ is not a pair sum and keeps
+Hutchinson for training and brute force for evaluation, as in paper B.1 / §7.3.
+
+:meth:`GradientFlowBase.velocity` builds v by autograd (``velocity_needs_grad``) and always keeps
+its graph (``create_graph=True``), since the autograd divergences differentiate v once more.
+A coincident pair (``d_ij = 0``) contributes nothing to the closed-form v and div v, the value
+autograd's norm gives the autograd velocity there.
 """
 
 from __future__ import annotations
@@ -55,7 +80,7 @@ from torch.nn import functional as F
 
 from eqbench.capabilities import model_builder
 from eqbench.flows.cnf import CNF, cnf_settings, parse_dtype, pop_cnf_options, reject_unknown
-from eqbench.flows.settings import check_settings, dtype_setting, number
+from eqbench.flows.settings import Setting, check_settings, dtype_setting, number
 from eqbench.flows.defaults import distance_kernel_placement
 from eqbench.geometry import pair_vectors
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
@@ -67,6 +92,7 @@ __all__ = [
     "SETTINGS",
     "SimpleGradientFlow",
     "build",
+    "gradient_flow_settings",
     "rbf_placement",
     "validate",
 ]
@@ -75,6 +101,8 @@ __all__ = [
 N_RBF = 50
 #: Default scale of the output-layer weights at initialisation (small: start near identity).
 DEFAULT_INIT_SCALE = 0.1
+#: Cap on ``((d - μ)/γ)²`` in :meth:`SimpleGradientFlow.radial_jets`: exp(-1e4) is 0 in float64.
+_U2_MAX = 1.0e4
 
 
 def rbf_placement(system: ParticleSystem, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +153,8 @@ class GradientFlowBase(CNF):
     """A CNF whose field is the gradient ``v = +∇_x Φ(t, x)`` of an invariant scalar Φ.
 
     Subclasses implement :meth:`potential`. The Jacobian of v is the Hessian of Φ, symmetric;
-    the divergence is the Laplacian of Φ, obtained by autograd (brute force or Hutchinson).
+    the divergence is the Laplacian of Φ, obtained by autograd (brute force or Hutchinson) unless
+    a subclass has a closed form (:class:`SimpleGradientFlow`).
     """
 
     symmetries = SYMMETRIES
@@ -160,8 +189,12 @@ class GradientFlowBase(CNF):
 class SimpleGradientFlow(GradientFlowBase):
     """Simple gradient flow (paper B.1): ``Φ(x) = Σ_{i<j} softplus(MLP(RBF(d_ij)))``, autonomous.
 
-    See the module docstring for every convention. 5,377 parameters on every system.
+    See the module docstring for every convention. 5,377 parameters on every system. Its
+    divergence has a closed form (a pair sum of radial Laplacians), the default for training
+    and evaluation.
     """
+
+    has_closed_form_divergence = True
 
     #: Layer sizes of the pair MLP (paper C.2).
     sizes = (N_RBF, 64, 32, 1)
@@ -175,6 +208,62 @@ class SimpleGradientFlow(GradientFlowBase):
         """The learned pair term ``softplus(MLP(RBF(d)))`` for distances ``d`` of any shape."""
         return F.softplus(self.pair_net(self.rbf(d)).squeeze(-1))
 
+    def radial_jets(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f'(d), f''(d))`` of the pair term ``f = softplus(MLP(RBF(d)))``, shapes of ``d``.
+
+        Why not autograd: the closed-form divergence needs both radial derivatives of every
+        pair; forward-mode propagation of the jet ``(h, h', h'')`` through the three layers costs
+        three stacked rows per GEMM, while autograd would need a double backward. The chain
+        rules used: ``g_k = exp(-u²)``, ``u = (d - μ_k)/γ_k`` gives ``g' = -2u g/γ``,
+        ``g'' = (4u² - 2) g/γ²``; a linear layer maps the three rows alike (bias on the value
+        only); ``y = tanh(a)``: ``y' = s a'``, ``y'' = s a'' - 2 y s a'²`` with ``s = 1 - y²``;
+        ``f = softplus(a)``: ``f' = σ a'``, ``f'' = σ a'' + σ (1 - σ) a'²``.
+        ``u²`` is capped at 1e4 (where ``g`` is 0 in float64 already) so that far distances give
+        ``0 · finite``, never ``0 · inf``. Differentiable (first order) in d and the parameters.
+        """
+        mu, gamma = self.rbf.mu, self.rbf.gamma
+        u = (d.reshape(-1, 1) - mu) / gamma  # [M, K]
+        u2 = (u * u).clamp(max=_U2_MAX)
+        g = torch.exp(-u2)
+        inv_gamma = 1.0 / gamma
+        jet = torch.cat((g, (-2.0 * inv_gamma) * u * g, (inv_gamma * inv_gamma) * (4.0 * u2 - 2.0) * g))
+        n = g.shape[0]
+        for layer in self.pair_net:
+            if isinstance(layer, nn.Linear):
+                jet = F.linear(jet, layer.weight)
+                jet = torch.cat((jet[:n] + layer.bias, jet[n:]))
+            elif isinstance(layer, nn.Tanh):
+                a0, a1, a2 = jet[:n], jet[n:2 * n], jet[2 * n:]
+                y = torch.tanh(a0)
+                slope = 1.0 - y * y
+                jet = torch.cat((y, slope * a1, slope * (a2 - 2.0 * y * a1 * a1)))
+            else:  # pragma: no cover - the architecture is fixed by tanh_mlp
+                raise TypeError(f"radial_jets cannot differentiate a {type(layer).__name__} layer")
+        a0, a1, a2 = jet[:n, 0], jet[n:2 * n, 0], jet[2 * n:, 0]
+        sig = torch.sigmoid(a0)
+        f1 = sig * a1
+        f2 = sig * (a2 + (1.0 - sig) * a1 * a1)
+        return f1.reshape(d.shape), f2.reshape(d.shape)
+
+    def velocity_and_divergence(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(v, div v)`` in closed form (module docstring): ``v_i = Σ_{j≠i} f'(d_ij) r_ij/d_ij``,
+        ``div v = 2 Σ_{i<j} [f''(d_ij) + (D - 1) f'(d_ij)/d_ij]``; ``t`` is ignored.
+
+        No autograd in the forward pass; differentiable whenever gradients are enabled.
+        A coincident pair (``d = 0``) contributes 0 to both, as autograd's norm does for v.
+        """
+        n_dims = x.shape[-1]
+        r, i, j = pair_vectors(x)  # [B, P, D]
+        d = torch.linalg.vector_norm(r, dim=-1)  # [B, P]
+        f1, f2 = self.radial_jets(d)
+        apart = d > 0
+        inv_d = torch.where(apart, 1.0 / torch.where(apart, d, torch.ones_like(d)), torch.zeros_like(d))
+        radial = f1 * inv_d  # f'(d)/d
+        force = radial.unsqueeze(-1) * r  # ∂f(d_ij)/∂x_i; the opposite for x_j
+        v = torch.zeros_like(x).index_add(-2, i, force).index_add(-2, j, force, alpha=-1.0)
+        div = 2.0 * (torch.where(apart, f2, torch.zeros_like(f2)) + (n_dims - 1) * radial).sum(-1)
+        return v, div
+
     def potential(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``Φ(x)``, shape ``[B]``; ``t`` is ignored (autonomous field)."""
         r, _, _ = pair_vectors(x)
@@ -184,23 +273,35 @@ class SimpleGradientFlow(GradientFlowBase):
 
 
 
-#: The settings of the gradient flows (:mod:`eqbench.flows.settings`): the CNF ones (no closed-form
-#: divergence), ``init_scale`` and ``dtype``.
-SETTINGS = {**cnf_settings(closed_form=False), "init_scale": number(above=0.0), "dtype": dtype_setting()}
+def gradient_flow_settings(*, closed_form: bool) -> dict[str, Setting]:
+    """The settings of a gradient flow (:mod:`eqbench.flows.settings`): the CNF ones (with or
+    without ``closed-form`` among the divergence methods), ``init_scale`` and ``dtype``."""
+    return {**cnf_settings(closed_form=closed_form), "init_scale": number(above=0.0), "dtype": dtype_setting()}
 
 
-def validate(system: ParticleSystem, config: Mapping[str, Any], model: str = "gradient-flow") -> None:
-    """Check a gradient flow's settings without building anything (planning calls this)."""
-    check_settings(config, model, SETTINGS)
+#: The settings of ``gradient-flow`` (closed-form divergence available).
+SETTINGS = gradient_flow_settings(closed_form=True)
+
+
+def validate(system: ParticleSystem, config: Mapping[str, Any], model: str = "gradient-flow", *,
+             closed_form: bool = True) -> None:
+    """Check a gradient flow's settings without building anything (planning calls this);
+    ``closed_form`` says whether the model has a closed-form divergence (``schnet-flow`` has not)."""
+    check_settings(config, model, SETTINGS if closed_form else gradient_flow_settings(closed_form=False))
 
 
 def build_gradient_flow(cls: type[GradientFlowBase], model: str, system: ParticleSystem,
                         config: Mapping[str, Any] | None) -> GradientFlowBase:
-    """Shared builder of the gradient flows: settings ``init_scale``, ``dtype`` and the CNF ones."""
-    validate(system, config or {}, model)
+    """Shared builder of the gradient flows: settings ``init_scale``, ``dtype`` and the CNF ones.
+
+    Training defaults to the exact divergence where ``cls`` has a closed form, else to
+    Hutchinson (paper §7.3: the exact autograd trace is too slow to train with).
+    """
+    closed_form = cls.has_closed_form_divergence
+    validate(system, config or {}, model, closed_form=closed_form)
     config = dict(config or {})
     rbf_placement(system)  # a system with bad lengths: fail before anything else
-    options = pop_cnf_options(config, train_divergence="hutchinson")
+    options = pop_cnf_options(config, train_divergence="exact" if closed_form else "hutchinson")
     init_scale = float(config.pop("init_scale", DEFAULT_INIT_SCALE))
     dtype = parse_dtype(config.pop("dtype", "float32"), model)
     reject_unknown(config, model, ("init_scale", "dtype"))
@@ -213,7 +314,8 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Si
 
     ``config`` keys: ``init_scale`` (factor on the initial output-layer weights, default 0.1),
     ``dtype`` (``"float32"`` default, or ``"float64"``) and the common CNF settings (``solver``,
-    ``steps``, ``atol``, ``rtol``, ``train_divergence`` default ``"hutchinson"``,
-    ``eval_divergence`` default ``"exact"``).
+    ``steps``, ``atol``, ``rtol``, ``train_divergence`` default ``"exact"`` = the closed form,
+    or ``"closed-form"``, ``"brute-force"``, ``"hutchinson"``; ``eval_divergence`` default
+    ``"exact"``, or ``"closed-form"``, ``"brute-force"``).
     """
     return build_gradient_flow(SimpleGradientFlow, "gradient-flow", system, config)

@@ -89,7 +89,7 @@ class SchNetGradientFlow(GradientFlowBase):
 
 def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
     """Check ``schnet-flow`` settings without building anything (planning calls this)."""
-    validate_gradient_flow(system, config, "schnet-flow")
+    validate_gradient_flow(system, config, "schnet-flow", closed_form=False)
 
 
 @model_builder(capabilities=["cnf", "trainable", "equivariant", "exact-density"], validate=validate)
