@@ -8,7 +8,7 @@ from conftest import run_task_smoke
 
 from eqbench.errors import ConfigError, EqbenchError
 from eqbench.runner import plan_cells
-from eqbench.tasks.timing import ratio_stats
+from eqbench.tasks.timing import model_config_for, ratio_stats
 from eqbench.timing import TimingStats, budget_plan, interleaved_epochs
 
 TRAINABLE = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"]
@@ -96,3 +96,18 @@ def test_reference_is_timed_when_the_model_differs_only_in_settings(tmp_path):
     assert "reference_train_iteration_s" in value
     assert value["train_ratio_to_reference"] == pytest.approx(
         value["train_iteration_s"] / value["reference_train_iteration_s"], rel=1e-12)
+
+
+def test_gradient_flow_is_timed_with_table_2_estimators_unless_told():
+    """Table 2 (paper B.1) trains the simple gradient flow with Hutchinson and samples it by brute
+    force; its closed-form default is timed only when model_config asks for it."""
+    import eqbench
+
+    paper = model_config_for("gradient-flow", {"model_config": {}})
+    flow = eqbench.build_model("gradient-flow", "dw4", paper)
+    assert (flow.train_divergence, flow.eval_divergence) == ("hutchinson", "brute-force")
+    closed = model_config_for("gradient-flow", {"model_config": {"train_divergence": "exact",
+                                                                 "eval_divergence": "exact"}})
+    flow = eqbench.build_model("gradient-flow", "dw4", closed)
+    assert (flow.train_divergence, flow.eval_divergence) == ("exact", "exact") and flow.has_closed_form_divergence
+    assert model_config_for("kernel-flow", {"model_config": {"steps": 5}}) == {"steps": 5}
