@@ -22,7 +22,8 @@ Choices, all documented here because the paper leaves them open:
   embedding"), chosen by the system's kind and lengths (:mod:`eqbench.flows.defaults`): double
   wells 50 centres equispaced over [0, 2 d0] = [0, 8], γ = 0.5; Lennard-Jones the placement SPEC
   §4 gives for the kernel flow, ``μ = rm · sort((linspace(0, 16, 50) - 1.5)² / 32)``,
-  ``γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64)`` (dense around rm = 1, widening outwards); any other
+  ``γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64)`` (densest near 0, 17 of 50 centres below 0.5 rm
+  and 4 in [0.8, 1.3] rm; widening outwards); any other
   system equispaced over its ``pair_distance_range`` with γ = (hi - lo) / 16.
 - **MLP** [50, 64, 32, 1], tanh after both hidden layers: 5,377 parameters, as in C.2. Φ has
   **no time input**: the field is autonomous (the count leaves no room for one).

@@ -68,9 +68,9 @@ exact ``log q`` over the samples where both are finite).
 flow equal to its prior has ESS 1 and reweighted ``⟨u⟩ = (N-1) D / 2``; tests run it end to end.
 
 Cost: sampling with the exact ``log q`` costs one backward pass per coordinate per ODE step for
-flows without a closed-form divergence (gradient flows, nODE), so ``n_samples`` and ``n_test`` are
-profile settings (README timing table: 10,000 LJ-13 samples of the simple gradient flow take ~40
-minutes on one core).
+flows without a closed-form divergence (the SchNet flow, nODE), so ``n_samples`` and ``n_test`` are
+profile settings. The simple gradient flow's pair potential has a closed-form divergence and
+samples at O(N²) cost per evaluation.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Protocol (paper §7.3, C.1-C.5, SPEC §3-§5): for each training-set size ``n_train`` (paper: 10,
 100, 1,000, 10,000) draw that many configurations from the training pool with a permutation
 seeded by the cell's seed, fit the model by maximum likelihood (AdamW, lr 5e-3, weight decay
-0.01, batch 64; models without a closed-form divergence train with one Hutchinson probe), then
+0.01, batch 64; the CNFs without a closed-form divergence, the SchNet flow and the nODE, train
+with one Hutchinson probe), then
 score ``-log q`` with the *exact* divergence on the training set and on the independent test set
 (SPEC §1: nats per configuration on the CoM-free subspace, Gaussian constant included).
 
