@@ -138,6 +138,31 @@ def _lbfgs_direction(
     return -r
 
 
+def _start(system: ParticleSystem, x: torch.Tensor, name: str
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat CoM-free starting positions ``[B, N·D]`` with their energies and gradients; refuses a
+    batch of the wrong shape or with a non-finite starting energy (``name``: the minimiser)."""
+    system.check_shape(x)
+    if x.ndim != 3:
+        raise ValueError(
+            f"{name} expects a batch of shape [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}"
+        )
+    pos = remove_com(x.detach()).reshape(x.shape[0], system.dim).clone()
+    with torch.no_grad():
+        energy, grad = _energy_and_gradient(system, pos)
+    if not torch.isfinite(energy).all():
+        raise ValueError(f"{name}: non-finite energy at some starting configurations")
+    return pos, energy, grad
+
+
+def _result(system: ParticleSystem, pos: torch.Tensor, energy: torch.Tensor, grad: torch.Tensor,
+            steps: torch.Tensor, gtol: float) -> MinimizationResult:
+    """The end positions re-centred, with convergence judged by ``|∇u| < gtol``."""
+    gnorm = grad.norm(dim=-1)
+    out = remove_com(pos.reshape(pos.shape[0], system.n_particles, system.n_dims))
+    return MinimizationResult(x=out, energy=energy, grad_norm=gnorm, converged=gnorm < gtol, steps=steps, gtol=gtol)
+
+
 def minimize(
     system: ParticleSystem,
     x: torch.Tensor,
@@ -167,22 +192,12 @@ def minimize(
     after ``max_steps`` accepted steps. The gradient of a translation-invariant energy has zero
     mean over particles, so iterates stay centre-of-mass free; the result is re-centred anyway.
     """
-    system.check_shape(x)
-    if x.ndim != 3:
-        raise ValueError(
-            f"minimize expects a batch of shape [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}"
-        )
     if max_steps < 0 or gtol <= 0 or memory < 1 or max_displacement <= 0:
         raise ValueError(
             "minimize needs max_steps >= 0, gtol > 0, memory >= 1, max_displacement > 0"
         )
-    x = x.detach()
-    batch, n_coord = x.shape[0], system.dim
-    pos = remove_com(x).reshape(batch, n_coord).clone()
-    with torch.no_grad():
-        energy, grad = _energy_and_gradient(system, pos)
-    if not torch.isfinite(energy).all():
-        raise ValueError("minimize: non-finite energy at some starting configurations")
+    pos, energy, grad = _start(system, x, "minimize")
+    batch, n_coord = pos.shape
     gnorm = grad.norm(dim=-1)
     steps = torch.zeros(batch, dtype=torch.long, device=x.device)
 
@@ -283,11 +298,7 @@ def minimize(
     # Rows still running after max_steps keep their last (lowest-energy) position, unconverged.
     if k:
         pos[idx], energy[idx], grad[idx], steps[idx] = p_c, e_c, g_c, steps_c
-    gnorm = grad.norm(dim=-1)
-    out = remove_com(pos.reshape(batch, system.n_particles, system.n_dims))
-    return MinimizationResult(
-        x=out, energy=energy, grad_norm=gnorm, converged=gnorm < gtol, steps=steps, gtol=gtol
-    )
+    return _result(system, pos, energy, grad, steps, gtol)
 
 
 def gradient_descent(
@@ -313,21 +324,10 @@ def gradient_descent(
     turn into an explosion; near a minimum the cap is never reached). A row whose energy
     becomes non-finite stops and stays unconverged; ``steps`` counts the steps taken.
     """
-    system.check_shape(x)
-    if x.ndim != 3:
-        raise ValueError(
-            f"gradient_descent expects a batch of shape [B, {system.n_particles}, {system.n_dims}], got {list(x.shape)}"
-        )
     if max_steps < 0 or not gtol > 0 or not step > 0 or not max_displacement > 0:
         raise ValueError("gradient_descent needs max_steps >= 0, gtol > 0, step > 0, max_displacement > 0")
-    x = x.detach()
-    batch, n_coord = x.shape[0], system.dim
-    pos = remove_com(x).reshape(batch, n_coord).clone()
-    with torch.no_grad():
-        energy, grad = _energy_and_gradient(system, pos)
-    if not torch.isfinite(energy).all():
-        raise ValueError("gradient_descent: non-finite energy at some starting configurations")
-    steps = torch.zeros(batch, dtype=torch.long, device=x.device)
+    pos, energy, grad = _start(system, x, "gradient_descent")
+    steps = torch.zeros(pos.shape[0], dtype=torch.long, device=x.device)
     idx = (grad.norm(dim=-1) >= gtol).nonzero().squeeze(-1)
     p_c, g_c = pos[idx], grad[idx]
     with torch.no_grad():
@@ -347,11 +347,7 @@ def gradient_descent(
             energy[idx[finite]] = e_t[finite]
             keep = finite & (g_c.norm(dim=-1) >= gtol)
             idx, p_c, g_c = idx[keep], p_c[keep], g_c[keep]
-    gnorm = grad.norm(dim=-1)
-    out = remove_com(pos.reshape(batch, system.n_particles, system.n_dims))
-    return MinimizationResult(
-        x=out, energy=energy, grad_norm=gnorm, converged=gnorm < gtol, steps=steps, gtol=gtol
-    )
+    return _result(system, pos, energy, grad, steps, gtol)
 
 
 def minimize_with(
