@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
     from eqbench.flows.base import Flow
 
-__all__ = ["MODEL_FILE", "SAMPLES_FILE", "ArtifactWriter", "load_model", "load_samples", "load_state",
+__all__ = ["MODEL_FILE", "SAMPLES_FILE", "ArtifactWriter", "load_model", "load_samples",
            "model_payload"]
 
 MODEL_FILE = "model.pt"
@@ -154,37 +154,6 @@ def load_model(path: str | Path, *, device: str = "cpu") -> tuple[Flow, dict[str
                         f"{' '.join(str(exc).split())[:300]}") from exc
     flow = flow.to(device).eval()
     return flow, {k: v for k, v in payload.items() if k != "state_dict"}
-
-
-def load_state(flow: Flow, path: str | Path) -> Flow:
-    """Load a checkpoint into a built ``flow``: an eqbench ``model.pt`` (its ``state_dict``) or
-    a file holding a plain ``state_dict`` (``torch.save(flow.state_dict(), path)``).
-
-    Example:
-        >>> import tempfile, torch, eqbench
-        >>> flow = eqbench.build_model("kernel-flow", "dw2")
-        >>> path = Path(tempfile.mkdtemp()) / "state.pt"
-        >>> torch.save(flow.state_dict(), path)
-        >>> load_state(eqbench.build_model("kernel-flow", "dw2"), path).n_parameters
-        620
-    """
-    import torch
-
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"checkpoint {file} does not exist")
-    try:
-        payload = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(f"cannot read checkpoint {file}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}") from exc
-    state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
-    if not isinstance(state, dict):
-        raise DataError(f"checkpoint {file} holds no state_dict")
-    try:
-        flow.load_state_dict(state)
-    except RuntimeError as exc:
-        raise DataError(f"checkpoint {file} does not fit the model as built: {' '.join(str(exc).split())[:300]}") from exc
-    return flow
 
 
 def load_samples(path: str | Path) -> dict[str, np.ndarray]:

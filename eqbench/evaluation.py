@@ -23,10 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eqbench.artifacts import MODEL_FILE, SAMPLES_FILE, load_model, load_state
+from eqbench.artifacts import MODEL_FILE, SAMPLES_FILE, load_model
 from eqbench.data.diagnostics import sha256_file
 from eqbench.config import apply_overrides
 from eqbench.errors import ConfigError
+from eqbench.flows.flat import load_checkpoint
 from eqbench.planning import CellPlan, check_data_for, check_sample_counts, default_results_dir, seed_list
 from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, TASKS
@@ -94,7 +95,7 @@ def _source(flow: Any, system: str | None, *, name: str | None, checkpoint: str 
         config = dict(model_config or {})
         built = build_model(flow, system, config)
         if checkpoint is not None:
-            load_state(built, checkpoint)
+            load_checkpoint(built, checkpoint)
             source = {"kind": "checkpoint", "path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint)}
         else:
             source = {"kind": "built"}
@@ -103,7 +104,7 @@ def _source(flow: Any, system: str | None, *, name: str | None, checkpoint: str 
         raise ConfigError("evaluate scores a model name, a cell, or a Flow object "
                           f"(with log_prob and sample), got {type(flow).__name__}")
     if checkpoint is not None:
-        load_state(flow, checkpoint)
+        load_checkpoint(flow, checkpoint)
     label = name or type(flow).__name__
     source = {"kind": "object", "type": f"{type(flow).__module__}.{type(flow).__qualname__}",
               "sha256": state_sha256(flow)}

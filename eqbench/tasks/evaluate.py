@@ -85,7 +85,8 @@ class Evaluate(Task):
     def load_flow(self, ctx: CellContext) -> Flow:
         """The flow the cell scores: the object handed over in ``ctx.extras["flow"]``, a cell's
         kept model, a model with a checkpoint, or the model as its builder builds it."""
-        from eqbench.artifacts import load_model, load_state
+        from eqbench.artifacts import load_model
+        from eqbench.flows.flat import load_checkpoint
         from eqbench.components import build_model
 
         if "flow" in ctx.extras:
@@ -96,7 +97,7 @@ class Evaluate(Task):
             return flow
         flow = build_model(ctx.model, ctx.system, ctx.params.get("model_config", {}))
         if source["kind"] == "checkpoint":
-            load_state(flow, source["path"])
+            load_checkpoint(flow, source["path"])
         if source["kind"] == "object":
             raise ConfigError("an object source is scored only by eqbench.evaluate(flow, ...) in Python")
         return flow.to(ctx.device)
