@@ -86,20 +86,20 @@ class Evaluate(Task):
         """The flow the cell scores: the object handed over in ``ctx.extras["flow"]``, a cell's
         kept model, a model with a checkpoint, or the model as its builder builds it."""
         from eqbench.artifacts import load_model
-        from eqbench.flows.flat import load_checkpoint
         from eqbench.components import build_model
+        from eqbench.flows.flat import load_checkpoint
 
         if "flow" in ctx.extras:
             return ctx.extras["flow"]
         source = ctx.params["source"]
+        if source["kind"] == "object":
+            raise ConfigError("an object source is scored only by eqbench.evaluate(flow, ...) in Python")
         if source["kind"] == "cell":
             flow, _ = load_model(source["path"], device=ctx.device)
             return flow
         flow = build_model(ctx.model, ctx.system, ctx.params.get("model_config", {}))
         if source["kind"] == "checkpoint":
             load_checkpoint(flow, source["path"])
-        if source["kind"] == "object":
-            raise ConfigError("an object source is scored only by eqbench.evaluate(flow, ...) in Python")
         return flow.to(ctx.device)
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
