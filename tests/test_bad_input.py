@@ -52,7 +52,7 @@ sys.modules["bad_input_plugins"] = PLUGINS
 # ------------------------------------------------------------------------------- model settings
 MODEL_CONFIG_CASES = [
     # (model, model_config, what the one line must say)
-    ("kernel-flow", {"foo": 1}, r"unknown kernel-flow settings: foo; valid: atol, dtype, .*steps"),
+    ("kernel-flow", {"foo": 1}, r"unknown kernel-flow settings: foo; valid: atol, bandwidths, dtype, .*steps"),
     ("node", {"dtype": "float16"}, r"node setting dtype must be one of float32, float64; got 'float16'"),
     ("node", {"init_scale": float("inf")}, r"node setting init_scale must be positive \(a finite number > 0\); got inf"),
     ("gradient-flow", {"init_scale": float("inf")}, r"init_scale must be positive \(a finite number > 0\); got inf"),

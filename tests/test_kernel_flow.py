@@ -57,8 +57,13 @@ def reference_velocity(flow: KernelFlow, t: torch.Tensor, x: torch.Tensor) -> to
     kd = torch.softmax(-(d.unsqueeze(-1) - flow.distance_centres).square() * g, dim=-1)
     b2 = torch.exp(-2 * flow.log_time_bandwidths)
     rt = torch.softmax(-(t - flow.time_centres).square() * b2, dim=-1)
-    # φ(d, t) = Σ_l R_l(t) [Σ_k W_lk K_k(d) + b_l] + Σ_k c_k K_k(d), literally
-    phi = torch.einsum("l,lk,bijk->bij", rt, flow.weight, kd) + rt @ flow.time_bias + kd @ flow.distance_bias
+    c = flow.distance_bias
+    if flow.offset == "radial":
+        # φ(d, t) = Σ_l R_l(t) [Σ_k W_lk K_k(d) + b_l] + Σ_k c_k K_k(d), literally
+        phi = torch.einsum("l,lk,bijk->bij", rt, flow.weight, kd) + rt @ flow.time_bias + kd @ c
+    else:
+        # the authors' code: φ(d, t) = Σ_l R_l(t) [Σ_k (K_k(d) + c_k²) W_lk + b_l], literally
+        phi = torch.einsum("l,lk,bijk->bij", rt, flow.weight, kd + c.square()) + rt @ flow.time_bias
     return (phi.unsqueeze(-1) * r).sum(2)
 
 
@@ -104,9 +109,12 @@ def test_default_kernel_placement():
     assert torch.allclose(gamma, 0.3 + 3 * (mu - 1.5) ** 2 / 64)
     # bandwidths narrowest near r_m (paper C.1), widening towards the interval bounds
     assert 1.0 < float(mu[torch.argmin(gamma)]) < 2.0 and float(gamma[-1]) > 4 * float(gamma.min())
-    # time bandwidths narrowest at t = 0.5, widest at the ends
+    # time bandwidths narrowest at t = 0.5, widest at the ends: the authors' code by default
+    # ((0.3 + 0.5 (ν - 0.5)²) / √10), eqbench's former rule on request (0.15 + 0.6 (ν - 0.5)²)
     assert float(beta.min()) < float(beta[0]) and torch.allclose(beta, beta.flip(0))
-    assert abs(float(beta[0]) - 0.3) < 1e-12
+    assert abs(float(beta[0]) - 0.425 / math.sqrt(10)) < 1e-12
+    former = default_kernels(make_lj13(), time_bandwidths="eqbench")["time_bandwidths"]
+    assert abs(float(former[0]) - 0.3) < 1e-12 and float(former.min()) < float(former[0])
 
 
 def test_build_options_and_errors():
@@ -128,10 +136,63 @@ def test_build_options_and_errors():
     assert torch.equal(dw8.distance_centres, torch.linspace(0, 8, 50, dtype=F64).float())
 
 
+def test_text_and_code_options():
+    """bandwidths / time_bandwidths / offset (module docstring "Text, code and defaults")."""
+    lj = make_lj13()
+    default = build(lj, {})
+    assert (default.bandwidths, default.offset) == ("trainable", "paper-code")
+    expected = (0.3 + 0.5 * (torch.linspace(0, 1, 10, dtype=F64) - 0.5) ** 2) / math.sqrt(10)
+    assert torch.allclose(default.log_time_bandwidths.detach().double().exp(), expected, rtol=1e-6, atol=0)
+    # fixed bandwidths: buffers under the same state_dict names, 560 trainable scalars
+    fixed = build(lj, {"bandwidths": "fixed"})
+    assert fixed.n_parameters == 560 and sum(p.numel() for p in fixed.parameters()) == 560
+    assert {"log_distance_bandwidths", "log_time_bandwidths"} <= {n for n, _ in fixed.named_buffers()}
+    assert set(fixed.state_dict()) == set(default.state_dict())
+    with pytest.raises(ConfigError, match="bandwidths must be one of trainable, fixed"):
+        build(lj, {"bandwidths": "frozen"})
+    with pytest.raises(ConfigError, match="time_bandwidths must be one of paper-code, eqbench"):
+        build(lj, {"time_bandwidths": "paper"})
+    with pytest.raises(ConfigError, match="offset must be one of paper-code, radial"):
+        build(lj, {"offset": "none"})
+
+
+def test_fixed_bandwidths_stay_fixed_in_training():
+    """An optimiser step moves W, b, c but not the bandwidths of a fixed-bandwidth flow."""
+    s = make_dw4()
+    torch.manual_seed(0)
+    flow = build(s, {"bandwidths": "fixed", "dtype": "float64", "init_scale": 0.1, "steps": 4})
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    opt = torch.optim.AdamW(flow.parameters(), lr=1e-2)
+    loss = -flow.log_prob(configurations(8, 4, 2, 2.0)).mean()
+    loss.backward()
+    opt.step()
+    after = flow.state_dict()
+    for name in ("log_distance_bandwidths", "log_time_bandwidths"):
+        assert torch.equal(after[name], before[name]), name
+    for name in ("weight", "time_bias", "distance_bias"):
+        assert not torch.equal(after[name], before[name]), name
+
+
+def test_paper_code_offset_is_constant_in_distance():
+    """The authors' (K + c²) W: c shifts φ(·, t) by a constant in d; the radial offset does not."""
+    d = torch.linspace(0.3, 7.0, 9, dtype=F64)
+    tt = torch.tensor(0.4, dtype=F64)
+    for offset, constant in (("paper-code", True), ("radial", False)):
+        flow = make_flow("dw4", offset=offset)
+        base = flow.coupling(d, tt)
+        with torch.no_grad():
+            flow.distance_bias.add_(torch.linspace(0.5, 1.5, 50, dtype=F64))
+        shift = flow.coupling(d, tt) - base
+        spread = float((shift.max() - shift.min()).detach())
+        assert (spread < 1e-12) == constant, (offset, spread)
+        assert float(shift.detach().abs().max()) > 1e-3
+
+
 # ----------------------------------------------------------------------------- the field
+@pytest.mark.parametrize("offset", ["paper-code", "radial"])
 @pytest.mark.parametrize("system", ["dw4", "lj13"])
-def test_velocity_matches_independent_reference(system):
-    flow = make_flow(system)
+def test_velocity_matches_independent_reference(system, offset):
+    flow = make_flow(system, offset=offset)
     s = SYSTEMS[system]()
     x = configurations(5, s.n_particles, s.n_dims, SCALE[system])
     for t in (0.0, 0.3, 1.0):
@@ -154,13 +215,14 @@ def test_velocity_matches_independent_reference(system):
     [("dw4", None, None), ("lj13", None, None), ("dw4", 32, 15.0), ("lj13", 32, 10.0), ("dw4", 64, 20.0),
      ("lj13", 64, 20.0)],
 )
-def test_closed_form_divergence_equals_autograd_trace(system, n_particles, scale):
+@pytest.mark.parametrize("offset", ["paper-code", "radial"])
+def test_closed_form_divergence_equals_autograd_trace(system, n_particles, scale, offset):
     """Typical configurations, and spread-out ones where most distances lie far beyond the kernels.
 
     A published implementation gets the quotient rule of the normalisation wrong there (off by
     ~5 at 32 particles, ~40 at 64; SPEC §4); here the closed form must match to round-off.
     """
-    flow = make_flow(system)
+    flow = make_flow(system, offset=offset)
     s = SYSTEMS[system]()
     n = n_particles or s.n_particles
     x = configurations(3 if scale is None else 1, n, s.n_dims, scale or SCALE[system], seed=n)
@@ -302,7 +364,7 @@ def test_round_trip_with_dto_solver():
     steps, 9.4e-7 at 40, 2.9e-8 at 80 (factor ~32 per halving); log-det mismatch 2.2e-4 / 6.9e-6 /
     2.1e-7. Tolerances are ~3-5x the measured errors.
     """
-    flow = make_flow("dw4", init_scale=0.3).eval()
+    flow = make_flow("dw4", init_scale=0.3, offset="radial").eval()  # the measured numbers above
     z = flow.prior.sample(8, generator=torch.Generator().manual_seed(0), dtype=F64)
     errors = {}
     for steps, tol_z, tol_ld in ((20, 1e-4, 1e-3), (40, 4e-6, 3e-5)):
@@ -325,7 +387,7 @@ def test_forward_logdet_equals_brute_force_jacobian():
     discretisation error: measured 1.7e-6 at 20 steps, 1.2e-7 at 40, 8e-9 at 80 (init_scale 0.3,
     DW-4, log det ~ -1.2).
     """
-    flow = make_flow("dw4", init_scale=0.3).eval()
+    flow = make_flow("dw4", init_scale=0.3, offset="radial").eval()  # the measured numbers above
     z = flow.prior.sample(1, generator=torch.Generator().manual_seed(1), dtype=F64)
     n, dims = 4, 2
     p = torch.eye(n, dtype=F64) - 1.0 / n

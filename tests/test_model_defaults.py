@@ -80,7 +80,9 @@ NEW_SYSTEMS = {
 def test_paper_kernel_and_rbf_placements_are_unchanged(name):
     system = eqbench.get_system(name)
     pinned = PAPER["systems"][name]
-    kernels = kernel_flow.default_kernels(system)
+    # The pinned LJ time bandwidths are eqbench's former rule (now time_bandwidths = "eqbench"; the
+    # default became the authors' code, test_paper_code_time_bandwidths_in_words).
+    kernels = kernel_flow.default_kernels(system, time_bandwidths="eqbench")
     assert set(kernels) == set(pinned["kernel_flow_kernels"])
     for key, values in pinned["kernel_flow_kernels"].items():
         assert kernels[key].dtype == F64 and torch.equal(kernels[key], torch.tensor(values, dtype=F64)), key
@@ -95,7 +97,10 @@ def test_paper_models_are_built_as_before(model, name):
     """Parameter counts (620, 5,377, 9,857, 4,740 / 5,256 / 21,671, 71,712 / 75,840 / 215,680, 1),
     every tensor's shape and dtype, widths, blocks and solver settings, as captured."""
     pinned = PAPER["systems"][name]["models"][model]
-    flow = eqbench.build_model(model, name)
+    # kernel-flow: the settings it had when pinned (the authors'-code defaults change only the LJ
+    # time bandwidths' values and how the offsets c enter, not any shape or count).
+    config = {"time_bandwidths": "eqbench", "offset": "radial"} if model == "kernel-flow" else None
+    flow = eqbench.build_model(model, name, config)
     state = flow.state_dict()
     assert flow.n_parameters == pinned["n_parameters"]
     assert {k: list(v.shape) for k, v in state.items()} == pinned["shapes"]
@@ -133,7 +138,23 @@ def test_paper_placements_in_words():
     assert torch.equal(lj["distance_centres"], unit)
     assert torch.equal(lj["distance_bandwidths"], 0.3 + 3 * (unit - 1.5) ** 2 / 64)
     nu = torch.linspace(0, 1, 10, dtype=F64)
-    assert torch.equal(lj["time_centres"], nu) and torch.equal(lj["time_bandwidths"], 0.15 + 0.6 * (nu - 0.5) ** 2)
+    former = kernel_flow.default_kernels(eqbench.get_system("lj13"), time_bandwidths="eqbench")
+    assert torch.equal(former["time_centres"], nu)
+    assert torch.equal(former["time_bandwidths"], 0.15 + 0.6 * (nu - 0.5) ** 2)
+
+
+def test_paper_code_time_bandwidths_in_words():
+    """The default LJ time bandwidths are the authors' code, (0.3 + 0.5 (ν - 0.5)²) / √10 (SPEC §4):
+    0.1344 at both ends, 0.0954 at the centres next to t = 0.5; DW keeps 0.3 under both rules."""
+    nu = torch.linspace(0, 1, 10, dtype=F64)
+    lj = kernel_flow.default_kernels(eqbench.get_system("lj13"))
+    assert torch.equal(lj["time_centres"], nu)
+    assert torch.allclose(lj["time_bandwidths"], (0.3 + 0.5 * (nu - 0.5) ** 2) / 10 ** 0.5, rtol=0, atol=1e-15)
+    assert lj["time_bandwidths"][0] == pytest.approx(0.134397, abs=1e-6)
+    assert lj["time_bandwidths"].min() == pytest.approx(0.095356, abs=1e-6)
+    for rule in ("paper-code", "eqbench"):
+        dw = kernel_flow.default_kernels(eqbench.get_system("dw4"), time_bandwidths=rule)
+        assert torch.all(dw["time_bandwidths"] == 0.3)
 
 
 def test_defaults_come_from_the_kind_not_the_name():

@@ -23,8 +23,11 @@ embedding"), :func:`distance_kernel_placement`:
   ``other``.
 
 **Time kernels** of the kernel flow (C.1), :func:`time_kernel_placement`: centres
-``linspace(0, 1)``; bandwidths 0.15 + 0.6 (ν - 0.5)² for ``lennard-jones`` (eqbench's LJ-13
-choice, narrower mid-integration), 0.3 (the DW-4 value) otherwise.
+``linspace(0, 1)``; bandwidths for ``lennard-jones`` by one of :data:`TIME_BANDWIDTH_RULES`: the
+authors' code, ``(0.3 + 0.5 (ν - 0.5)²) / √10`` (0.095 at t = 0.5 to 0.134 at the ends; the
+default, since the paper's text only gives the shape, "narrower around t = 0.5"), or eqbench's
+former choice ``0.15 + 0.6 (ν - 0.5)²`` (0.15 to 0.30); 0.3 (the DW-4 value, text and code)
+for every other kind under either rule.
 
 **Widths by dimension** (node, real NVP; paper C.3, C.5), :func:`paper_width`,
 :func:`is_large`: the paper gives two points, N·D = 8 (DW-4: node [64, 64], real NVP 8 blocks)
@@ -50,6 +53,7 @@ from eqbench.systems.base import ParticleSystem
 __all__ = [
     "LARGE_DIMENSION",
     "PAPER_WIDTH",
+    "TIME_BANDWIDTH_RULES",
     "distance_kernel_placement",
     "is_large",
     "paper_width",
@@ -58,6 +62,8 @@ __all__ = [
 
 #: Hidden width of the paper's MLPs (C.3, C.5).
 PAPER_WIDTH = 64
+#: Rules for the kernel flow's Lennard-Jones time bandwidths (:func:`time_kernel_placement`).
+TIME_BANDWIDTH_RULES = ("paper-code", "eqbench")
 #: N·D above which a system gets the paper's LJ-13 architecture rather than its DW-4 one.
 LARGE_DIMENSION = 32
 
@@ -92,18 +98,31 @@ def distance_kernel_placement(system: ParticleSystem, n_kernels: int) -> tuple[t
     return mu, torch.full((n_kernels,), (hi - lo) / 16.0, dtype=f64)
 
 
-def time_kernel_placement(system: ParticleSystem, n_kernels: int) -> tuple[torch.Tensor, torch.Tensor]:
+def time_kernel_placement(system: ParticleSystem, n_kernels: int,
+                          rule: str = "paper-code") -> tuple[torch.Tensor, torch.Tensor]:
     """Centres ``ν`` and bandwidths ``β`` (float64) of the kernel flow's time kernels on [0, 1].
 
-    ``lennard-jones``: ``β = 0.15 + 0.6 (ν - 0.5)²`` (0.15 mid-integration, 0.3 at the ends; the
-    paper, C.1, only says narrower in the middle); every other kind: β = 0.3 (DW-4, C.1). Time is
-    dimensionless, so nothing here scales with the system's lengths.
+    ``lennard-jones``: ``rule = "paper-code"`` (default) gives the authors' code,
+    ``β = (0.3 + 0.5 (ν - 0.5)²) / √10`` (0.095 at t = 0.5, 0.134 at the ends); ``"eqbench"``
+    gives ``β = 0.15 + 0.6 (ν - 0.5)²`` (0.15 to 0.30). The paper's text (C.1) gives only the
+    shape, narrower around t = 0.5, which both satisfy. Every other kind: β = 0.3 (DW-4, C.1)
+    under either rule. Time is dimensionless, so nothing here scales with the system's lengths.
+
+    Example:
+        >>> import eqbench
+        >>> nu, beta = time_kernel_placement(eqbench.get_system("lj13"), 10)
+        >>> round(float(beta[0]), 4), round(float(beta.min()), 4)
+        (0.1344, 0.0954)
     """
     if n_kernels < 2:
         raise ConfigError(f"at least 2 time kernels are needed, got {n_kernels}")
+    if rule not in TIME_BANDWIDTH_RULES:
+        raise ConfigError(f"time_bandwidths must be one of {', '.join(TIME_BANDWIDTH_RULES)}; got {rule!r}")
     f64 = torch.float64
     nu = torch.linspace(0.0, 1.0, n_kernels, dtype=f64)
     if system.kind == "lennard-jones":
+        if rule == "paper-code":
+            return nu, (0.3 + 0.5 * (nu - 0.5) ** 2) / math.sqrt(10.0)
         return nu, 0.15 + 0.6 * (nu - 0.5) ** 2
     return nu, torch.full((n_kernels,), 0.3, dtype=f64)
 

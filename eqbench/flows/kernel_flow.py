@@ -10,11 +10,34 @@ The coupling ``φ`` mixes normalised radial basis functions of the distance and 
 
     K_k(d) = g_k(d) / Σ_m g_m(d),    g_k(d) = exp(-(d - μ_k)² / γ_k²)      (50 kernels)
     R_l(t) = h_l(t) / Σ_m h_m(t),    h_l(t) = exp(-(t - ν_l)² / β_l²)       (10 kernels)
-    φ(d, t) = Σ_l R_l(t) [Σ_k W_lk K_k(d) + b_l] + Σ_k c_k K_k(d)  =  Σ_k K_k(d) w_k(t),
-    w_k(t) = Σ_l R_l(t) (W_lk + b_l) + c_k                        (Σ_k K_k = 1).
+    φ(d, t) = Σ_l R_l(t) [Σ_k (K_k(d) + c_k²) W_lk + b_l]          (offset = "paper-code")
+    φ(d, t) = Σ_l R_l(t) [Σ_k W_lk K_k(d) + b_l] + Σ_k c_k K_k(d)  (offset = "radial")
 
-Centres are fixed buffers; the bandwidths are trainable and stored as logs. Parameters:
-W (10 x 50), 50 log-bandwidths γ, 10 log-bandwidths β, 50 offsets c, 10 biases b: 620.
+Both are ``φ = Σ_k K_k(d) w_k(t)`` (Σ_k K_k = 1) with ``w_k(t) = Σ_l R_l(t) (W_lk + b'_l) + c'_k``:
+``b'_l = b_l + Σ_k c_k² W_lk``, ``c' = 0`` for the authors' offset, ``b' = b``, ``c' = c`` for the
+radial one. Centres are fixed buffers; the bandwidths are stored as logs, trainable by default.
+Parameters: W (10 x 50), 50 log-bandwidths γ, 10 log-bandwidths β, 50 offsets c, 10 biases b:
+620 (560 with ``bandwidths = "fixed"``, where the log-bandwidths are buffers).
+
+**Text, code and defaults** (paper C.1; SPEC §4 records the authors' code, en_flows
+``dw4_experiment/models.py`` and eqnode ``KernelDynamics``). Each difference is a setting; the
+default follows the paper's text where it is explicit and the authors' code where it is silent:
+
+- ``bandwidths``: ``"trainable"`` (default) or ``"fixed"``. C.1 says the kernel flow's
+  bandwidths "were optimized during the training process" for DW-4 and LJ-13 (and counts 620
+  trainable parameters), as does the code. (C.2 says the *gradient flows'* RBF bandwidths "were
+  not optimized".) ``"fixed"`` is offered to measure what training them buys.
+- ``time_bandwidths`` (Lennard-Jones only): ``"paper-code"`` (default) is the code's
+  ``(0.3 + 0.5 (ν - 0.5)²) / √10`` (0.095-0.134); ``"eqbench"`` is eqbench's former
+  ``0.15 + 0.6 (ν - 0.5)²`` (0.15-0.30). The text gives only the shape ("narrower bandwidths
+  around t = 0.5"), which both have, so the code decides. DW systems: 0.3 under both (text, code).
+- ``offset``: ``"paper-code"`` (default) is the code's ``(K + c²) W``, constant in d (the 50
+  "per-distance-kernel" parameters only shift each time kernel's bias by Σ_k c_k² W_lk; starting
+  from small c their gradient is small, 2 c_k Σ_l R_l W_lk). ``"radial"`` is eqbench's former
+  time-independent radial term ``Σ_k c_k K_k(d)``. The text is silent beyond the count 620.
+- Distance centres and bandwidths: the code's placement (:mod:`eqbench.flows.defaults`); the
+  text's "[0, 16] concentrated around rm = 1" does not describe it (17 of 50 centres lie below
+  0.5 rm, 4 in [0.8, 1.3] rm) and gives no numbers, so the code decides.
 
 Closed-form divergence (paper, equation after (1); A.4 eq. (21)). The Jacobian block of particle
 i with respect to itself is Σ_{j≠i} [φ'(d_ij) r_ij r_ijᵀ / d_ij + φ(d_ij) I], whose trace is
@@ -75,21 +98,28 @@ from torch.autograd.function import once_differentiable
 from eqbench.capabilities import model_builder
 from eqbench.errors import ConfigError
 from eqbench.flows.cnf import CNF, SolverConfig, cnf_settings, parse_dtype, pop_cnf_options, reject_unknown
-from eqbench.flows.settings import Setting, check_settings, dtype_setting, integer, number
-from eqbench.flows.defaults import distance_kernel_placement, time_kernel_placement
+from eqbench.flows.settings import Setting, check_settings, choice, dtype_setting, integer, number
+from eqbench.flows.defaults import TIME_BANDWIDTH_RULES, distance_kernel_placement, time_kernel_placement
 from eqbench.geometry import pair_indices
 from eqbench.systems.base import SYMMETRIES, ParticleSystem
 
-__all__ = ["KERNEL_FLOW_OPTIONS", "SETTINGS", "KernelFlow", "build", "default_kernels", "validate"]
+__all__ = ["BANDWIDTH_MODES", "KERNEL_FLOW_OPTIONS", "OFFSETS", "SETTINGS", "KernelFlow", "build", "default_kernels",
+           "validate"]
 
 #: Settings of ``build`` besides the common CNF ones.
-KERNEL_FLOW_OPTIONS = ("n_distance_kernels", "n_time_kernels", "init_scale", "dtype")
+KERNEL_FLOW_OPTIONS = ("n_distance_kernels", "n_time_kernels", "init_scale", "dtype", "bandwidths",
+                       "time_bandwidths", "offset")
+#: ``bandwidths``: whether the kernel bandwidths are trained (paper C.1) or kept at their start.
+BANDWIDTH_MODES = ("trainable", "fixed")
+#: ``offset``: how the 50 per-distance-kernel parameters c enter φ (module docstring).
+OFFSETS = ("paper-code", "radial")
 
 #: Softmax entries are floored at exp(-_LOG_FLOOR) times the pair's largest entry (module docstring).
 _LOG_FLOOR = 60.0
 
 
-def default_kernels(system: ParticleSystem, n_distance_kernels: int = 50, n_time_kernels: int = 10) -> dict[str, torch.Tensor]:
+def default_kernels(system: ParticleSystem, n_distance_kernels: int = 50, n_time_kernels: int = 10,
+                    time_bandwidths: str = "paper-code") -> dict[str, torch.Tensor]:
     """Kernel centres and initial bandwidths (float64) for ``system``, from its kind and lengths
     (paper C.1, SPEC §4; the rules are in :mod:`eqbench.flows.defaults`).
 
@@ -97,10 +127,10 @@ def default_kernels(system: ParticleSystem, n_distance_kernels: int = 50, n_time
       distances ``[0, 2 d0] = [0, 8]``, γ = 0.5; time bandwidths β = 0.3.
     - Lennard-Jones (LJ-13, and any ``lj<N>``): distance centres
       ``rm · sort((linspace(0, 16) - 1.5)² / 32)`` (densest near 0: 17 of 50 centres lie below
-      0.5 rm and only 4 in [0.8, 1.3] rm around the LJ minimum; sparser towards ~6.6 rm), γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64). The paper only says the time
-      bandwidths are narrower near t = 0.5 and wider towards the ends; eqbench uses
-      β = 0.15 + 0.6 (ν - 0.5)², i.e. 0.15 at t = 0.5 rising quadratically to 0.30 (the DW
-      value) at t = 0 and 1, the same quadratic shape as the distance bandwidths.
+      0.5 rm and only 4 in [0.8, 1.3] rm around the LJ minimum; sparser towards ~6.6 rm),
+      γ = rm (0.3 + 3 (μ/rm - 1.5)² / 64). Time bandwidths by ``time_bandwidths``: the authors'
+      code ``(0.3 + 0.5 (ν - 0.5)²) / √10`` (``"paper-code"``, default) or eqbench's former
+      ``0.15 + 0.6 (ν - 0.5)²`` (``"eqbench"``); the paper only says narrower near t = 0.5.
     - harmonic and ``other``: as the double well, over the system's ``pair_distance_range``
       with γ = (hi - lo) / 16.
 
@@ -111,12 +141,12 @@ def default_kernels(system: ParticleSystem, n_distance_kernels: int = 50, n_time
             f"kernel-flow needs at least 2 distance and 2 time kernels, got {n_distance_kernels} and {n_time_kernels}"
         )
     distance_centres, distance_bandwidths = distance_kernel_placement(system, n_distance_kernels)
-    time_centres, time_bandwidths = time_kernel_placement(system, n_time_kernels)
+    time_centres, time_widths = time_kernel_placement(system, n_time_kernels, time_bandwidths)
     return {
         "distance_centres": distance_centres,
         "distance_bandwidths": distance_bandwidths,
         "time_centres": time_centres,
-        "time_bandwidths": time_bandwidths,
+        "time_bandwidths": time_widths,
     }
 
 
@@ -294,6 +324,8 @@ class KernelFlow(CNF):
         time_bandwidths: torch.Tensor,
         init_scale: float = 1e-3,
         dtype: torch.dtype | None = None,
+        bandwidths: str = "trainable",
+        offset: str = "paper-code",
         solver: SolverConfig | None = None,
         train_divergence: str = "exact",
         eval_divergence: str = "exact",
@@ -307,8 +339,20 @@ class KernelFlow(CNF):
             raise ConfigError("kernel-flow: bandwidths must be positive")
         self.register_buffer("distance_centres", distance_centres.to(dtype).clone())
         self.register_buffer("time_centres", time_centres.to(dtype).clone())
-        self.log_distance_bandwidths = nn.Parameter(distance_bandwidths.to(dtype).log())
-        self.log_time_bandwidths = nn.Parameter(time_bandwidths.to(dtype).log())
+        if bandwidths not in BANDWIDTH_MODES:
+            raise ConfigError(f"kernel-flow: bandwidths must be one of {', '.join(BANDWIDTH_MODES)}; got {bandwidths!r}")
+        if offset not in OFFSETS:
+            raise ConfigError(f"kernel-flow: offset must be one of {', '.join(OFFSETS)}; got {offset!r}")
+        self.bandwidths = bandwidths
+        self.offset = offset
+        log_widths = {"log_distance_bandwidths": distance_bandwidths.to(dtype).log(),
+                      "log_time_bandwidths": time_bandwidths.to(dtype).log()}
+        for name, value in log_widths.items():
+            # Fixed bandwidths are buffers: in the state_dict under the same names, never trained.
+            if bandwidths == "trainable":
+                setattr(self, name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value.clone())
         # Near-identity start: φ ≈ 0, so v is small. Not exactly zero: with W = b = c = 0 every
         # gradient of the bandwidths vanishes (K and R are normalised, so φ would not depend on
         # them), and with W = c = 0 alone the distance bandwidths still get none. Small random
@@ -341,10 +385,18 @@ class KernelFlow(CNF):
         g = torch.exp(-2.0 * self.log_distance_bandwidths)
         return torch.softmax(-(d.unsqueeze(-1) - self.distance_centres).square() * g, dim=-1)
 
+    def _biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(b', c')`` with ``w(t) = R(t) (W + b' 1ᵀ) + c'`` (module docstring): the authors'
+        offset folds ``Σ_k c_k² W_lk`` into the time biases; the radial one adds ``c``."""
+        if self.offset == "paper-code":
+            return self.time_bias + self.weight @ self.distance_bias.square(), torch.zeros_like(self.distance_bias)
+        return self.time_bias, self.distance_bias
+
     def kernel_weights(self, t: torch.Tensor | float) -> torch.Tensor:
-        """``w(t)`` with ``φ(d, t) = K(d) · w(t)``: ``R(t) (W + b 1ᵀ) + c``, shape ``[K]``."""
+        """``w(t)`` with ``φ(d, t) = K(d) · w(t)``: ``R(t) (W + b' 1ᵀ) + c'``, shape ``[K]``."""
         t = self._scalar_time(torch.as_tensor(t, dtype=self.weight.dtype, device=self.weight.device))
-        return self.time_kernels(t) @ (self.weight + self.time_bias.unsqueeze(-1)) + self.distance_bias
+        time_bias, distance_bias = self._biases()
+        return self.time_kernels(t) @ (self.weight + time_bias.unsqueeze(-1)) + distance_bias
 
     def coupling(self, d: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         """``φ(d, t)`` for distances of any shape (reference implementation, for tests and plots)."""
@@ -363,10 +415,10 @@ class KernelFlow(CNF):
         g = torch.exp(-2.0 * self.log_distance_bandwidths)
         gm = g * mu
         coef = torch.stack((-g, 2.0 * gm, -gm * mu), dim=1)
-        wb = self.weight + self.time_bias.unsqueeze(-1)  # [L, K]
+        time_bias, c = self._biases()
+        wb = self.weight + time_bias.unsqueeze(-1)  # [L, K]
         wb_mean = wb.mean(-1, keepdim=True)
         wb_c = wb - wb_mean
-        c = self.distance_bias
         c_mean = c.mean(-1, keepdim=True)
         c_c = c - c_mean
         two_g, two_gm = 2.0 * g, 2.0 * gm
@@ -432,7 +484,8 @@ class KernelFlow(CNF):
     def extra_repr(self) -> str:
         return (
             f"system={self.system_name}, distance_kernels={self.n_distance_kernels}, "
-            f"time_kernels={self.n_time_kernels}, solver={self.solver}"
+            f"time_kernels={self.n_time_kernels}, bandwidths={self.bandwidths}, offset={self.offset}, "
+            f"solver={self.solver}"
         )
 
 
@@ -443,6 +496,9 @@ SETTINGS = {
     "n_time_kernels": Setting(integer(2).check, "an integer >= 2 (at least 2 distance and 2 time kernels)"),
     "init_scale": number(at_least=0.0),
     "dtype": dtype_setting(),
+    "bandwidths": choice(*BANDWIDTH_MODES),
+    "time_bandwidths": choice(*TIME_BANDWIDTH_RULES),
+    "offset": choice(*OFFSETS),
 }
 
 
@@ -458,9 +514,18 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Ke
     ``config`` accepts the common CNF settings (:data:`eqbench.flows.cnf.CNF_OPTIONS`; training
     uses the exact closed-form divergence by default) and ``n_distance_kernels`` (50),
     ``n_time_kernels`` (10), ``init_scale`` (1e-3: standard deviation of the random initial W, b,
-    c) and ``dtype`` (``float32`` default, or ``float64``). The defaults give the paper's 620
-    parameters on every system; the kernel placement follows the system's kind and lengths
-    (:func:`default_kernels`), so the flow builds for any system.
+    c), ``dtype`` (``float32`` default, or ``float64``), and the text-vs-code choices of the
+    module docstring: ``bandwidths`` (``"trainable"``, paper C.1 | ``"fixed"``),
+    ``time_bandwidths`` (``"paper-code"`` | ``"eqbench"``, Lennard-Jones only) and ``offset``
+    (``"paper-code"`` | ``"radial"``). The defaults give the paper's 620 parameters on every
+    system; the kernel placement follows the system's kind and lengths (:func:`default_kernels`),
+    so the flow builds for any system.
+
+    Example:
+        >>> import eqbench
+        >>> flow = build(eqbench.get_system("lj13"), {"bandwidths": "fixed", "offset": "radial"})
+        >>> flow.n_parameters, flow.offset
+        (560, 'radial')
     """
     validate(system, config or {})
     config = dict(config or {})
@@ -469,6 +534,10 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Ke
     n_time = config.pop("n_time_kernels", 10)
     init_scale = float(config.pop("init_scale", 1e-3))
     dtype = parse_dtype(config.pop("dtype", "float32"), "kernel-flow")
+    bandwidths = config.pop("bandwidths", "trainable")
+    offset = config.pop("offset", "paper-code")
+    time_bandwidths = config.pop("time_bandwidths", "paper-code")
     reject_unknown(config, "kernel-flow", KERNEL_FLOW_OPTIONS)
-    kernels = default_kernels(system, n_distance, n_time)
-    return KernelFlow(system, init_scale=init_scale, dtype=dtype, **kernels, **options)
+    kernels = default_kernels(system, n_distance, n_time, time_bandwidths)
+    return KernelFlow(system, init_scale=init_scale, dtype=dtype, bandwidths=bandwidths, offset=offset, **kernels,
+                      **options)
