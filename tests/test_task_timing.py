@@ -20,8 +20,12 @@ def test_smoke_every_trainable_model(model, tmp_path):
         "timing", model, "dw4", tmp_path,
         expect_metrics=("train_iteration_s", "train_iteration_s_std", "sample_iteration_s", "sample_iteration_s_std",
                         "train_ratio_to_reference", "sample_ratio_to_reference", "n_parameters"))
+    # one cell per model; the simple gradient flow also gets its closed-form row
+    variants = sorted(table["variant"].fillna("").unique())
+    assert variants == (["", "closed-form"] if model == "gradient-flow" else [""])
+    table = table[table["variant"].fillna("") == ""]
     value = table.set_index("metric")["value"]
-    params = results[0].config["params"]
+    params = next(c for c in results if c.config["params"]["estimators"] == "table-2").config["params"]
     for phase in ("train", "sample"):
         assert value[f"{phase}_iteration_s"] > 0
         assert value[f"{phase}_timed_iterations"] == params[f"{phase}_epochs"] * params[f"{phase}_iterations"]
@@ -31,6 +35,26 @@ def test_smoke_every_trainable_model(model, tmp_path):
         else:  # the ratio is the ratio of the recorded means, measured in the same cell
             assert ratio == pytest.approx(value[f"{phase}_iteration_s"] / value[f"reference_{phase}_iteration_s"],
                                           rel=1e-12)
+
+
+def test_estimators_axis_times_table_2_and_the_closed_form():
+    """Table 2's estimators for the Table 2 row; the closed form for the gradient flow's second row
+    (variant "closed-form"); no second row for a model whose default already is Table 2's."""
+    plans = plan_cells("timing", "gradient-flow", "dw4", "smoke")
+    by = {p.params["estimators"]: p for p in plans}
+    assert set(by) == {"table-2", "closed-form"}
+    assert by["closed-form"].params["variant"] == "closed-form" and by["table-2"].params["variant"] == ""
+    assert model_config_for("gradient-flow", by["table-2"].params) == {"train_divergence": "hutchinson",
+                                                                       "eval_divergence": "brute-force"}
+    assert model_config_for("gradient-flow", by["closed-form"].params) == {"train_divergence": "exact",
+                                                                           "eval_divergence": "exact"}
+    for model in ("kernel-flow", "schnet-flow", "node"):
+        assert [p.params["estimators"] for p in plan_cells("timing", model, "dw4", "smoke")] == ["table-2"]
+        assert model_config_for(model, {"estimators": "closed-form"}) == {}
+    with pytest.raises(EqbenchError, match="estimators = \"closed-form\" only, and model 'node'"):
+        plan_cells("timing", "node", "dw4", "smoke", overrides={"estimators": ["closed-form"]})
+    with pytest.raises(EqbenchError, match="estimators must be one of table-2, closed-form"):
+        plan_cells("timing", "node", "dw4", "smoke", overrides={"estimators": "fast"})
 
 
 def test_closed_form_models_are_refused():
