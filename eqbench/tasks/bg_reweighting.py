@@ -658,8 +658,8 @@ def _report_section() -> TaskSection:
         task="bg-reweighting",
         title="Boltzmann generator: reweighting to the target",
         paper="§7.4, B.3, Fig. 3b, 6, 10",
-        conventions="Energies in kT (reduced units). ESS is Kish's (Σw)²/Σw² as a fraction of the finite "
-                    "samples, log w = −u − log q. Mean energies of the flow samples, the reweighted samples and "
+        conventions="Energies in kT (reduced units). ESS is Kish's (Σw)²/Σw² as a fraction of all samples "
+                    "drawn (a clash, u = +∞, is a weight of zero and counts), log w = −u − log q. Mean energies of the flow samples, the reweighted samples and "
                     "the MCMC test set; the 'cell error' column is the mean over seeds of the bootstrap standard "
                     "deviation recorded in the cell. DW-2 free-energy RMSEs are against the exact profile, "
                     "reweighted with the exact log q ('reweighted') and with a one-probe Hutchinson log q "
