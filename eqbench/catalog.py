@@ -20,9 +20,11 @@ SYSTEMS.register("harmonic", "eqbench.systems.harmonic:make_harmonic",
 MODELS.register("kernel-flow", "eqbench.flows.kernel_flow:build",
                 description="equivariant RBF kernel CNF, closed-form exact divergence (paper §5, C.1: 620 params)")
 MODELS.register("gradient-flow", "eqbench.flows.gradient_flow:build",
-                description="simple gradient flow v = ∇Φ, Φ = Σ MLP(RBF(d_ij)) (paper B.1, C.2: 5,377 params)")
+                description="simple gradient flow v = ∇Φ, Φ = Σ MLP(RBF(d_ij)) (paper B.1, C.2: 5,377 params; "
+                            "settings rbf, sign, preset = paper-code)")
 MODELS.register("schnet-flow", "eqbench.flows.schnet_flow:build",
-                description="gradient flow of a SchNet-like invariant potential (paper B.1, C.2: 9,857 params)")
+                description="gradient flow of a SchNet-like invariant potential (paper B.1, C.2: 9,857 params; "
+                            "settings rbf, encoding_input, encoding_activation, messages, sign, preset = paper-code)")
 MODELS.register("node", "eqbench.flows.node:build",
                 description="black-box neural ODE on flat coordinates, not equivariant (paper §7.3, C.3: 5,256 / 21,671 params)")
 MODELS.register("real-nvp", "eqbench.flows.real_nvp:build",

@@ -188,12 +188,15 @@ def test_equivariance_and_com(model, system):
 
 
 def test_time_dependence():
-    """The simple flow is autonomous; the SchNet flow sees t through its feature encoding."""
+    """The simple flow is autonomous, and so is the SchNet flow with its default constant encoding
+    input (the authors' code); with ``encoding_input = "time"`` it sees t through its encoding."""
     x = configurations("dw4", 3)
     simple = make_flow("gradient-flow", "dw4")
     torch.testing.assert_close(simple.velocity(0.0, x), simple.velocity(1.0, x), rtol=0, atol=0)
     schnet = make_flow("schnet-flow", "dw4")
-    assert (schnet.velocity(0.0, x) - schnet.velocity(1.0, x)).abs().max() > 1e-6
+    torch.testing.assert_close(schnet.velocity(0.0, x), schnet.velocity(1.0, x), rtol=0, atol=0)
+    timed = make_flow("schnet-flow", "dw4", encoding_input="time")
+    assert (timed.velocity(0.0, x) - timed.velocity(1.0, x)).abs().max() > 1e-6
 
 
 # ----------------------------------------------------------------------------- divergence
@@ -366,10 +369,15 @@ def assert_closed_form_matches_brute_force(flow, x: torch.Tensor, t: float, atol
 
 @pytest.mark.parametrize("system", SYSTEMS)
 @pytest.mark.parametrize("t", [0.0, 0.37, 1.0])
-def test_closed_form_divergence_matches_brute_force(system, t):
-    """Closed form ``2 Σ_{i<j} [f'' + (D - 1) f'/d]`` vs one autograd pass per coordinate, float64,
-    on typical and spread-out configurations, at several t (the field is autonomous)."""
-    flow = make_flow("gradient-flow", system)
+@pytest.mark.parametrize("rbf", gradient_flow.RBF_CHOICES)
+@pytest.mark.parametrize("sign", gradient_flow.SIGN_CHOICES)
+def test_closed_form_divergence_matches_brute_force(system, t, rbf, sign):
+    """Closed form ``±2 Σ_{i<j} [f'' + (D - 1) f'/d]`` vs one autograd pass per coordinate,
+    float64, on typical and spread-out configurations (pairs 1,000 apart: every unnormalised
+    kernel underflows, the normalised ones reduce to the nearest), at several t (the field is
+    autonomous), for both RBF settings and both signs. Brute force differentiates the autograd
+    velocity through :class:`DistanceRBF` (torch's softmax), independent of the jets."""
+    flow = make_flow("gradient-flow", system, rbf=rbf, sign=sign)
     typical = configurations(system, 4, seed=9)
     far = spread_out(system, 4, seed=10)
     for x in (typical, far):
@@ -412,13 +420,54 @@ class _WrongCurvature(gradient_flow.SimpleGradientFlow):
         return v, div + 2.0 * f2.sum(-1)
 
 
+class _NoQuotientRule(gradient_flow.SimpleGradientFlow):
+    """Normalised RBFs differentiated as if Σ_m g_m were constant: ``K' = K a`` (no ``- ā``)."""
+
+    def _rbf_jet(self, d):
+        jet = super()._rbf_jet(d)
+        if not self.rbf.normalised:
+            return jet
+        n = d.shape[0]
+        kern = jet[:n]
+        a = -2.0 * (d - self.rbf.mu) / self.rbf.gamma ** 2
+        return torch.cat((kern, kern * a, jet[2 * n:]))
+
+
+class _WrongSecondQuotient(gradient_flow.SimpleGradientFlow):
+    """Normalised RBFs with the variance term of ``K''`` left out (second derivative wrong only)."""
+
+    def _rbf_jet(self, d):
+        jet = super()._rbf_jet(d)
+        if not self.rbf.normalised:
+            return jet
+        n = d.shape[0]
+        kern, k1 = jet[:n], jet[n:2 * n]
+        a = -2.0 * (d - self.rbf.mu) / self.rbf.gamma ** 2
+        c = a - (kern * a).sum(-1, keepdim=True)
+        var = (kern * c * c).sum(-1, keepdim=True)
+        return torch.cat((kern, k1, jet[2 * n:] + kern * var))
+
+
+class _WrongSign(gradient_flow.SimpleGradientFlow):
+    """The closed form's divergence keeps ``+`` when ``sign = "-"`` flips v (and vice versa)."""
+
+    def velocity_and_divergence(self, t, x):
+        v, div = super().velocity_and_divergence(t, x)
+        return v, -div
+
+
 @pytest.mark.parametrize("system", SYSTEMS)
-@pytest.mark.parametrize("wrong", [_WrongPairCount, _WrongRadialSign, _WrongCurvature])
-def test_closed_form_check_catches_factor_and_sign_errors(system, wrong):
-    """The comparison above is sharp: a factor-2 or sign error in the closed form fails it."""
-    right = make_flow("gradient-flow", system)
+@pytest.mark.parametrize("rbf", gradient_flow.RBF_CHOICES)
+@pytest.mark.parametrize("wrong", [_WrongPairCount, _WrongRadialSign, _WrongCurvature, _NoQuotientRule,
+                                   _WrongSecondQuotient, _WrongSign])
+def test_closed_form_check_catches_factor_and_sign_errors(system, rbf, wrong):
+    """The comparison above is sharp: a factor-2 or sign error in the closed form fails it, and
+    so does a normalisation differentiated wrongly (first or second derivative)."""
+    if wrong in (_NoQuotientRule, _WrongSecondQuotient) and rbf == "unnormalised":
+        pytest.skip("a normalisation error needs normalised RBFs")
+    right = make_flow("gradient-flow", system, rbf=rbf)
     torch.manual_seed(1)
-    flow = wrong(get_system(system), init_scale=1.0).double()
+    flow = wrong(get_system(system), init_scale=1.0, rbf=rbf).double()
     flow.load_state_dict(right.state_dict())
     for x in (configurations(system, 4, seed=9), spread_out(system, 4, seed=10)):
         assert_closed_form_matches_brute_force(right, x, 0.5)
@@ -427,10 +476,11 @@ def test_closed_form_check_catches_factor_and_sign_errors(system, wrong):
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_radial_jets_match_autograd(system):
+@pytest.mark.parametrize("rbf", gradient_flow.RBF_CHOICES)
+def test_radial_jets_match_autograd(system, rbf):
     """``f'(d)``, ``f''(d)`` of the pair term by forward jets vs autograd on ``pair_potential``,
     from coincident to far beyond the RBF range."""
-    flow = make_flow("gradient-flow", system)
+    flow = make_flow("gradient-flow", system, rbf=rbf)
     d = torch.cat((torch.linspace(0.0, 12.0, 241, dtype=torch.float64),
                    torch.tensor([20.0, 100.0, 1e3, 1e6], dtype=torch.float64))).requires_grad_(True)
     f = flow.pair_potential(d)
@@ -439,7 +489,11 @@ def test_radial_jets_match_autograd(system):
     j1, j2 = flow.radial_jets(d.detach())
     torch.testing.assert_close(j1, f1.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(j2, f2, rtol=1e-10, atol=1e-12)
-    assert j1[-3:].abs().max() == 0 and j2[-3:].abs().max() == 0  # beyond the basis: exactly 0
+    assert torch.isfinite(j1).all() and torch.isfinite(j2).all()
+    if rbf == "unnormalised":
+        assert j1[-3:].abs().max() == 0 and j2[-3:].abs().max() == 0  # beyond the basis: exactly 0
+    else:  # the nearest kernel alone: its weight is constant, up to the exp(-60) floor of the rest
+        assert j1[-3:].abs().max() < 1e-12 and j2[-3:].abs().max() < 1e-12
 
 
 def test_closed_form_is_default_and_differentiable():
@@ -466,3 +520,165 @@ def test_coincident_pair_is_finite():
     v, div = flow.divergence(0.5, x, "closed-form")
     assert torch.isfinite(v).all() and torch.isfinite(div).all()
     torch.testing.assert_close(v, flow.velocity(0.5, x), rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- text-vs-code settings
+def _combinations(model: str) -> list[dict[str, str]]:
+    """Every combination of the model's text-vs-code settings."""
+    import itertools
+
+    schema = {"rbf": gradient_flow.RBF_CHOICES, "sign": gradient_flow.SIGN_CHOICES}
+    if model == "schnet-flow":
+        schema |= {"encoding_input": schnet_flow.ENCODING_INPUTS,
+                   "encoding_activation": schnet_flow.ENCODING_ACTIVATIONS, "messages": schnet_flow.MESSAGES}
+    return [dict(zip(schema, values)) for values in itertools.product(*schema.values())]
+
+
+COMBINATIONS = [(m, c) for m in BUILDERS for c in _combinations(m)]
+
+
+def _ids(value):
+    return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+
+@pytest.mark.parametrize(("model", "choices"), COMBINATIONS, ids=_ids)
+def test_every_combination_keeps_the_count_is_equivariant_and_keeps_the_com(model, choices):
+    """Paper counts in every combination; rotations, reflections, permutations, translations and
+    the centre of mass on DW-4 and LJ-13; the resolved settings are recorded on the flow."""
+    assert BUILDERS[model](get_system("dw4"), choices).n_parameters == N_PARAMETERS[model]
+    for system in SYSTEMS:
+        flow = make_flow(model, system, **choices)
+        assert flow.choices == choices
+        s = get_system(system)
+        n = 4
+        g = torch.Generator().manual_seed(5)
+        x = configurations(system, n, seed=4)
+        t = 0.3
+        v = flow.velocity(t, x).detach()
+        assert v.abs().max() > 1e-6 and v.sum(dim=1).abs().max() < 1e-12
+        for q in (random_rotations(n, s.n_dims, generator=g), random_reflections(n, s.n_dims, generator=g)):
+            torch.testing.assert_close(flow.velocity(t, rotate(x, q)).detach(), rotate(v, q), rtol=0, atol=1e-10)
+        perm = random_permutations(n, s.n_particles, generator=g)
+        torch.testing.assert_close(flow.velocity(t, apply_permutation(x, perm)).detach(), apply_permutation(v, perm),
+                                   rtol=0, atol=1e-10)
+        shift = 5.0 * torch.randn(n, 1, s.n_dims, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(flow.velocity(t, x + shift).detach(), v, rtol=0, atol=1e-10)
+
+
+def test_defaults_and_paper_code_preset():
+    """Defaults: text where explicit (sign +), code where silent (normalised RBFs, constant encoding
+    input, receiver messages); ``preset = "paper-code"`` is the code throughout; explicit
+    settings override the preset."""
+    dw4 = get_system("dw4")
+    assert gradient_flow.build(dw4).choices == {"rbf": "normalised", "sign": "+"}
+    assert gradient_flow.build(dw4, {"preset": "paper-code"}).choices == {"rbf": "normalised", "sign": "-"}
+    assert schnet_flow.build(dw4).choices == {"rbf": "normalised", "sign": "+", "encoding_input": "constant",
+                                              "encoding_activation": "linear", "messages": "receiver"}
+    code = schnet_flow.build(dw4, {"preset": "paper-code"})
+    assert code.choices == {"rbf": "normalised", "sign": "-", "encoding_input": "constant",
+                            "encoding_activation": "linear", "messages": "receiver"}
+    mixed = schnet_flow.build(dw4, {"preset": "paper-code", "messages": "sender", "sign": "+"})
+    assert mixed.choices == {"rbf": "normalised", "sign": "+", "encoding_input": "constant",
+                             "encoding_activation": "linear", "messages": "sender"}
+    assert gradient_flow.build(dw4, {"preset": "default"}).choices == gradient_flow.build(dw4).choices
+    assert "sign='-'" in repr(code) and "normalised=True" in repr(code)
+
+
+@pytest.mark.parametrize(("model", "key", "bad"), [
+    ("gradient-flow", "rbf", "normalized"), ("gradient-flow", "sign", "minus"), ("gradient-flow", "preset", "code"),
+    ("schnet-flow", "rbf", 1), ("schnet-flow", "sign", "+-"), ("schnet-flow", "encoding_input", "t"),
+    ("schnet-flow", "messages", "neighbour"), ("schnet-flow", "preset", "paper"),
+    ("schnet-flow", "encoding_activation", "relu"),
+])
+def test_bad_choices_are_refused_in_one_line_before_building(model, key, bad):
+    validate = gradient_flow.validate if model == "gradient-flow" else schnet_flow.validate
+    for check in (lambda: validate(get_system("dw4"), {key: bad}), lambda: BUILDERS[model](get_system("dw4"), {key: bad})):
+        with pytest.raises(ConfigError) as info:
+            check()
+        message = str(info.value)
+        assert "\n" not in message and f"setting {key} must be one of" in message and repr(bad) in message
+    with pytest.raises(ConfigError, match="encoding_input"):  # the simple flow has no such setting
+        gradient_flow.validate(get_system("dw4"), {"encoding_input": "time"})
+
+
+@pytest.mark.parametrize(("model", "system"), [(m, s) for m in BUILDERS for s in SYSTEMS])
+def test_sign_flips_the_field_and_its_divergence(model, system):
+    plus = make_flow(model, system, sign="+")
+    minus = make_flow(model, system, sign="-")
+    x = configurations(system, 2, seed=6)
+    v_plus, div_plus = plus.divergence(0.4, x, "exact")
+    v_minus, div_minus = minus.divergence(0.4, x, "exact")
+    assert v_plus.abs().max() > 1e-6 and div_plus.abs().max() > 1e-6
+    torch.testing.assert_close(v_minus, -v_plus, rtol=0, atol=1e-14)
+    torch.testing.assert_close(div_minus, -div_plus, rtol=0, atol=1e-12)
+    torch.testing.assert_close(minus.velocity(0.4, x), -plus.velocity(0.4, x), rtol=0, atol=1e-14)
+
+
+def _schnet_potential_by_loops(flow, t: float, x: torch.Tensor) -> torch.Tensor:
+    """Φ of one configuration written out particle by particle from the module docstring's
+    formulas (independent of the flow's pair indexing): receiver ``h_i += Σ_j F(d_ij) ⊙ h_i``,
+    sender ``h_i += Σ_j F(d_ij) ⊙ h_j``; encoding input 1 or t."""
+    from torch.nn import functional as F
+
+    n = x.shape[0]
+    c = torch.tensor([t if flow.encoding_input == "time" else 1.0], dtype=x.dtype)
+    act = torch.tanh if flow.encoding_activation == "tanh" else (lambda h: h)
+    h = [act(flow.embedding(c)) for _ in range(n)]
+    for filter_net in flow.filters:
+        new = []
+        for i in range(n):
+            update = torch.zeros_like(h[i])
+            for j in range(n):
+                if j != i:
+                    w = filter_net(flow.rbf(torch.linalg.vector_norm(x[i] - x[j])))
+                    update = update + w * (h[j] if flow.messages == "sender" else h[i])
+            new.append(h[i] + update)
+        h = new
+    return sum(F.softplus(flow.readout(hi)).squeeze() for hi in h)
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("messages", schnet_flow.MESSAGES)
+@pytest.mark.parametrize("encoding_input", schnet_flow.ENCODING_INPUTS)
+@pytest.mark.parametrize("encoding_activation", schnet_flow.ENCODING_ACTIVATIONS)
+def test_schnet_potential_follows_its_formulas(system, messages, encoding_input, encoding_activation):
+    flow = make_flow("schnet-flow", system, messages=messages, encoding_input=encoding_input,
+                     encoding_activation=encoding_activation)
+    x = configurations(system, 2, seed=8)
+    phi = flow.potential(torch.tensor(0.3, dtype=torch.float64), x)
+    for b in range(x.shape[0]):
+        assert abs(phi[b].item() - _schnet_potential_by_loops(flow, 0.3, x[b]).item()) < 1e-12
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_schnet_messages_setting_acts(system):
+    """Receiver messages (the code) and sender messages (SchNet's) give different potentials and
+    fields from the same weights; so do the two encoding inputs (at t ≠ 1), the two encoding
+    activations and the two RBF settings. (Sender and receiver agree in the first block, where every particle has the same
+    features, and Σ_i h_i after the second block is the same under both for symmetric filters:
+    the difference enters through the third block and the readout's nonlinearity, so it is small
+    at initialisation, 1e-7 relative in Φ and 1e-3 in v on DW-4, but far above round-off.)"""
+    x = configurations(system, 3, seed=7)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    base = make_flow("schnet-flow", system)
+    phi, v = base.potential(t, x), base.velocity(t, x)
+    for key, other in (("messages", "sender"), ("encoding_input", "time"), ("encoding_activation", "tanh"),
+                       ("rbf", "unnormalised")):
+        flow = make_flow("schnet-flow", system, **{key: other})
+        flow.load_state_dict(base.state_dict())
+        phi_other, v_other = flow.potential(t, x), flow.velocity(t, x)
+        assert ((phi_other - phi).abs() / phi.abs()).min() > 1e-9, key
+        assert ((v_other - v).abs().amax((1, 2)) / v.abs().amax((1, 2))).min() > 1e-4, key
+
+
+def test_normalised_rbfs_are_the_quotient_and_finite_far_away():
+    """``K = g / Σ g`` where g does not underflow; a softmax beyond (never 0/0)."""
+    flow = make_flow("gradient-flow", "lj13")
+    rbf = flow.rbf
+    d = torch.linspace(0.0, 6.0, 61, dtype=torch.float64)
+    g = torch.exp(-((d.unsqueeze(-1) - rbf.mu) / rbf.gamma) ** 2)
+    torch.testing.assert_close(rbf(d), g / g.sum(-1, keepdim=True), rtol=1e-12, atol=1e-25)  # floor: exp(-60)
+    far = rbf(torch.tensor([1e3, 1e6], dtype=torch.float64))
+    assert torch.isfinite(far).all()
+    torch.testing.assert_close(far.sum(-1), torch.ones(2, dtype=torch.float64))
+    assert far[:, -1].min() > 1 - 1e-12  # the widest (last) kernel dominates far away
