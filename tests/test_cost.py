@@ -173,7 +173,7 @@ def test_metastable_phases_resolve_the_protocol_per_method():
     from eqbench.api import get_system
 
     task = TASKS.get("metastable-states")
-    params = dict(task.profile("paper"), variant="mcmc-long")
+    params = dict(task.profile("paper"), variant="mcmc-long", sampling_protocol="eqbench")
     protocol = get_system("dw4").data_protocol
     per_chain = math.ceil(100_000 / protocol.n_chains)
     phases = task.cost_phases(params, "dw4")
@@ -182,6 +182,11 @@ def test_metastable_phases_resolve_the_protocol_per_method():
     flow = task.cost_phases(dict(params, variant="flow"), "dw4")
     assert flow["train_wall_s"] == 64 * (3000 + 2 * 3000) and flow["sample_wall_s"] == 10 * 10_000
     assert set(task.cost_phases(dict(params, variant="training"), "lj13")) == {"training_set_wall_s"}
+    # The paper sampling protocol: single trajectories, priced per Metropolis step of the one chain
+    # (the training trajectory, then each round's: 65,000 burn-in steps before each).
+    paper = task.cost_phases(dict(params, sampling_protocol="paper"), "lj13")
+    assert paper == {"training_set_wall_s": 1000, "trajectory_wall_s": 66_000 + 10 * (65_000 + 100_000),
+                     "minimize_wall_s": 10 * 100_000}
 
 
 def test_shared_reference_cells_are_priced_from_reference_cells_of_any_model():
@@ -197,7 +202,8 @@ def test_shared_reference_cells_are_priced_from_reference_cells_of_any_model():
 
     paper, quick = long_mcmc("paper"), long_mcmc("quick")
     assert paper.model == quick.model == REFERENCE_MODEL
-    legacy_params = {k: v for k, v in task.profile("quick").items() if k != "seeds"} | {"variant": "mcmc-long"}
+    legacy_params = {k: v for k, v in task.profile("quick").items() if k != "seeds"} | {
+        "variant": "mcmc-long", "sampling_protocol": "eqbench"}  # a cell holds one protocol (expand_cell)
     records = {"training_set_wall_s": 2.0, "mcmc_wall_s": 30.0, "minimize_wall_s": 10.0}
     shared = cell("metastable-states", REFERENCE_MODEL, "dw4", dict(quick.params), records=records)
     legacy = cell("metastable-states", "kernel-flow", "dw4", legacy_params, records=records)

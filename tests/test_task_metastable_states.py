@@ -72,6 +72,12 @@ def _check_dw4_references(results) -> None:
     minimum (rank 0), so it reaches exactly that minimum; 100 equilibrium samples reach most of
     the five minima and only those; the structures are the minima found."""
     assert _values(results, "training", "lowest_minimum_energy") == pytest.approx([DW4_MINIMA[0]], abs=1e-3)
+    # The flow's one λ-mix step (λ = 0.5) evaluates kl_batch_size = 64 energies; ML none. Its data
+    # cost what the training set cost: the 1,000 training-split rows searched for the minimum.
+    assert _values(results, "flow", "energy_evaluations") == [64.0]
+    assert _values(results, "flow", "energy_evaluations_training_data") == _values(
+        results, "training", "energy_evaluations") == [1000 * 3000.0]
+    assert _values(results, "training", "energy_evaluations_burn_in") == [500 * 40_001.0]
     assert _values(results, "training", "structure_energy") == pytest.approx([DW4_MINIMA[0]], abs=1e-3)
     for variant in ("mcmc-short", "mcmc-long"):
         assert min(_values(results, variant, "distinct_minima")) >= 3
@@ -85,8 +91,11 @@ def _check_dw4_references(results) -> None:
 
 def test_smoke_lj13_kernel_flow(tmp_path) -> None:
     metrics = ROUND_METRICS + tuple(f"distinct_minima_{b}" for b in LJ_BINS) + tuple(f"new_minima_{b}" for b in LJ_BINS)
-    results, _ = run_task_smoke(TASK_NAME, "kernel-flow", "lj13", tmp_path, overrides={"model_config": {"steps": 4}},
-                                expect_metrics=metrics + ("mcmc_energy_evaluations", "structure_z"))
+    # The eqbench sampling protocol only: tests/test_metastable_protocols.py runs both.
+    results, _ = run_task_smoke(TASK_NAME, "kernel-flow", "lj13", tmp_path,
+                                overrides={"model_config": {"steps": 4}, "sampling_protocol": "eqbench"},
+                                expect_metrics=metrics + ("energy_evaluations", "structure_z"))
+    assert len(results) == len(VARIANTS)
     for variant in VARIANTS:
         for step_total, *bins in zip(*(_values(results, variant, m) for m in
                                        ("distinct_minima",) + tuple(f"distinct_minima_{b}" for b in LJ_BINS))):
@@ -95,7 +104,10 @@ def test_smoke_lj13_kernel_flow(tmp_path) -> None:
         assert all(e > -83.0897 for e in _values(results, variant, "lowest_minimum_energy"))
     # The training set of LJ-13 is 100 MCMC samples: it reaches the icosahedron (~14% of samples).
     assert _values(results, "training", "distinct_minima_minf_m80") == [1.0]
-    assert _values(results, "mcmc-long", "mcmc_energy_evaluations") == [20 * (100 + 5 * 10)] * 2
+    # 20 chains x 5 samples x stride 10, and 20 x (burn-in 100 + the start's energy), per round.
+    assert _values(results, "mcmc-long", "energy_evaluations") == [20 * 5 * 10] * 2
+    assert _values(results, "mcmc-long", "energy_evaluations_burn_in") == [20 * 101] * 2
+    assert _values(results, "flow", "energy_evaluations") == [0.0]  # maximum likelihood only
 
 
 def test_unsupported_system_is_refused_before_any_work(cli, tmp_path) -> None:
@@ -123,7 +135,7 @@ def test_invalid_settings_are_refused(override: dict, message: str) -> None:
 
 
 def test_settings_resolve_per_system_and_plain_values() -> None:
-    cells = plan_cells(TASK_NAME, "node", "lj13", "paper", overrides={"eps": 0.005})
+    cells = plan_cells(TASK_NAME, "node", "lj13", "paper", overrides={"eps": 0.005, "sampling_protocol": "eqbench"})
     assert [c.params["variant"] for c in cells] == list(VARIANTS)
     from eqbench.tasks.metastable_states import Settings
 
@@ -160,7 +172,7 @@ def test_bin_labels_round_trip() -> None:
 
 def test_task_metadata() -> None:
     assert TASK.systems == ("dw4", "lj13")
-    assert TASK.grid_axes == ("variant",)
+    assert TASK.grid_axes == ("variant", "sampling_protocol")
     assert set(TASK.profiles()) == {"smoke", "quick", "paper", "calibrate"}
 
 

@@ -20,20 +20,59 @@ round in ``step``):
   (closed form, else one Hutchinson probe) instead of the exact log-density.
 - ``training``: the training set itself, counted once (step 0).
 - ``mcmc-short``: "an independent equilibrium MCMC trajectory having the same amount of samples
-  as the training set" (§7.5). eqbench's training set is ``n_train`` samples of the system's
-  data protocol (many Metropolis chains after burn-in, thinned beyond the autocorrelation time,
-  SPEC §3), so the short reference is ``mcmc_short_samples`` samples of *the same protocol from
-  chains independent of the training set*: the stored test split, which comes from disjoint
-  chains with another seed. Each round takes its own subset (disjoint slices of one seeded
-  permutation while the split is large enough, independent seeded subsets beyond). It has the
-  training set's cost and statistical quality, so it answers: does sampling the model beat
-  simply running the sampler that made the training data once more?
+  as the training set" (§7.5): ``mcmc_short_samples`` samples per round, independent of the
+  training set (see the sampling protocols). It answers: does sampling the model beat simply
+  running the sampler that made the training data once more?
 - ``mcmc-long``: ``mcmc_long_samples`` fresh Metropolis samples per round (100,000 in the paper,
-  100x the short budget), from :func:`eqbench.data.mcmc.run_metropolis` with the system's step
-  size and, unless a profile says otherwise, its chains, burn-in and stride (value
-  ``"protocol"``); round ``r`` of seed ``s`` uses MCMC seed ``10_000 + 1_000 s + r``, never a
-  data split's seed. Samples are taken step-major, so a prefix spreads over all chains. The
-  number of energy evaluations is recorded (``mcmc_energy_evaluations``).
+  "100x more evaluations" than the short one); every ``long_minimise_every``-th of them is
+  minimised (1: all).
+
+**Sampling protocols** (``sampling_protocol``, a grid axis; a per-system table may list several,
+``{dw4 = "eqbench", lj13 = ["eqbench", "paper"]}``, as the quick, paper and calibrate profiles do):
+how the LJ-13 training set and the short and long MCMC references are sampled. The two are
+different settings keys, so their counts are never pooled.
+
+- ``"eqbench"``: decorrelated samples of many chains (SPEC §3). The training set is ``n_train``
+  rows of the stored training split (many chains after burn-in, thinned beyond the
+  autocorrelation time; seeded by the cell seed); the short reference is, per round, its own
+  ``mcmc_short_samples`` rows of the stored test split (disjoint chains, another seed; disjoint
+  slices of one seeded permutation while the split is large enough, independent seeded subsets
+  beyond); the long reference is a fresh run of ``mcmc_chains`` chains, ``mcmc_burn_in`` steps,
+  stride ``mcmc_stride`` (``"protocol"``: the system's data protocol), its samples taken
+  step-major so a prefix spreads over all chains. Each sample is worth a decorrelated one, so
+  1,000 samples reach far more minima than a 1,000-step trajectory (223 for the LJ-13 training
+  set against the paper's 7), at a price: every stored LJ-13 row cost its chain a stride of
+  4,000 steps, and the 200 chains of a split ran 65,000 burn-in steps each.
+- ``"paper"``: §7.5 as written. The LJ-13 training set is "a short equilibrium MCMC trajectory
+  consisting of 1,000 samples": ``n_train`` *consecutive* states of one Metropolis chain (the
+  system's protocol step size, 0.025 for LJ-13; CoM removed after every step) after
+  ``mcmc_burn_in`` discarded steps; every step is a sample, so a rejected move repeats the row
+  and each sample costs one energy evaluation. The short reference is, per round, an
+  independent trajectory of ``mcmc_short_samples`` consecutive states, the long reference one of
+  ``mcmc_long_samples`` (``mcmc_chains`` and ``mcmc_stride`` are not used: one chain, stride 1).
+  Each trajectory has its own burn-in of ``mcmc_burn_in`` steps (``"protocol"``: the system's).
+  The DW-4 training set (``training_set = "minimum"``) is the same under both protocols: the
+  paper's DW-4 experiment is not a trajectory.
+
+Metropolis seeds (:func:`mcmc_seed`) are ``base + 1,000 seed + round``: base 10,000 for the
+eqbench long reference (its scheme so far), 1, 2 and 3 million for the paper protocol's
+training, short and long trajectories; rounds < 1,000 and seeds < 990 keep them distinct from
+each other and from the data splits' seeds (1-3).
+
+**Energy evaluations** (target energy evaluations, one per Metropolis step or per energy of a
+flow sample): every method records ``energy_evaluations`` (what its samples cost) and, apart,
+``energy_evaluations_burn_in`` (discarded steps plus the energy of each chain's start). MCMC
+methods record them per round: a paper trajectory ``n`` and ``mcmc_burn_in + 1``; the eqbench
+long reference ``chains x samples per chain x stride`` and ``chains x (mcmc_burn_in + 1)``; rows
+of a stored split ``n x stride`` and ``min(n, chains of the split) x (burn-in + 1)``
+(:func:`split_cost`: a random subset of a split comes from nearly all its chains). The training
+set records what it cost (for ``"minimum"``: the 1,000 split rows searched for the minimum).
+The flow records its own: maximum likelihood evaluates no energy; a λ-mix step with λ > 0
+evaluates ``kl_batch_size`` energies (with their gradient, by autograd); and what its training
+data cost as ``energy_evaluations_training_data[_burn_in]``. Minimisation is the measurement,
+the same for every method, and is not counted. So in LJ-13 quick runs, the paper protocol's
+short reference and the flow's training data cost 1,000 evaluations (plus burn-in), as in
+§7.5; eqbench's short reference costs 4,000,000 plus 13,000,200 of burn-in.
 
 The three references do not depend on the model (:meth:`MetastableStates.reference_params`):
 they are planned under model ``"reference"`` (:data:`eqbench.tasks.base.REFERENCE_MODEL`) with
@@ -41,19 +80,15 @@ only the settings they use (:data:`REFERENCE_SETTINGS`; not the flow's training,
 ``model_config``), so they run once per system, settings and seed and every model's run or
 sweep shares them; their records carry ``model = "reference"``.
 
-The paper's trajectories were single chains; its training set of 1,000 samples reached only 7
-distinct minima (Table 1). eqbench's decorrelated samples reach far more per sample, so compare
-the *ordering* of methods with Table 1, not the absolute counts.
-
-**Training set** (``training_set``): ``"mcmc"`` (LJ-13, §7.5): ``n_train`` samples of the
-training split (seeded by the cell seed), maximum-likelihood training (paper C: λ = 0 unless
-stated). ``"minimum"`` (DW-4, §7.5): one minimum, ``train_minimum`` = its rank by energy (0 =
-global) among the distinct minima reached from 1,000 training-split samples, repeated
-``n_train`` times with isotropic Gaussian noise of scale ``train_noise`` (CoM removed); trained
-by ML for ``ml_iterations`` then with ``(1-λ) ML + λ KL``, ``λ = mix_lambda`` (0.5), for
-``mix_iterations`` (paper C: "a combination of ML-training and KL-training with λ = 0.5 after
-pretraining"). For DW-4 all minima count in one bin; the paper reports that the equivariant flow
-finds all five and the non-equivariant one only the training minimum (Fig. 7a).
+**Training** (``training_set``): ``"mcmc"`` (LJ-13, §7.5): the training set of the sampling
+protocol, maximum-likelihood training (paper C: λ = 0 unless stated). ``"minimum"`` (DW-4, §7.5):
+one minimum, ``train_minimum`` = its rank by energy (0 = global) among the distinct minima
+reached from 1,000 training-split samples, repeated ``n_train`` times with isotropic Gaussian
+noise of scale ``train_noise`` (CoM removed); trained by ML for ``ml_iterations`` then with
+``(1-λ) ML + λ KL``, ``λ = mix_lambda`` (0.5), for ``mix_iterations`` (paper C: "a combination of
+ML-training and KL-training with λ = 0.5 after pretraining"). For DW-4 all minima count in one
+bin; the paper reports that the equivariant flow finds all five and the non-equivariant one only
+the training minimum (Fig. 7a).
 
 **Minimiser and clustering** (``minima_protocol``): ``"eqbench"`` (the default) is the L-BFGS and
 single linkage on the Euclidean norm described above; ``"paper-code"`` is what the authors' code
@@ -78,6 +113,11 @@ and ``2 eps``; ``closest_distinct_separation`` records the margin of every round
 Settings accept a table keyed by system name (``eps = {dw4 = 0.01, lj13 = 0.001}``) or a plain
 value for every system (``--set eps=0.005``).
 
+**Report**: beside the usual tables, a Table-1 table per system, profile and comparison (a flow
+and the reference cells sharing every reference setting): each method's distinct minima per
+energy bin (mean ± std over seeds x rounds), its energy evaluations and its sampling protocol,
+the ordering of flow, short and long MCMC per bin, and Table 1's rows and ordering beside.
+
 Records (``variant`` = method, ``step`` = round): ``distinct_minima`` and
 ``distinct_minima_<bin>`` (bins named like ``m80_m70`` for [-80, -70), ``minf_m80`` for
 (-inf, -80)), the same with ``_eps_half`` / ``_eps_double``, ``new_minima[_<bin>]`` (minima the
@@ -85,13 +125,15 @@ training set never reached: the question of §7.5) and ``new_minima_sample_fract
 of the round's minima, repeats included, that lie in those: a flow collapsed onto its training
 minimum may still put a few of 10,000 samples elsewhere), ``n_samples``, ``n_nonfinite``,
 ``n_unconverged``, ``n_saddles``, ``n_minima``, ``lowest_minimum_energy``,
-``closest_distinct_separation``; per cell ``eps``, wall times, and the lowest distinct minima
+``closest_distinct_separation``, ``energy_evaluations[_burn_in]`` (see above), for trajectories
+``mcmc_acceptance`` and ``trajectory_wall_s``; per cell ``eps``, wall times, and the lowest distinct minima
 per bin over all rounds for the structure plot (``structure_energy`` at ``step = slot``,
 ``structure_x/_y/_z`` at ``step = slot * n_particles + particle``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -103,7 +145,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext, Task
-from eqbench.tasks.common import show_progress, train_flow
+from eqbench.tasks.common import show_progress, train_flow, training_options
 
 from eqbench.tasks.reporting import (
     NOT_MEASURED,
@@ -111,6 +153,7 @@ from eqbench.tasks.reporting import (
     REPRODUCED,
     Claim,
     ClaimResult,
+    HtmlTable,
     TaskSection,
     describe,
     fmt,
@@ -128,8 +171,8 @@ if TYPE_CHECKING:
     from eqbench.flows.base import Flow
     from eqbench.minima import MinimaCensus
 
-__all__ = ["MetastableStates", "REFERENCE_SETTINGS", "TASK", "VARIANTS", "TRAINING_SETS", "bin_label",
-           "parse_bin_label"]
+__all__ = ["MetastableStates", "REFERENCE_SETTINGS", "SAMPLING_PROTOCOLS", "TASK", "VARIANTS", "TRAINING_SETS",
+           "bin_label", "mcmc_seed", "parse_bin_label"]
 
 #: Methods whose minima are counted: the values of the ``variant`` grid axis.
 VARIANTS: tuple[str, ...] = ("flow", "training", "mcmc-short", "mcmc-long")
@@ -137,7 +180,7 @@ VARIANTS: tuple[str, ...] = ("flow", "training", "mcmc-short", "mcmc-long")
 #: with these only, so that it is the same cell whichever model asked for it.
 REFERENCE_SETTINGS: frozenset[str] = frozenset({
     "variant", "rounds", "training_set", "n_train", "train_minimum", "train_noise", "mcmc_short_samples",
-    "mcmc_long_samples", "mcmc_chains", "mcmc_burn_in", "mcmc_stride", "eps", "gtol", "max_steps", "energy_bins",
+    "mcmc_long_samples", "mcmc_chains", "mcmc_burn_in", "mcmc_stride", "sampling_protocol", "long_minimise_every", "eps", "gtol", "max_steps", "energy_bins",
     "structures_per_bin", "minima_protocol", "minimizer", "max_displacement", "gd_step", "gd_max_steps", "cluster_norm",
     "cluster_rule", "eps_l1"})
 #: Settings only the ``flow`` method reads (besides the training settings of
@@ -145,8 +188,23 @@ REFERENCE_SETTINGS: frozenset[str] = frozenset({
 #: them, resolves them to; it never uses them.
 _FLOW_ONLY: dict[str, Any] = {"n_samples": 1, "ml_iterations": 0, "mix_iterations": 0, "mix_lambda": 0.0,
                               "batch_size": 1, "model_config": {}}
+#: Settings added after cells were first stored, with the value those cells used: a stored cell
+#: without them (priced by the calibrate profile, read by the report) means this.
+_LATER_SETTINGS: dict[str, Any] = {"sampling_protocol": "eqbench", "long_minimise_every": 1}
 #: How the training set is made (see the module docstring).
 TRAINING_SETS: tuple[str, ...] = ("minimum", "mcmc")
+#: ``sampling_protocol``: how the MCMC training set and the short and long MCMC references are
+#: sampled. ``"eqbench"``: decorrelated samples of many chains (the stored data splits, SPEC §3;
+#: the long reference a fresh many-chain run). ``"paper"``: §7.5 as written: each is *one*
+#: Metropolis trajectory of consecutive steps (every step a sample, one energy evaluation each).
+SAMPLING_PROTOCOLS: tuple[str, ...] = ("eqbench", "paper")
+#: Metropolis seeds (:func:`mcmc_seed`): ``base + 1_000 * seed + round``. ``eqbench-long`` is the
+#: scheme the long reference always had; the data splits use seeds 1-3 (SPEC §3).
+_SEED_BASES: dict[str, int] = {"eqbench-long": 10_000, "paper-training": 1_000_000, "paper-short": 2_000_000,
+                               "paper-long": 3_000_000}
+#: Rounds and seeds stay below these so that no two Metropolis seeds coincide.
+_MAX_ROUNDS = 1_000
+_MAX_SEED = 990
 #: Axis names of the coordinate records of the structure plot.
 AXES: tuple[str, ...] = ("x", "y", "z")
 
@@ -246,6 +304,8 @@ class Settings:
     gd_max_steps: int = 100_000
     cluster_norm: str = "l2"
     cluster_rule: str = "single-linkage"
+    sampling_protocol: str = "eqbench"
+    long_minimise_every: int = 1
 
     @classmethod
     def resolve(cls, params: Mapping[str, Any], system: Any) -> Settings:
@@ -260,6 +320,7 @@ class Settings:
             raise ConfigError(f"unknown variant {variant!r} for task metastable-states; valid: {', '.join(VARIANTS)}")
         if variant != "flow":  # a reference cell's settings lack what only the flow uses
             params = {**_FLOW_ONLY, **params}
+        params = {**params, **{k: v for k, v in _LATER_SETTINGS.items() if params.get(k) is None}}
         training_set = get("training_set")
         if training_set not in TRAINING_SETS:
             raise ConfigError(f"unknown training_set {training_set!r}; valid: {', '.join(TRAINING_SETS)}")
@@ -287,10 +348,16 @@ class Settings:
         cluster_norm = choice("cluster_norm", CLUSTER_NORMS)
         cluster_rule = choice("cluster_rule", CLUSTER_RULES)
         eps_by_norm = {"l2": _positive_float(get("eps"), "eps"), "l1": _positive_float(get("eps_l1"), "eps_l1")}
+        sampling_protocol = get("sampling_protocol")
+        if sampling_protocol not in SAMPLING_PROTOCOLS:
+            raise ConfigError(f"unknown sampling_protocol {sampling_protocol!r} (one per cell); valid: "
+                              f"{', '.join(SAMPLING_PROTOCOLS)}")
         protocol = system.data_protocol
         settings = cls(
             variant=variant,
             rounds=_int(get("rounds"), "rounds", minimum=1),
+            sampling_protocol=sampling_protocol,
+            long_minimise_every=_int(get("long_minimise_every"), "long_minimise_every", minimum=1),
             training_set=training_set,
             n_train=_int(get("n_train"), "n_train", minimum=1),
             train_minimum=_int(get("train_minimum"), "train_minimum", minimum=0),
@@ -321,12 +388,25 @@ class Settings:
         )
         if settings.training_set == "mcmc" and settings.n_train > protocol.n_train:
             raise ConfigError(f"n_train must be at most {protocol.n_train} (the {name} training pool), got {settings.n_train}")
-        if settings.mcmc_short_samples > protocol.n_test:
-            raise ConfigError(f"mcmc_short_samples must be at most {protocol.n_test} (the {name} test split), "
-                              f"got {settings.mcmc_short_samples}")
+        if settings.rounds > _MAX_ROUNDS:
+            raise ConfigError(f"rounds must be at most {_MAX_ROUNDS} (each round has its own Metropolis seed), "
+                              f"got {settings.rounds}")
+        if settings.sampling_protocol == "eqbench" and settings.mcmc_short_samples > protocol.n_test:
+            raise ConfigError(f"mcmc_short_samples must be at most {protocol.n_test} (the {name} test split) with "
+                              f"sampling_protocol 'eqbench', got {settings.mcmc_short_samples}")
         if variant == "flow" and settings.ml_iterations + settings.mix_iterations < 1:
             raise ConfigError("ml_iterations + mix_iterations must be >= 1 for variant 'flow' (an untrained flow samples its prior)")
         return settings
+
+    @property
+    def trajectories(self) -> bool:
+        """Whether the MCMC methods are single trajectories (``sampling_protocol = "paper"``)."""
+        return self.sampling_protocol == "paper"
+
+    @property
+    def trajectory_burn_in(self) -> int:
+        """Discarded Metropolis steps before a single trajectory's first sample."""
+        return self.mcmc_burn_in
 
     @property
     def structure_bins(self) -> tuple[tuple[float, float], ...]:
@@ -364,6 +444,60 @@ def parse_bin_label(metric: str) -> tuple[str, float, float] | None:
     return match["base"], bound(match["low"]), bound(match["high"])
 
 
+# -- sampling protocols -----------------------------------------------------------------------
+
+
+def _protocol_choices(params: Mapping[str, Any], system: str) -> list[Any]:
+    """The ``sampling_protocol`` values of a grid point for ``system``: a plain value or list is
+    the grid axis itself; a table keyed by system may give a system one value or a list of them
+    (``{dw4 = "eqbench", lj13 = ["eqbench", "paper"]}``), expanded by :meth:`MetastableStates.expand_cell`."""
+    value = params.get("sampling_protocol")
+    if value is None:  # a grid axis the profile does not set
+        value = _LATER_SETTINGS["sampling_protocol"]
+    if isinstance(value, Mapping):
+        value = _for_system(params, "sampling_protocol", system)
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ConfigError(f"sampling_protocol for {system} is an empty list, so no cell would run")
+        return list(value)
+    return [value]
+
+
+def mcmc_seed(kind: str, seed: int, round_: int = 0) -> int:
+    """The Metropolis seed of one run: ``base + 1_000 * seed + round`` with the bases of
+    :data:`_SEED_BASES` (``eqbench-long``: 10,000, the long reference's scheme; ``paper-training``,
+    ``paper-short``, ``paper-long``: 1, 2 and 3 million). Rounds below 1,000 and cell seeds below
+    990 keep every seed distinct from every other and from the data splits' seeds (1-3)."""
+    if not 0 <= round_ < _MAX_ROUNDS:
+        raise ConfigError(f"round must lie in [0, {_MAX_ROUNDS}), got {round_}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _MAX_SEED:
+        raise ConfigError(f"metastable-states seeds must be integers in [0, {_MAX_SEED}) so that its Metropolis "
+                          f"seeds never coincide, got {seed!r}")
+    return _SEED_BASES[kind] + 1_000 * seed + round_
+
+
+def split_cost(system: Any, split: str, n: int) -> tuple[int, int]:
+    """Target energy evaluations behind ``n`` rows of a stored data split (SPEC §3), as
+    ``(production, burn_in)``: every row cost its chain one stride of Metropolis steps (one
+    evaluation each), and the chains that made them ran the burn-in first (plus the energy of
+    their starting configuration): ``min(n, chains)`` chains, since a random subset of a split
+    spreads over all its chains (1,000 of the 10,000 LJ-13 rows come from nearly all 200)."""
+    protocol = system.data_protocol
+    return n * protocol.stride, min(n, protocol.chains(split)) * (protocol.burn_in + 1)
+
+
+def _trajectory(system: Any, n: int, burn_in: int, seed: int, progress: bool, desc: str) -> Any:
+    """One Metropolis trajectory (``sampling_protocol = "paper"``): ``burn_in`` discarded steps,
+    then ``n`` consecutive steps, every one a sample (stride 1; a rejected move repeats the row),
+    at the system's protocol step size with the CoM removed after each step. Costs ``n``
+    evaluations plus ``burn_in + 1`` (the start's energy)."""
+    from eqbench.data.mcmc import run_metropolis
+
+    return run_metropolis(system, n_chains=1, samples_per_chain=n, burn_in=burn_in, stride=1,
+                          step_size=system.data_protocol.step_size, seed=seed, trace_chains=1, trace_every=n,
+                          progress=progress, description=desc)
+
+
 # -- the task ---------------------------------------------------------------------------------
 
 
@@ -374,7 +508,7 @@ class MetastableStates(Task):
     trains = True
     summary = "distinct energy minima reached from flow samples vs the training set and short/long MCMC (§7.5, Table 1, Fig. 7)"
     systems = ("dw4", "lj13")
-    grid_axes = ("variant",)
+    grid_axes = ("variant", "sampling_protocol")
 
     def splits_read(self) -> tuple[str, ...]:
         """Training configurations come from ``train``; the short-MCMC reference row draws its
@@ -385,7 +519,13 @@ class MetastableStates(Task):
         from eqbench.components import get_system
 
         for system in self.systems or ():
-            Settings.resolve(params, get_system(system))
+            for choice in _protocol_choices(params, system):
+                Settings.resolve({**params, "sampling_protocol": choice}, get_system(system))
+
+    def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        """One cell per ``sampling_protocol`` of ``system`` (a per-system table may list several),
+        each carrying its protocol as a plain value."""
+        return [{**params, "sampling_protocol": choice} for choice in _protocol_choices(params, system)]
 
     def reference_params(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         """The training set and the short and long MCMC rows do not depend on the model: their
@@ -397,22 +537,36 @@ class MetastableStates(Task):
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         """Per method: minimising the training set (per configuration), training the flow (per
-        configuration-step, a λ-mix step twice), drawing flow samples, the long MCMC (per
-        Metropolis step of one chain) and minimising each round's configurations."""
+        configuration-step, a λ-mix step twice), drawing flow samples, the many-chain long MCMC
+        (``mcmc_wall_s``, per Metropolis step of one of its chains), single trajectories
+        (``trajectory_wall_s``, per Metropolis step of the one chain: far dearer per step than a
+        chain of a batch) and minimising each round's configurations (``minimize_wall_s``, per
+        configuration minimised)."""
         from eqbench.components import get_system
 
-        s = Settings.resolve(params, get_system(system))
+        sys_obj = get_system(system)
+        s = Settings.resolve(params, sys_obj)
         phases: dict[str, float] = {"training_set_wall_s": s.n_train}
+        # Every cell makes the training set (the reference of "new minima"); the paper protocol's
+        # LJ-13 training set is a trajectory.
+        training_steps = s.trajectory_burn_in + s.n_train if s.trajectories and s.training_set == "mcmc" else 0
+        if training_steps:
+            phases["trajectory_wall_s"] = training_steps
         if s.variant == "flow":
             phases["train_wall_s"] = s.batch_size * (s.ml_iterations + 2 * s.mix_iterations)
             phases["sample_wall_s"] = s.rounds * s.n_samples
             phases["minimize_wall_s"] = s.rounds * s.n_samples
         elif s.variant == "mcmc-short":
+            if s.trajectories:
+                phases["trajectory_wall_s"] = training_steps + s.rounds * (s.trajectory_burn_in + s.mcmc_short_samples)
             phases["minimize_wall_s"] = s.rounds * s.mcmc_short_samples
         elif s.variant == "mcmc-long":
-            per_chain = math.ceil(s.mcmc_long_samples / s.mcmc_chains)
-            phases["mcmc_wall_s"] = s.rounds * s.mcmc_chains * (s.mcmc_burn_in + per_chain * s.mcmc_stride)
-            phases["minimize_wall_s"] = s.rounds * s.mcmc_long_samples
+            if s.trajectories:
+                phases["trajectory_wall_s"] = training_steps + s.rounds * (s.trajectory_burn_in + s.mcmc_long_samples)
+            else:
+                per_chain = math.ceil(s.mcmc_long_samples / s.mcmc_chains)
+                phases["mcmc_wall_s"] = s.rounds * s.mcmc_chains * (s.mcmc_burn_in + per_chain * s.mcmc_stride)
+            phases["minimize_wall_s"] = s.rounds * _n_minimised(s)
         return phases
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
@@ -426,9 +580,16 @@ class MetastableStates(Task):
 
         record("eps", s.eps, "signature distance")
         start = time.perf_counter()
-        train = _training_set(ctx, s)
+        train, cost = _training_set(ctx, s, record)
         training_census = _census(ctx, s, train, "minimise training set")
-        record("training_set_wall_s", time.perf_counter() - start, "s")
+        trajectory_s = sum(r.value for r in records if r.metric == "trajectory_wall_s")
+        record("training_set_wall_s", time.perf_counter() - start - trajectory_s, "s")
+        if s.variant == "training":
+            record("energy_evaluations", cost[0], "count", 0)
+            record("energy_evaluations_burn_in", cost[1], "count", 0)
+        elif s.variant == "flow":
+            record("energy_evaluations_training_data", cost[0], "count")
+            record("energy_evaluations_training_data_burn_in", cost[1], "count")
 
         censuses: list[MinimaCensus] = []
         if s.variant == "training":
@@ -450,15 +611,22 @@ class MetastableStates(Task):
         return records
 
     def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
-        """Per system and profile: distinct minima per energy bin and method with their spread
+        """Per system, profile and sampling protocol (``_paper-protocol`` appended to the paper
+        protocol's names): distinct minima per energy bin and method with their spread
         over rounds, the minima absent from the training set, and the counts at ε/2, ε, 2ε
         (``metastable_counts_<system>_<profile>``); the lowest distinct minima each method found
         (``metastable_structures_<system>_<profile>``, Fig. 7)."""
         written: list[Path] = []
         table = table.assign(profile=table["profile"].fillna("")) if "profile" in table else table.assign(profile="")
-        for (system, profile), rows in table.groupby(["system", "profile"], sort=True):
+        # Sampling protocols are never pooled: one figure each (the paper protocol's named so).
+        protocols = ([json.loads(_comparison_key(c)).get("sampling_protocol", "eqbench") for c in table["config_json"]]
+                     if "config_json" in table else ["eqbench"] * len(table))
+        table = table.assign(sampling_protocol=protocols)
+        for (system, profile, protocol), rows in table.groupby(["system", "profile", "sampling_protocol"], sort=True):
             rows = rows.assign(method=[_method(v, m) for v, m in zip(rows["variant"], rows["model"])])
             stem = f"{system}_{profile}" if profile else str(system)
+            if protocol != "eqbench":
+                stem += f"_{protocol}-protocol"
             written += _plot_counts(rows, str(system), stem, out_dir)
             written += _plot_structures(rows, str(system), stem, out_dir)
         return written
@@ -486,16 +654,30 @@ def _census_of(system: Any, s: Settings, x: torch.Tensor, **kwargs: Any) -> Mini
                             rule=s.cluster_rule, **kwargs)
 
 
-def _training_set(ctx: CellContext, s: Settings) -> torch.Tensor:
-    """The cell's training set, float64 on the CPU (see the module docstring)."""
+def _n_minimised(s: Settings) -> int:
+    """Configurations of a long-MCMC round that are minimised: every ``long_minimise_every``-th."""
+    return math.ceil(s.mcmc_long_samples / s.long_minimise_every)
+
+
+def _training_set(ctx: CellContext, s: Settings, record: RecordFn) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The cell's training set, float64 on the CPU (see the module docstring), and the target
+    energy evaluations it cost as ``(production, burn_in)``."""
     import torch
 
     from eqbench.data.loading import load_data
     from eqbench.geometry import remove_com
     system = ctx.system
     if s.training_set == "mcmc":
-        return load_data(system, split="train", n=s.n_train, seed=ctx.seed)
-    pool = load_data(system, split="train", n=min(_MINIMUM_SEARCH_SAMPLES, system.data_protocol.n_train), seed=0)
+        if s.trajectories:
+            run = _trajectory(system, s.n_train, s.trajectory_burn_in, mcmc_seed("paper-training", ctx.seed),
+                              show_progress(ctx.progress), f"{system.name} training trajectory")
+            record("trajectory_wall_s", run.wall_s, "s")
+            record("mcmc_acceptance_training", run.acceptance, "fraction")
+            x = torch.from_numpy(run.samples.reshape(-1, *system.event_shape))
+            return x, (s.n_train, s.trajectory_burn_in + 1)
+        return load_data(system, split="train", n=s.n_train, seed=ctx.seed), split_cost(system, "train", s.n_train)
+    n_search = min(_MINIMUM_SEARCH_SAMPLES, system.data_protocol.n_train)
+    pool = load_data(system, split="train", n=n_search, seed=0)
     found = _census_of(system, s, pool)
     reps = found.representatives()
     if s.train_minimum >= reps.numel():
@@ -505,7 +687,7 @@ def _training_set(ctx: CellContext, s: Settings) -> torch.Tensor:
     minimum = found.x[reps[s.train_minimum]]
     generator = torch.Generator().manual_seed(ctx.seed)
     noise = torch.randn(s.n_train, *system.event_shape, generator=generator, dtype=torch.float64)
-    return remove_com(minimum + s.train_noise * noise)
+    return remove_com(minimum + s.train_noise * noise), split_cost(system, "train", n_search)
 
 
 def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordFn) -> Callable[[int], torch.Tensor]:
@@ -525,6 +707,21 @@ def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordF
             return x
 
         return draw_flow
+    if s.trajectories and s.variant in ("mcmc-short", "mcmc-long"):
+        kind = "paper-short" if s.variant == "mcmc-short" else "paper-long"
+        n = s.mcmc_short_samples if s.variant == "mcmc-short" else s.mcmc_long_samples
+        keep = 1 if s.variant == "mcmc-short" else s.long_minimise_every
+
+        def draw_trajectory(r: int) -> torch.Tensor:
+            run = _trajectory(system, n, s.trajectory_burn_in, mcmc_seed(kind, ctx.seed, r),
+                              show_progress(ctx.progress), f"{system.name} {s.variant} trajectory round {r}")
+            record("trajectory_wall_s", run.wall_s, "s", step=r)
+            record("mcmc_acceptance", run.acceptance, "fraction", step=r)
+            record("energy_evaluations", n, "count", step=r)
+            record("energy_evaluations_burn_in", s.trajectory_burn_in + 1, "count", step=r)
+            return torch.from_numpy(run.samples.reshape(-1, *system.event_shape)[::keep])
+
+        return draw_trajectory
     if s.variant == "mcmc-short":
         from eqbench.data.loading import load_data
 
@@ -533,7 +730,11 @@ def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordF
         order = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
         disjoint = s.rounds * n <= pool.shape[0]
 
+        production, burn_in = split_cost(system, "test", n)
+
         def draw_short(r: int) -> torch.Tensor:
+            record("energy_evaluations", production, "count", step=r)
+            record("energy_evaluations_burn_in", burn_in, "count", step=r)
             if disjoint:
                 return pool[order[r * n:(r + 1) * n]]
             rows = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(1_000 * ctx.seed + r))
@@ -547,13 +748,13 @@ def _sampler(ctx: CellContext, s: Settings, train: torch.Tensor, record: RecordF
         per_chain = math.ceil(s.mcmc_long_samples / s.mcmc_chains)
         run = run_metropolis(system, n_chains=s.mcmc_chains, samples_per_chain=per_chain, burn_in=s.mcmc_burn_in,
                              stride=s.mcmc_stride, step_size=system.data_protocol.step_size,
-                             seed=10_000 + 1_000 * ctx.seed + r, progress=show_progress(ctx.progress),
+                             seed=mcmc_seed("eqbench-long", ctx.seed, r), progress=show_progress(ctx.progress),
                              description=f"{system.name} long MCMC round {r}")
         record("mcmc_wall_s", run.wall_s, "s", step=r)
         record("mcmc_acceptance", run.acceptance, "fraction", step=r)
-        record("mcmc_energy_evaluations", s.mcmc_chains * (s.mcmc_burn_in + per_chain * s.mcmc_stride),
-               "count", step=r)
-        flat = run.samples.reshape(-1, *system.event_shape)[: s.mcmc_long_samples]
+        record("energy_evaluations", s.mcmc_chains * per_chain * s.mcmc_stride, "count", step=r)
+        record("energy_evaluations_burn_in", s.mcmc_chains * (s.mcmc_burn_in + 1), "count", step=r)
+        flat = run.samples.reshape(-1, *system.event_shape)[: s.mcmc_long_samples][:: s.long_minimise_every]
         return torch.from_numpy(flat)
 
     return draw_long
@@ -575,6 +776,11 @@ def _trained_flow(ctx: CellContext, s: Settings, train: torch.Tensor, record: Re
         result = train_flow(ctx, flow, data, iterations=s.mix_iterations, batch_size=s.batch_size,
                             lambda_start=s.mix_lambda, lambda_end=s.mix_lambda, seed_offset=1)
     record("train_wall_s", time.perf_counter() - start, "s")
+    # Maximum likelihood evaluates no energy; a λ-mix step with λ > 0 evaluates the energy (and,
+    # through autograd, its gradient) of kl_batch_size flow samples.
+    kl_steps = result.iterations_done if s.mix_iterations and s.mix_lambda > 0 and result is not None else 0
+    record("energy_evaluations", kl_steps * training_options(ctx.params)["kl_batch_size"], "count")
+    record("energy_evaluations_burn_in", 0, "count")
     ctx.keep_model(flow, s.model_config)
     if result is not None and result.history:
         record("final_train_loss", result.history[-1]["loss"], "nats")
@@ -892,6 +1098,168 @@ def _pair_minima(row: dict[str, Any]) -> tuple[str, str, str] | None:
     return row["model"], "flow", metric
 
 
+#: How each ``sampling_protocol`` is shown in the report.
+PROTOCOL_LABELS: dict[str, str] = {
+    "eqbench": "eqbench: decorrelated samples of many chains",
+    "paper": "paper §7.5: one consecutive trajectory per method",
+}
+#: Table 1's rows (published.csv model names), in the order the comparison table shows them,
+#: with their labels and the energy evaluations §7.5 states for each.
+_TABLE1_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("kernel-flow", "Table 1: EQ-FLOW", "0 own; training data 1,000"),
+    ("training-set", "Table 1: TRAINING", "1,000"),
+    ("mcmc-short", "Table 1: SHORT", "1,000"),
+    ("mcmc-long", "Table 1: LONG", "100,000"),
+)
+
+
+def _comparison_key(config_text: Any) -> str:
+    """What a flow cell and the reference cells it is compared with share: the reference settings
+    (:data:`REFERENCE_SETTINGS`) but the method, with the defaults of settings added later. Two
+    sampling protocols, or any other reference setting, never share a key."""
+    import json
+
+    try:
+        params = json.loads(config_text).get("params", {}) if isinstance(config_text, str) else {}
+    except ValueError:
+        params = {}
+    shared = {k: v for k, v in params.items() if k in REFERENCE_SETTINGS and k != "variant"}
+    shared = {**shared, **{k: v for k, v in _LATER_SETTINGS.items() if shared.get(k) is None}}
+    return json.dumps(shared, sort_keys=True, default=repr)
+
+
+def _int_text(value: float) -> str:
+    return f"{value:,.0f}" if math.isfinite(value) else "–"
+
+
+def _ordering(means: Mapping[str, float]) -> str:
+    """``"long > flow > short"`` by mean (``=`` for equal means)."""
+    order = sorted(means, key=lambda m: -means[m])
+    text = order[0]
+    for prev, cur in zip(order, order[1:]):
+        text += (" = " if means[prev] == means[cur] else " > ") + cur
+    return text
+
+
+def _table1_tables(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[HtmlTable]:
+    """Table 1 per system, profile and comparison (the flows and the reference cells sharing
+    every reference setting, :func:`_comparison_key`): each method's distinct minima per energy
+    bin (mean ± std over seeds × rounds), its target energy evaluations and its sampling
+    protocol; then the ordering of flow, short and long MCMC per bin, beside Table 1's rows and
+    ordering (LJ-13). Protocols are never pooled: they are different comparisons."""
+    import numpy as np
+
+    rows = ok[ok["task"] == "metastable-states"] if "task" in ok.columns else ok
+    if rows.empty or "config_json" not in rows.columns:
+        return []
+    rows = rows.assign(comparison=[_comparison_key(c) for c in rows["config_json"]],
+                       method=[_method(v, m) for v, m in zip(rows["variant"], rows["model"])])
+    tables = []
+    for (system, profile, comparison), group in rows.groupby(["system", "profile", "comparison"], sort=True):
+        counted = group[group["metric"] == "distinct_minima"]
+        if counted.empty:
+            continue
+        methods = _method_order(list(counted["method"].unique()))
+        labels, mean, std = _count_table(group, "distinct_minima", methods)
+        if labels != ["all minima"]:
+            all_mean, all_std = _count_table(group[~group["metric"].map(lambda m: parse_bin_label(str(m)) is not None)],
+                                             "distinct_minima", methods)[1:]
+            labels, mean, std = labels + ["all minima"], np.vstack([mean, all_mean]), np.vstack([std, all_std])
+        settings = json.loads(comparison)
+        protocol = str(settings.get("sampling_protocol", "eqbench"))
+        label = PROTOCOL_LABELS.get(protocol, protocol)
+
+        def evaluations(method: str) -> str:
+            mine = group[group["method"] == method]
+
+            def value(metric: str) -> float:
+                v = mine[mine["metric"] == metric]["value"].to_numpy(float)
+                return float(v.mean()) if v.size else math.nan
+
+            own = f"{_int_text(value('energy_evaluations'))} (+{_int_text(value('energy_evaluations_burn_in'))} burn-in)"
+            if method in VARIANTS:
+                return own
+            return (f"{own} own; training data {_int_text(value('energy_evaluations_training_data'))} "
+                    f"(+{_int_text(value('energy_evaluations_training_data_burn_in'))} burn-in)")
+
+        out = []
+        for j, method in enumerate(methods):
+            n = int(((counted["method"] == method)).sum())
+            cells = [method, label]
+            cells += [f"{mean[i, j]:.2f} ± {std[i, j]:.2f}" if n > 1 else f"{mean[i, j]:.2f}" for i in range(len(labels))]
+            out.append(cells + [evaluations(method), str(n)])
+        bins = len(labels) - (1 if labels[-1] == "all minima" and len(labels) > 1 else 0)
+        flows = [m for m in methods if m not in VARIANTS]
+        samplers = [m for m in ("mcmc-short", "mcmc-long") if m in methods]
+        published = _table1_published(baselines, str(system), labels[:bins])
+        for flow in flows:
+            order_cells = []
+            for i in range(bins):
+                means = {"flow": mean[i, methods.index(flow)]}
+                means.update({m.removeprefix("mcmc-"): mean[i, methods.index(m)] for m in samplers})
+                text = _ordering(means)
+                if published is not None and len(means) == 3:
+                    text += " (as Table 1)" if text == published[1][i] else f" (Table 1: {published[1][i]})"
+                order_cells.append(text)
+            out.append([f"ordering, {flow}", label] + order_cells + [""] * (len(labels) - bins) + ["", ""])
+        if published is not None:
+            for model, name, budget in _TABLE1_ROWS:
+                values = published[0].get(model)
+                if values is not None:
+                    out.append([name, "paper §7.5 (single trajectories)"] + values + [""] * (len(labels) - bins)
+                               + [budget, "10" if model != "training-set" else "1"])
+            out.append(["ordering, Table 1", "paper §7.5 (single trajectories)"] + list(published[1])
+                       + [""] * (len(labels) - bins) + ["", ""])
+        differing = {k: v for k, v in settings.items() if k not in ("sampling_protocol",)}
+        tables.append(HtmlTable(
+            caption=f"Table 1 ({system}, {profile or 'no'} profile), sampling protocol {protocol!r} ({label}): distinct "
+                    "minima per energy bin (mean ± std over seeds × rounds), target energy evaluations per round "
+                    "(mean; burn-in apart; a flow's own plus what its training data cost) and the ordering of "
+                    f"flow, short and long MCMC per bin. Reference settings: "
+                    + ", ".join(f"{k}={json.dumps(v.get(system, v) if isinstance(v, dict) else v)}"
+                                for k, v in sorted(differing.items())
+                                if k in ("n_train", "mcmc_short_samples", "mcmc_long_samples", "mcmc_burn_in",
+                                         "long_minimise_every", "minima_protocol", "rounds")),
+            header=["method", "sampling protocol"] + labels + ["energy evaluations", "values (seeds × rounds)"],
+            rows=out))
+    return tables
+
+
+def _table1_published(baselines: pandas.DataFrame, system: str,
+                      bin_labels: Sequence[str]) -> tuple[dict[str, list[str]], list[str]] | None:
+    """Table 1's rows for ``system`` on the given bins: ``{model: ["38.30 ± 2.49", ...]}`` and the
+    ordering of flow, short and long per bin; ``None`` without them (DW-4)."""
+    if baselines is None or baselines.empty or not len(bin_labels):
+        return None
+    sel = baselines[(baselines["table"] == "Table 1") & (baselines["system"] == system)]
+    if sel.empty:
+        return None
+    values: dict[str, list[str]] = {}
+    means: dict[str, list[float]] = {}
+    for model, _, _ in _TABLE1_ROWS:
+        cells, nums = [], []
+        for label in bin_labels:
+            low, high = (x.strip() for x in label.strip("[)").replace("−", "-").replace("∞", "inf").split(","))
+            metric = f"distinct_minima_{float(low):g}_{float(high):g}"
+            hit = sel[(sel["model"] == model) & (sel["metric"] == metric)]
+            if hit.empty:
+                cells.append("–")
+                nums.append(math.nan)
+                continue
+            value, error = float(hit["value"].iloc[0]), hit["error"].iloc[0]
+            error_text = "" if error is None or (isinstance(error, float) and math.isnan(error)) or error == "" else \
+                f" ± {float(error):.2f}"
+            cells.append(f"{value:.2f}{error_text}")
+            nums.append(value)
+        if any(math.isfinite(v) for v in nums):
+            values[model], means[model] = cells, nums
+    if not {"kernel-flow", "mcmc-short", "mcmc-long"} <= set(means):
+        return (values, ["–"] * len(bin_labels)) if values else None
+    order = [_ordering({"flow": means["kernel-flow"][i], "short": means["mcmc-short"][i],
+                        "long": means["mcmc-long"][i]}) for i in range(len(bin_labels))]
+    return values, order
+
+
 def _report_section() -> TaskSection:
     return TaskSection(
         task="metastable-states",
@@ -900,9 +1268,12 @@ def _report_section() -> TaskSection:
         conventions="Counts of distinct minima after minimisation and sorted-distance clustering at ε: lower "
                     "bounds (§7.5), mean ± std over seeds and rounds (Table 1: over 10 rounds). LJ-13 bins "
                     "(−70, −60), (−80, −70), (−∞, −80) in the ordered-pair LJ energy (each pair counted twice) "
-                    "that Table 1 uses. eqbench's decorrelated MCMC samples reach many more minima per sample than "
-                    "the paper's single-chain trajectories, so compare the ordering of methods with Table 1, not "
-                    "absolute counts. Variant = method (flow samples, training set, short and long MCMC); the "
+                    "that Table 1 uses. Two sampling protocols (setting sampling_protocol, never pooled): 'eqbench' "
+                    "(decorrelated many-chain samples, which reach far more minima per sample and cost far more "
+                    "energy evaluations) and 'paper' (§7.5 as written: the training set and the short and long "
+                    "references are single consecutive Metropolis trajectories, 1 energy evaluation per sample). "
+                    "The Table-1 tables show each protocol's counts, energy evaluations and the ordering of "
+                    "flow, short and long MCMC per bin beside Table 1's. Variant = method (flow samples, training set, short and long MCMC); the "
                     "references (training set, short and long MCMC) do not depend on the model: they are "
                     "cells of model 'reference', run once per system and settings and shown once beside "
                     "every flow.",
@@ -910,6 +1281,7 @@ def _report_section() -> TaskSection:
                        "distinct_minima_minf_m80", "new_minima", "lowest_minimum_energy"),
         baseline=lambda r: r["table"] in ("Table 1", "§7.5", "SPEC §2", "Fig. 7"),
         pair=_pair_minima,
+        extra_tables=_table1_tables,
         claims=(Claim("dw4-minima", "All five DW-4 minima found by the equivariant flow", "§7.5, Fig. 7a",
                       claim_dw4_minima, needs=("equivariant",)),),
         order=3,
