@@ -34,6 +34,7 @@ examples:
   python -m eqbench run --task test-nll --model gaussian --system lj13 --set n_train=[10,1000]
   python -m eqbench collect                               # results/cells/* -> results/results.csv
   python -m eqbench report --results results              # one self-contained HTML page: claims, plots, tables
+  python -m eqbench demo                                  # every claim of the paper from 3 seeds, ~15 min on 2 cores
 """
 
 KINDS: dict[str, Registry[Any]] = {"systems": SYSTEMS, "models": MODELS, "tasks": TASKS}
@@ -533,6 +534,45 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Every claim of the paper from three seeds: the demo's quick cells, the report, the headline."""
+    import warnings
+
+    from eqbench.demo import DEMO_STEPS, headline_rows, plan_demo, run_demo
+    from eqbench.records import CellStore, check_results_dir
+    from eqbench.report import evaluate_claims, load_results, write_report
+
+    if args.jobs < 1:
+        raise EqbenchError(f"--jobs must be a positive number of workers, got {args.jobs}")
+    if args.threads < 1:
+        raise EqbenchError(f"--threads must be a positive number of torch threads per worker, got {args.threads}")
+    root = check_results_dir(args.results)  # before any work
+    plans = plan_demo(root, rerun=args.rerun)
+    todo = sum(len(p.todo) for p in plans)
+    for step, plan in zip(DEMO_STEPS, plans):
+        settings = ", ".join(f"{k}={v}" for k, v in step.overrides.items())
+        print(f"{step.task}: {' '.join(step.models)} on {' '.join(step.systems)}, {len(plan.todo)} to run, "
+              f"{len(plan.done)} finished ({settings}) -> {', '.join(step.claims)}", file=sys.stderr)
+    if args.dry_run:
+        return 0
+    print(f"{todo} cells to run with {args.jobs} workers of {args.threads} thread(s)", file=sys.stderr)
+    results = run_demo(root, jobs=args.jobs, threads=args.threads, rerun=args.rerun,
+                       artifacts=not args.no_artifacts)
+    failed = [r for r in results if r.status != "ok"]
+    for r in failed:
+        print(f"  failed {r.cell_id} ({r.config.get('model')}, {r.config.get('system')}): {r.reason}")
+    CellStore(root).collect()
+    loaded = load_results(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = write_report(root, None, loaded=loaded)
+        verdicts = evaluate_claims(loaded.table)
+    print()
+    _print_table(headline_rows(verdicts), ("claim", "paper", "verdict", "measured (mean ± std over seeds)", "paper"))
+    print(f"\nreport: {out}")
+    return 1 if failed else 0
+
+
 # -------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -669,6 +709,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "else name one)")
     p.add_argument("--out", default=None, help="output HTML file (default: RESULTS/report.html)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="judge every claim of the paper from three seeds in one short run, then report",
+                       description="Run the demo's quick-profile cells (eqbench.demo.DEMO_STEPS: the paper's models "
+                                   "on DW-2/DW-4, three seeds, narrowed quick settings that every cell records) in "
+                                   "one pool, write RESULTS/report.html and print each claim's verdict with its "
+                                   "measured numbers beside the paper's. Rerunning skips finished cells.")
+    p.add_argument("--results", default="results/demo", help="results directory (default: results/demo)")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--rerun", action="store_true", help="run finished cells again")
+    p.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    p.add_argument("--no-artifacts", action="store_true", help="keep no model.pt / samples.npz per cell")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -23,7 +23,7 @@ from eqbench.registry import MODELS, SYSTEMS, TASKS
 from eqbench.workers import ProgressLines, check_time_limit
 from eqbench.planning import CellPlan, NoCellsError, check_data_for, default_results_dir, plan_cells
 
-__all__ = ["SweepPlan", "plan_sweep", "price_plan", "sweep", "default_threads"]
+__all__ = ["SweepPlan", "plan_sweep", "price_plan", "run_cells", "sweep", "default_threads"]
 
 
 @dataclass
@@ -145,10 +145,6 @@ def sweep(
     a failed cell "cell exceeded its time limit of N s"; a local worker in which it fired is
     replaced. Without a terminal (``progress=None``, stderr not a TTY) a line per finished cell,
     and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`)."""
-    from tqdm.auto import tqdm
-
-    from eqbench.tasks.common import show_progress
-
     time_limit_s = check_time_limit(time_limit_s)
     results_dir = check_results_dir(default_results_dir(profile) if results_dir is None else results_dir)  # before any work
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
@@ -157,7 +153,41 @@ def sweep(
         on_plan(plan)
     if not plan.todo:
         return plan, []
-    check_data_for(plan.todo)  # a read-only cache without the data: one line, before any cell
+    results = run_cells(plan.todo, results_dir, executor=executor, jobs=jobs, threads=threads, device=device,
+                        time_limit_s=time_limit_s, address=address, slurm=slurm, progress=progress,
+                        artifacts=artifacts, desc=f"sweep {task}")
+    return plan, results
+
+
+def run_cells(
+    cells: Sequence[CellPlan],
+    results_dir: str | Path,
+    *,
+    executor: str = "local",
+    jobs: int = 1,
+    threads: int | None = None,
+    device: str = "cpu",
+    time_limit_s: float | None = None,
+    address: str | None = None,
+    slurm: SlurmOptions | None = None,
+    progress: bool | None = None,
+    artifacts: bool = True,
+    desc: str = "cells",
+) -> list[CellResult]:
+    """Run planned cells (of any tasks) on one executor, in the given order; returns their results.
+
+    What :func:`sweep` does after planning, for callers that plan cells of several tasks at once
+    (:mod:`eqbench.demo`): one pool keeps both workers busy across task boundaries. Checks the
+    data before any cell, clears what a killed earlier run left, and reports progress like a
+    sweep; ``time_limit_s`` must already be checked (:func:`eqbench.workers.check_time_limit`).
+    """
+    from tqdm.auto import tqdm
+
+    from eqbench.tasks.common import show_progress
+
+    if not cells:
+        return []
+    check_data_for(cells)  # a read-only cache without the data: one line, before any cell
     CellStore(results_dir).remove_orphaned_temps()  # what a killed earlier sweep left mid-write
     remove_stale_claims(results_dir)  # ... and the claims of its cells
     if device != "auto":
@@ -165,10 +195,10 @@ def sweep(
 
         device = resolve_device(device)
     jobs_list = [CellJob(cell, str(results_dir), device, threads or default_threads(jobs), time_limit_s, artifacts)
-                 for cell in plan.todo]
+                 for cell in cells]
     runner = make_executor(executor, jobs=jobs, results_dir=results_dir, address=address, slurm=slurm)
-    bar = tqdm(total=len(jobs_list), desc=f"sweep {task}", disable=not show_progress(progress), unit="cell")
-    lines = ProgressLines(f"sweep {task}", len(jobs_list), enabled=progress is None and not show_progress(None))
+    bar = tqdm(total=len(jobs_list), desc=desc, disable=not show_progress(progress), unit="cell")
+    lines = ProgressLines(desc, len(jobs_list), enabled=progress is None and not show_progress(None))
 
     def advance(result: CellResult) -> None:
         bar.update(1)
@@ -179,7 +209,6 @@ def sweep(
 
     try:
         with lines:
-            results = run_jobs(runner, jobs_list, on_result=advance)
+            return run_jobs(runner, jobs_list, on_result=advance)
     finally:
         bar.close()
-    return plan, results

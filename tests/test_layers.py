@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("planning",),
     ("runner", "cost"),
     ("executors", "sweep", "evaluation"),
-    ("report", "catalog", "api", "cli", "__init__", "__main__"),
+    ("report", "catalog", "demo", "api", "cli", "__init__", "__main__"),
 )
 _LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
 
