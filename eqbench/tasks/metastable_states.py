@@ -625,10 +625,12 @@ class MetastableStates(Task):
         for (system, profile, protocol), rows in table.groupby(["system", "profile", "sampling_protocol"], sort=True):
             rows = rows.assign(method=[_method(v, m) for v, m in zip(rows["variant"], rows["model"])])
             stem = f"{system}_{profile}" if profile else str(system)
+            title = str(system)
             if protocol != "eqbench":
                 stem += f"_{protocol}-protocol"
-            written += _plot_counts(rows, str(system), stem, out_dir)
-            written += _plot_structures(rows, str(system), stem, out_dir)
+                title += f", {protocol} sampling protocol"
+            written += _plot_counts(rows, title, stem, out_dir)
+            written += _plot_structures(rows, title, stem, out_dir)
         return written
 
     def report_section(self) -> TaskSection:
