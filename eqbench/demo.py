@@ -108,6 +108,8 @@ def headline_rows(verdicts: Sequence[Any]) -> list[tuple[str, str, str, str, str
     for cv in verdicts:
         result = cv.result
         measured = "; ".join(_point_text(p) for p in result.points) or "–"
+        if result.points and result.quantity:
+            measured = f"{result.quantity}: {measured}"
         published = "; ".join(f"{p.label}: {_num(p.published)}" for p in result.points if p.published is not None)
         rows.append((cv.claim.statement, cv.claim.paper, cv.verdict_text, measured, published or "–"))
     return rows
