@@ -174,6 +174,9 @@ def plan_cells(
     if task_obj.trains:
         check_training_settings(params)
     seeds = seed_list(params, seed)
+    if task_obj.max_seed is not None and any(not 0 <= s < task_obj.max_seed for s in seeds):
+        raise ConfigError(f"task {task} takes seeds in [0, {task_obj.max_seed}) (it derives its Metropolis seeds "
+                          f"from them); got {seeds}")
     params.pop("seeds", None)
     _check_axes(params, task_obj.grid_axes)
     code = code_versions(task, model)

@@ -331,3 +331,13 @@ def test_per_bin_recounts_at_half_and_double_eps_under_both_minima_protocols(min
     assert tuple(got[f"{n}_minf_m80"] for n in names) == (0, 0, 0)
     assert tuple(got[n] for n in names) == tuple(c + 1 for c in counts)
     assert math.isfinite(got["closest_distinct_separation"])
+
+
+def test_seeds_outside_the_metropolis_seed_range_are_refused_at_planning():
+    """Metropolis seeds are base + 1,000 seed + round: seed 990 and above would collide, so the
+    plan refuses them before any work (the run-time check stays as a second line)."""
+    from eqbench.planning import plan_cells
+
+    assert plan_cells("metastable-states", "kernel-flow", "dw4", "smoke", seed=989)
+    with pytest.raises(ConfigError, match=r"task metastable-states takes seeds in \[0, 990\)"):
+        plan_cells("metastable-states", "kernel-flow", "dw4", "smoke", seed=990)

@@ -99,6 +99,9 @@ class Task(ABC):
     systems: tuple[str, ...] | None = None
     #: Profile keys whose list values expand into one cell per element.
     grid_axes: tuple[str, ...] = ()
+    #: Seeds must lie in ``[0, max_seed)`` (checked at planning) for a task that derives other
+    #: random streams from the cell seed and must keep them distinct; ``None``: any seed.
+    max_seed: int | None = None
     #: Capabilities (keys of :data:`CAPABILITIES`) a model needs for this task.
     requires: tuple[str, ...] = ()
     #: Whether cells train a model: every profile then carries the training settings of

@@ -509,6 +509,7 @@ class MetastableStates(Task):
     summary = "distinct energy minima reached from flow samples vs the training set and short/long MCMC (§7.5, Table 1, Fig. 7)"
     systems = ("dw4", "lj13")
     grid_axes = ("variant", "sampling_protocol")
+    max_seed = _MAX_SEED
 
     def splits_read(self) -> tuple[str, ...]:
         """Training configurations come from ``train``; the short-MCMC reference row draws its
