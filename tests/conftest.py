@@ -68,3 +68,20 @@ def run_task_smoke(task: str, model: str, system: str, results_dir: Path, *, ove
     assert plots and suffixes.count(".png") == suffixes.count(".svg") >= 1, plots
     assert all(p.stat().st_size > 0 for p in plots)
     return results, table
+
+
+def live_processes() -> list[tuple[int, str, int, int]]:
+    """``(pid, command, parent pid, session id)`` of every live process (zombies are dead), read
+    from /proc (Linux); processes that exit while being read are skipped."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, ppid, _pgid, session = text[text.rindex(")") + 2:].split()[:4]
+        if state not in ("Z", "X"):
+            found.append((int(stat.parent.name), text[text.index("(") + 1:text.rindex(")")], int(ppid), int(session)))
+    return found

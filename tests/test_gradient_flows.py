@@ -420,32 +420,33 @@ class _WrongCurvature(gradient_flow.SimpleGradientFlow):
         return v, div + 2.0 * f2.sum(-1)
 
 
-class _NoQuotientRule(gradient_flow.SimpleGradientFlow):
+class _BrokenQuotient(gradient_flow.SimpleGradientFlow):
+    """Normalised RBFs whose jet rows ``[K; K'; K'']`` are rewritten by :meth:`_broken` from the
+    correct rows and the logit slopes ``a_k = -2 (d - μ_k)/γ_k²`` (unnormalised: unchanged)."""
+
+    def _rbf_jet(self, d):
+        jet = super()._rbf_jet(d)
+        if not self.rbf.normalised:
+            return jet
+        n = d.shape[0]
+        a = -2.0 * (d - self.rbf.mu) / self.rbf.gamma ** 2
+        return self._broken(jet[:n], jet[n:2 * n], jet[2 * n:], a)
+
+
+class _NoQuotientRule(_BrokenQuotient):
     """Normalised RBFs differentiated as if Σ_m g_m were constant: ``K' = K a`` (no ``- ā``)."""
 
-    def _rbf_jet(self, d):
-        jet = super()._rbf_jet(d)
-        if not self.rbf.normalised:
-            return jet
-        n = d.shape[0]
-        kern = jet[:n]
-        a = -2.0 * (d - self.rbf.mu) / self.rbf.gamma ** 2
-        return torch.cat((kern, kern * a, jet[2 * n:]))
+    def _broken(self, kern, k1, k2, a):
+        return torch.cat((kern, kern * a, k2))
 
 
-class _WrongSecondQuotient(gradient_flow.SimpleGradientFlow):
+class _WrongSecondQuotient(_BrokenQuotient):
     """Normalised RBFs with the variance term of ``K''`` left out (second derivative wrong only)."""
 
-    def _rbf_jet(self, d):
-        jet = super()._rbf_jet(d)
-        if not self.rbf.normalised:
-            return jet
-        n = d.shape[0]
-        kern, k1 = jet[:n], jet[n:2 * n]
-        a = -2.0 * (d - self.rbf.mu) / self.rbf.gamma ** 2
+    def _broken(self, kern, k1, k2, a):
         c = a - (kern * a).sum(-1, keepdim=True)
         var = (kern * c * c).sum(-1, keepdim=True)
-        return torch.cat((kern, k1, jet[2 * n:] + kern * var))
+        return torch.cat((kern, k1, k2 + kern * var))
 
 
 class _WrongSign(gradient_flow.SimpleGradientFlow):

@@ -11,6 +11,7 @@ from html import escape as html_escape
 from pathlib import Path
 
 import pytest
+from conftest import live_processes
 
 import eqbench
 from eqbench.errors import ConfigError
@@ -88,17 +89,8 @@ def test_crash_and_timeout_become_failed_cells_and_the_rest_finishes(tmp_path):
 
 
 def _session_members(sid: int) -> list[str]:
-    """Live processes (zombies are dead) of session ``sid``, from /proc: ``pid command`` each."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        state, _ppid, _pgid, session = text[text.rindex(")") + 2:].split()[:4]
-        if int(session) == sid and state not in ("Z", "X"):
-            members.append(f"{stat.parent.name} {text[text.index('(') + 1:text.rindex(')')]}")
-    return members
+    """Live processes of session ``sid``: ``pid command`` each."""
+    return [f"{pid} {command}" for pid, command, _, session in live_processes() if session == sid]
 
 
 def _wait_until_empty(sid: int, seconds: float = 10) -> list[str]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import live_processes
 
 from eqbench.errors import ConfigError
 from eqbench.workers import ProgressLines, WorkerPool, check_time_limit
@@ -28,16 +29,7 @@ POOL_SCRIPT = textwrap.dedent("""
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2:].split()
-        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
-            found.append(int(stat.parent.name))
-    return found
+    return [child for child, _, ppid, _ in live_processes() if ppid == pid]
 
 
 def _alive(pid: int) -> bool:
