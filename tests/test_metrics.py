@@ -321,3 +321,63 @@ def test_pair_distances_and_distance_w2():
     assert metrics.distance_wasserstein(xa, xb, weights_a=w) == pytest.approx(
         metrics.distance_wasserstein(np.repeat(xa, w, axis=0), xb))
     assert metrics.distance_wasserstein(torch.from_numpy(xa), xb) == pytest.approx(metrics.distance_wasserstein(xa, xb))
+
+
+# -- forward ESS (Midgley et al. 2023) -----------------------------------------------------------
+
+def test_forward_ess_is_one_for_equal_weights_and_shift_invariant():
+    assert metrics.forward_ess_fraction(np.full(50, -3.7)) == pytest.approx(1.0, abs=1e-12)
+    # Two weights 1 and 4 by hand: n² / (Σw · Σ1/w) = 4 / (5 · 1.25) = 0.64, whatever log Z.
+    for shift in (0.0, 800.0, -800.0):
+        assert metrics.forward_ess_fraction(np.log([1.0, 4.0]) + shift) == pytest.approx(0.64, rel=1e-12)
+    # Not Kish's ESS of the same weights ((1 + 4)² / (1 + 16) / 2 = 0.735): a different estimator.
+    assert metrics.ess_fraction(np.log([1.0, 4.0])) == pytest.approx(25 / 34)
+
+
+@pytest.mark.parametrize("scale, dims", [(1.5, 1), (1.2, 3), (0.8, 2)])
+def test_forward_ess_of_a_mismatched_gaussian(scale, dims):
+    """p = N(0, I_d), q = N(0, s² I_d), x ~ p: the fraction tends to 1 / E_p[p/q] =
+    (sqrt(2 s² - 1) / s²)^d (needs 2 s² > 1), e.g. 0.8315 for s = 1.5 in 1-D."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(400_000, dims))
+    log_p = -0.5 * (x**2).sum(1)
+    log_q = -0.5 * (x**2).sum(1) / scale**2 - dims * math.log(scale)
+    expected = (math.sqrt(2 * scale**2 - 1) / scale**2) ** dims
+    assert expected < 0.95
+    assert metrics.forward_ess_fraction(log_p - log_q) == pytest.approx(expected, abs=0.01)
+
+
+def test_forward_ess_of_a_shifted_gaussian():
+    """q = N(μ, 1), p = N(0, 1): E_p[p/q] = exp(μ²), so the fraction tends to exp(-μ²)."""
+    x = np.random.default_rng(12).normal(size=400_000)
+    for mu in (0.3, 0.7):
+        log_w = -0.5 * x**2 + 0.5 * (x - mu) ** 2
+        assert metrics.forward_ess_fraction(log_w) == pytest.approx(math.exp(-mu**2), abs=0.01)
+
+
+def test_forward_ess_sees_a_missed_mode_that_reverse_ess_does_not():
+    """Target ½N(-4, 1) + ½N(4, 1), flow N(4, 1): the flow's own samples reweight perfectly well
+    (reverse ESS ≈ 1: w = p/q ≈ ½ where q puts its mass), the target's samples do not (half of
+    them lie where q is tiny: forward ESS ≈ 0)."""
+    rng = np.random.default_rng(13)
+
+    def log_p(x):
+        return np.logaddexp(-0.5 * (x + 4) ** 2, -0.5 * (x - 4) ** 2) - math.log(2)
+
+    def log_q(x):
+        return -0.5 * (x - 4) ** 2
+
+    x_q = rng.normal(4.0, 1.0, size=20_000)
+    x_p = np.where(rng.random(20_000) < 0.5, -4.0, 4.0) + rng.normal(size=20_000)
+    assert metrics.ess_fraction(log_p(x_q) - log_q(x_q)) > 0.99
+    assert metrics.forward_ess_fraction(log_p(x_p) - log_q(x_p)) < 1e-3
+
+
+def test_forward_ess_of_zero_infinite_and_undefined_weights():
+    assert metrics.forward_ess_fraction([0.0, np.inf]) == 0.0  # q(x) = 0 at a test point
+    assert metrics.forward_ess_fraction([0.0, -np.inf]) == 0.0
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.forward_ess_fraction([0.0, np.nan])
+    with pytest.raises(ValueError):
+        metrics.forward_ess_fraction([])
+    assert metrics.forward_ess_fraction(torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
