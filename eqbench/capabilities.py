@@ -22,6 +22,7 @@ CAPABILITIES: dict[str, str] = {
     "trainable": "is fitted in closed form: it has no gradient-based training to run",
     "equivariant": "is not equivariant (claims no rotation/permutation symmetry)",
     "exact-density": "has no exact log-density (its log_prob is an estimate)",
+    "augmented": "is not an augmented flow (no auxiliary variables with an exact joint density)",
 }
 
 

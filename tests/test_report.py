@@ -342,3 +342,26 @@ def test_not_a_results_table(tmp_path: Path) -> None:
     (tmp_path / "results.csv").write_text("a,b\n1,2\n")
     with pytest.raises(EqbenchError, match="not an eqbench results table"):
         report.render_report(tmp_path)
+
+
+def test_claim_coupling_samples_faster_needs_both_systems_and_the_peer() -> None:
+    """Midgley et al. 2023: an equivariant augmented coupling flow samples > 10x faster than the
+    E(n) CNF, as ratios measured against en-flow in one cell; other references never decide it."""
+    from eqbench.tasks.timing import claim_coupling_samples_faster
+
+    def table(ratio: float, systems=("dw4", "lj13"), reference: str = "en-flow",
+              caps: str = "augmented;equivariant;trainable") -> pd.DataFrame:
+        t = _rows("timing", [(s, "se3-acf", f"vs {reference}", f"{k}_ratio_to_reference", ratio)
+                             for s in systems for k in ("train", "sample")])
+        return t.assign(unit=f"ratio to {reference}, mean / mean", capabilities=caps)
+
+    baselines = report.load_baselines()
+    assert claim_coupling_samples_faster(table(0.05), baselines).verdict == report.REPRODUCED
+    assert claim_coupling_samples_faster(table(0.2), baselines).verdict == report.NOT_REPRODUCED
+    assert claim_coupling_samples_faster(table(0.05, systems=("dw4",)), baselines).verdict == report.NOT_MEASURED
+    assert claim_coupling_samples_faster(table(0.05, reference="kernel-flow"), baselines).verdict == report.NOT_MEASURED
+    # a non-augmented (or non-equivariant) flow against en-flow does not decide it
+    assert claim_coupling_samples_faster(table(0.05, caps="trainable"), baselines).verdict == report.NOT_MEASURED
+    mixed = pd.concat([table(0.05), table(0.5).assign(model="other")], ignore_index=True)
+    mixed = with_settings(mixed.drop(columns=["settings_key", "settings"], errors="ignore"))
+    assert claim_coupling_samples_faster(mixed, baselines).verdict == report.NOT_REPRODUCED

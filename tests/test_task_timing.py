@@ -135,3 +135,20 @@ def test_gradient_flow_is_timed_with_table_2_estimators_unless_told():
     flow = eqbench.build_model("gradient-flow", "dw4", closed)
     assert (flow.train_divergence, flow.eval_divergence) == ("exact", "exact") and flow.has_closed_form_divergence
     assert model_config_for("kernel-flow", {"model_config": {"steps": 5}}) == {"steps": 5}
+
+
+def test_reference_model_is_a_grid_axis():
+    """A list of references gives one cell per reference, each named by its variant; the kernel
+    flow's is the Table 2 row (no variant); a model is never timed against itself elsewhere."""
+    plans = plan_cells("timing", "real-nvp", "dw4", "smoke", overrides={"reference_model": ["kernel-flow", "node"]})
+    assert {p.params["reference_model"]: p.params["variant"] for p in plans} == {"kernel-flow": "", "node": "vs node"}
+    # per model, as a profile sets it for the coupling flows
+    table = {"default": "kernel-flow", "real-nvp": ["kernel-flow", "node"]}
+    assert len(plan_cells("timing", "real-nvp", "dw4", "smoke", overrides={"reference_model": table})) == 2
+    assert len(plan_cells("timing", "schnet-flow", "dw4", "smoke", overrides={"reference_model": table})) == 1
+    own = plan_cells("timing", "node", "dw4", "smoke", overrides={"reference_model": ["kernel-flow", "node"]})
+    assert [p.params["reference_model"] for p in own] == ["kernel-flow"]
+    with pytest.raises(EqbenchError, match="its own reference_model"):
+        plan_cells("timing", "node", "dw4", "smoke", overrides={"reference_model": "node"})
+    both = plan_cells("timing", "gradient-flow", "dw4", "smoke", overrides={"reference_model": ["kernel-flow", "node"]})
+    assert sorted(p.params["variant"] for p in both) == ["", "closed-form", "closed-form, vs node", "vs node"]

@@ -31,6 +31,14 @@ Protocol, per model and system (one cell per seed):
   ...), so a change of the machine's load hits both alike; the ratio records are the ratio of the
   means and the standard deviation of the per-epoch ratios. For the reference model itself the
   ratio is 1 by definition and nothing is timed twice (unless ``model_config`` changes it).
+* **References** (grid axis ``reference_model``): the model every ratio is taken to, timed in
+  the same cell. The paper's is the kernel flow (Table 2); a list, possibly per model
+  (``reference_model = { default = "kernel-flow", se3-acf = ["kernel-flow", "en-flow"] }``),
+  gives one cell per reference, ``variant = "vs <reference>"`` for every reference but the
+  kernel flow. That is how the sampling-speed claim of Midgley et al. (NeurIPS 2023, §6: the
+  augmented coupling flow samples with exact log-weights more than an order of magnitude faster
+  than the E(n)-equivariant CNF) is measured: both flows timed in one cell, interleaved. A model
+  is not timed against itself, except as the kernel flow's own row (ratio 1).
 * **Budget**: when the warm-up iteration predicts more than ``budget_s`` seconds for one
   measurement (training or sampling of one model), iterations per epoch and then epochs are cut
   (never below 2 epochs of 1 iteration); the records ``*_timed_iterations`` say how many were
@@ -71,6 +79,8 @@ from eqbench.tasks.reporting import (
     TaskSection,
     describe,
     fmt,
+    has_capability,
+    is_equivariant_flow,
     pm,
     seed_stats,
     settings_name,
@@ -148,7 +158,7 @@ class Timing(Task):
     #: no published timing to place beside.
     systems = ("dw2", "dw4", "lj13")
     data_splits = {"n_data": "train"}
-    grid_axes = ("estimators",)
+    grid_axes = ("estimators", "reference_model")
 
     def validate(self, params: Mapping[str, Any]) -> None:
         for key in ("batch_size", "n_data", "train_epochs", "train_iterations", "sample_epochs",
@@ -165,7 +175,8 @@ class Timing(Task):
             raise ConfigError(f"budget_s must be a finite positive number of seconds, got {budget!r}")
         reference = params.get("reference_model")
         if not isinstance(reference, str):
-            raise ConfigError(f"reference_model must be a model name (or \"\" for no ratios), got {reference!r}")
+            raise ConfigError(f"reference_model must be a model name, \"\" for no ratios, or a list of them "
+                              f"(a grid axis); got {reference!r}")
         if reference:
             from eqbench.registry import MODELS
 
@@ -178,15 +189,26 @@ class Timing(Task):
                               f"got {estimators!r}")
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
-        """Name the ``closed-form`` row's variant; drop it for a model that has no separate one."""
+        """Name the cell's variant (``closed-form`` rows, references other than the kernel flow);
+        drop a ``closed-form`` row for a model that has no separate one, and a model timed against
+        itself under any reference but the kernel flow (whose own row holds the ratio 1)."""
         point = dict(params)
         estimators = point.setdefault("estimators", "table-2")
         if estimators == "closed-form" and model not in PAPER_ESTIMATORS:
             return []
-        point["variant"] = _VARIANTS[estimators]
+        reference = point["reference_model"]
+        if reference and reference != PAPER_REFERENCE and reference == model and not point.get("model_config"):
+            return []
+        parts = [_VARIANTS[estimators]] if _VARIANTS[estimators] else []
+        if reference and reference != PAPER_REFERENCE:
+            parts.append(f"vs {reference}")
+        point["variant"] = ", ".join(parts)
         return [point]
 
     def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        if params.get("reference_model") == model:
+            return (f"model {model!r} is its own reference_model; time it against another model "
+                    f"(--set reference_model={PAPER_REFERENCE})")
         return (f"estimators = \"closed-form\" only, and model {model!r} is timed with its own default "
                 "estimators under \"table-2\" already; include \"table-2\" (--set estimators=[\"table-2\"])")
 
@@ -439,6 +461,63 @@ def claim_kernel_fastest(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> C
                        "time / kernel-flow time")
 
 
+#: The peer of Midgley et al.'s sampling-speed claim (NeurIPS 2023, §6): the E(n)-equivariant CNF.
+PEER_CNF = "en-flow"
+#: "More than an order of magnitude faster": the coupling flow's sampling time over the CNF's.
+SPEEDUP_THRESHOLD = 0.1
+#: The systems the claim was made on.
+_SPEED_CLAIM_SYSTEMS = ("dw4", "lj13")
+
+
+def _peer_ratio_rows(ok: pandas.DataFrame) -> pandas.DataFrame:
+    """Ratios measured against :data:`PEER_CNF` in the same cell (their unit names it)."""
+    rows = ok[(ok["task"] == "timing") & ok["metric"].isin(_RATIOS)]
+    ref = rows["unit"].astype(str).str.extract(r"^ratio to ([^,( ]+)", expand=False)
+    return rows[ref == PEER_CNF]
+
+
+def claim_coupling_samples_faster(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> ClaimResult:
+    """An equivariant augmented coupling flow samples with exact log-weights more than 10x faster
+    than the E(n)-equivariant CNF (Midgley et al. 2023, §6), on DW-4 and LJ-13.
+
+    Rows: sampling-time ratios of every learned equivariant augmented flow (capabilities
+    ``augmented``, ``equivariant``, ``trainable``) to :data:`PEER_CNF`, measured in one cell with
+    interleaved epochs (``reference_model = "en-flow"``). Both sides sample with exact
+    log-weights: the CNF integrates its exact (brute-force) divergence, the coupling flow returns
+    its exact joint density. Reproduced when every such settings key has a mean ratio below 0.1
+    on both systems; not measured while a system has no such rows.
+    """
+    rows = _peer_ratio_rows(ok)
+    if not rows.empty:
+        rows = rows[has_capability(rows, "augmented") & is_equivariant_flow(rows)]
+    stats = seed_stats(rows, _RATIOS)
+    missing = [s for s in _SPEED_CLAIM_SYSTEMS if not (stats["system"] == s).any()]
+    if missing:
+        return ClaimResult(NOT_MEASURED, f"needs sampling-time ratios of an equivariant augmented flow to {PEER_CNF} "
+                                         f"timed in one cell (timing with reference_model = \"{PEER_CNF}\") on "
+                                         f"{' and '.join(missing)}.")
+    parts, points, passed = [], [], True
+    for _, g in stats.groupby("settings_key", sort=False):
+        by = {r["metric"]: r for _, r in g.iterrows()}
+        first = g.iloc[0]
+        sample = by.get("sample_ratio_to_reference")
+        if sample is None:
+            passed = False
+            parts.append(f"{first['system']} {settings_name(first)}: sampling not timed")
+            continue
+        passed = passed and float(sample["mean"]) < SPEEDUP_THRESHOLD
+        train = by.get("train_ratio_to_reference")
+        text = f"{first['system']} {settings_name(first)}: sampling ×{describe(sample, 3)}"
+        if train is not None:
+            text += f", training ×{describe(train, 3)}"
+        parts.append(text)
+        points.append(Point(f"{short_name(sample, system=True)}: sample", float(sample["mean"]),
+                            float(sample["std"]) if sample["n_seeds"] > 1 else math.nan, int(sample["n_seeds"])))
+    return ClaimResult(REPRODUCED if passed else NOT_REPRODUCED,
+                       f"time relative to {PEER_CNF} (threshold < {SPEEDUP_THRESHOLD:g}): " + "; ".join(parts) + ".",
+                       tuple(points), f"time / {PEER_CNF} time")
+
+
 def _ratio_table(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[HtmlTable]:
     """Measured ratios to the kernel flow, one row per settings key, beside Table 2's ratios
     computed from its seconds."""
@@ -486,7 +565,11 @@ def _report_section() -> TaskSection:
         pair=_pair_parameters,
         extra_tables=_ratio_table,
         claims=(Claim("kernel-fastest", "The kernel flow is the fastest to train and sample", "B.1, Table 2",
-                      claim_kernel_fastest),),
+                      claim_kernel_fastest),
+                Claim("coupling-samples-faster",
+                      "The SE(3) augmented coupling flow samples with exact log-weights more than 10x faster "
+                      "than the E(n)-equivariant CNF", "Midgley et al. 2023, §6",
+                      claim_coupling_samples_faster, needs=("augmented", "equivariant", "trainable"))),
         order=6,
     )
 
