@@ -27,7 +27,10 @@ COLUMNS = [
     "note",
 ]
 KEY = ["source", "table", "system", "model", "metric"]
-SOURCES = {"kohler2020", "midgley2023"}
+SOURCES = {"kohler2020", "midgley2023", "satorras2021"}
+#: The peers whose own tables rows may come from (baselines/README.md, "Rules for rows typed from
+#: the peers' papers").
+PEER_SOURCES = {"midgley2023", "satorras2021"}
 SYSTEMS = {"dw2", "dw4", "lj13"}
 # eqbench model ids, Table 1's reference rows, "system" for properties of the energy surface,
 # and the peer's model (seed 003), which eqbench does not implement.
@@ -42,6 +45,9 @@ MODELS = {
     "mcmc-long",
     "system",
     "se3-augmented-coupling-flow",
+    # eqbench ids of the peers' models, for rows typed from the peers' own tables.
+    "en-flow",
+    "se3-acf",
 }
 
 
@@ -175,3 +181,60 @@ def test_peer_numbers(table: pd.DataFrame) -> None:
     ess = table[(table.source == "midgley2023") & (table.metric == "reverse_ess")]
     assert ess["unit"].isna().all()
     assert ess["note"].str.contains("the source gives no unit").all()
+
+
+README = CSV.parent / "README.md"
+
+
+def test_every_source_is_documented(table: pd.DataFrame) -> None:
+    """A row whose source the README does not describe (conventions, where its numbers come
+    from) cannot be read correctly."""
+    text = README.read_text(encoding="utf-8")
+    for source in sorted(set(table.source) | PEER_SOURCES):
+        assert f"`{source}`" in text, f"baselines/README.md does not document source {source!r}"
+        assert f"### {source}" in text, f"baselines/README.md has no section for source {source!r}"
+
+
+def test_peer_rows_state_their_conventions(table: pd.DataFrame) -> None:
+    """Rows of the peers (other data sets, other LJ energy, bounds instead of exact likelihoods)
+    must say so: data set, LJ pair counting, NLL constant, estimator and K for bounds."""
+    peer = table[table.source.isin(PEER_SOURCES)]
+    assert not peer.empty
+    for _, row in peer.iterrows():
+        key = tuple(row[KEY])
+        convention = str(row.convention)
+        assert isinstance(row.table, str) and row.table.strip(), f"{key}: no table"
+        assert "data" in convention, f"{key}: convention does not name the data set"
+        if row.system == "lj13":
+            assert "single-count" in convention or "ordered-pair" in convention, (
+                f"{key}: LJ-13 row does not state the LJ pair counting"
+            )
+        if str(row.metric).startswith("nll"):
+            assert "constant" in convention, f"{key}: NLL row does not state the Gaussian constant"
+        text = f"{convention} {row.note}".lower()
+        if "bound" in text or "importance-weighted" in text or "importance weighted" in text:
+            assert "K = " in convention, f"{key}: a bound / IW estimate without its K"
+        if row.table != "summary":
+            # typed from the paper's own table: the note quotes where.
+            assert row.table in str(row.note), f"{key}: note does not quote {row.table!r}"
+
+
+def test_peer_lj13_rows_keep_single_count_label(table: pd.DataFrame) -> None:
+    """The SE(3)-ACF code's LJ-13 energy is the single-count sum (baselines/README.md): its LJ-13
+    ESS rows target another density than eqbench's and must keep saying so."""
+    rows = table[(table.source == "midgley2023") & (table.system == "lj13")]
+    assert not rows.empty
+    assert rows.convention.str.contains("single-count").all()
+
+
+def test_midgley_table_nll_rows_are_marked_as_iw_estimates(table: pd.DataFrame) -> None:
+    """NLLs typed from Midgley et al.'s tables are importance-weighted estimates with K = 20
+    (authors' code, training.K_marginal_log_lik); a row that lost this would read as an exact NLL."""
+    rows = table[
+        (table.source == "midgley2023")
+        & (table.table != "summary")
+        & table.metric.astype(str).str.startswith("nll")
+    ]
+    for _, row in rows.iterrows():
+        assert "K = 20" in str(row.convention), f"{tuple(row[KEY])}: K = 20 not stated"
+
