@@ -46,5 +46,6 @@ TASKS.register("dto-vs-otd", "eqbench.tasks.dto_vs_otd:TASK",
                description="test NLL and function evaluations per iteration, DTO vs OTD training (paper §7.2, Fig. 4)")
 TASKS.register("evaluate", "eqbench.tasks.evaluate:TASK",
                description="score a flow trained elsewhere (checkpoint, kept cell model, Python object) without training it: NLLs, reweighting, ESS, W2")
+TASKS.register("energy-training", "eqbench.tasks.energy_training:TASK", description="training from the energy alone (reverse KL, no data): reverse and forward ESS, reweighting, energy W1/W2 (Midgley et al. 2023)")
 TASKS.register("timing", "eqbench.tasks.timing:TASK",
                description="wall time per training and sampling iteration, batch 64, ratios to the kernel flow (paper B.1, Table 2)")

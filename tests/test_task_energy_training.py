@@ -1,0 +1,171 @@
+"""energy-training (Midgley et al. 2023): reverse-KL training from the energy alone, reverse and
+forward ESS, no training data read, failed cells, known answers, profiles, report table."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli, run_task_smoke
+
+import eqbench
+from eqbench.errors import ConfigError
+from eqbench.records import CellStore
+from eqbench.runner import plan_cells
+from eqbench.tasks.energy_training import TASK, target_sample_log_q
+from eqbench.tasks.reporting import with_settings
+
+SCALARS = ("n_parameters", "train_wall_s", "iterations_done", "final_kl_loss", "sample_wall_s", "score_wall_s",
+           "n_samples", "n_samples_zero_weight", "n_samples_undefined", "ess_fraction", "forward_ess_fraction",
+           "n_test_undefined", "mean_energy_flow", "mean_energy_flow_std", "mean_energy_reweighted",
+           "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std", "energy_w1_flow",
+           "energy_w1_reweighted", "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow",
+           "distance_w2_reweighted", "kl_estimate", "nll_test")
+STEPPED = ("kl_loss", "energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
+
+
+def _scalars(table: pd.DataFrame) -> dict[str, tuple[float, str]]:
+    flat = table[table["step"].isna()]
+    assert not flat["metric"].duplicated().any()
+    return {r["metric"]: (float(r["value"]), str(r["unit"])) for _, r in flat.iterrows()}
+
+
+@pytest.mark.parametrize("model", ["kernel-flow", "real-nvp"])
+def test_smoke_dw4_records_units_and_no_training_data(model, tmp_path, monkeypatch):
+    """Every record with a unit that says what it is; the only reference data read is the test
+    split (reverse KL at λ = 1 needs none); the report table has one row for the cell."""
+    from eqbench.data import store
+
+    read: list[str] = []
+    original = store.load_pool
+
+    def spy(system, split, *args, **kwargs):
+        read.append(split)
+        return original(system, split, *args, **kwargs)
+
+    monkeypatch.setattr(store, "load_pool", spy)
+    results, table = run_task_smoke("energy-training", model, "dw4", tmp_path, expect_metrics=SCALARS + STEPPED)
+    assert read and set(read) == {"test"}, read
+    assert TASK.splits_read() == ("test",)
+    values = _scalars(table)
+    iw = model == "real-nvp"
+    assert ("nll_test_k1_gap" in values) == iw
+    assert values["iterations_done"][0] == results[0].config["params"]["iterations"] == 4
+    n_samples, n_test = (results[0].config["params"][k] for k in ("n_samples", "n_test"))
+    for metric in ("ess_fraction", "forward_ess_fraction"):
+        assert 0.0 <= values[metric][0] <= 1.0, metric
+    assert values["ess_fraction"][0] >= 1.0 / n_samples - 1e-12
+    # Units: estimator, sample count and split; the W2s are not squared; IW flows say one-draw.
+    assert f"reverse ESS of the {n_samples} flow samples" in values["ess_fraction"][1]
+    forward_unit = values["forward_ess_fraction"][1]
+    assert f"{n_test} of {n_test} MCMC test-split" in forward_unit
+    assert ("extended-space one-draw" in forward_unit) == iw and ("exact log q" in forward_unit) != iw
+    assert ("IW estimate K=64" in values["nll_test"][1]) == iw
+    for metric in ("energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted"):
+        assert "not squared" in values[metric][1] and "test-split" in values[metric][1], metric
+    assert "W1" in values["energy_w1_flow"][1] and "test-split" in values["mean_energy_mcmc"][1]
+    assert "KL(q‖p) - log Z" in values["kl_estimate"][1]
+    # W1 <= W2 for the same pair of distributions (Jensen).
+    assert values["energy_w1_flow"][0] <= values["energy_w2_flow"][0] + 1e-9
+    assert -24.5 < values["mean_energy_mcmc"][0] < -20.5  # the DW-4 test set
+    steps = table.loc[table["metric"] == "kl_loss", "step"].astype(int).tolist()
+    assert steps == [0, 3]  # logged every 10 iterations and at the last
+    plots = tmp_path / "plots" / "energy-training"
+    assert (plots / "kl_training_dw4.png").stat().st_size > 0 and (plots / "energy_histograms_dw4.svg").exists()
+
+    rows = with_settings(CellStore(tmp_path).collect())
+    tables = TASK.report_section().extra_tables(rows[rows["status"] == "ok"], pd.DataFrame())
+    assert len(tables) == 1 and tables[0].caption.startswith("dw4") and len(tables[0].rows) == 1
+    row = dict(zip(tables[0].header, tables[0].rows[0]))
+    assert row["model"] == model and float(row["reverse ESS"]) == pytest.approx(values["ess_fraction"][0], rel=1e-3)
+
+
+def test_failed_cell_on_non_finite_training(tmp_path):
+    """A learning rate of 1e30 throws the parameters to ~1e30 in one step: the next loss is not
+    finite, and the cell fails with the training loop's reason instead of scoring garbage."""
+    cells = eqbench.run("energy-training", "kernel-flow", "dw4", "smoke", overrides={"lr": 1e30},
+                        results_dir=tmp_path, progress=False)
+    assert [c.status for c in cells] == ["failed"]
+    assert "non-finite" in cells[0].reason and "FloatingPointError" in cells[0].reason
+    ok = eqbench.run("energy-training", "kernel-flow", "dw4", "smoke", results_dir=tmp_path / "ok", progress=False)
+    assert [c.status for c in ok] == ["ok"]  # the same cell at the profile's lr trains
+
+
+def test_harmonic_prior_flow_known_answers(tmp_path):
+    """On ``harmonic`` (u = ½|x|² on U, k = (N-1) D = 9 degrees of freedom) the target is the
+    prior and ``PriorFlow`` stays the prior through training, so by hand: every log-weight is
+    ½ k log 2π = log Z, reverse and forward ESS are 1, ``kl_estimate`` = u + log q = -log Z =
+    -8.270 for every sample, the test NLL is mean ½|x|² + log Z, and the reweighted mean energy
+    is k/2 within its standard error. A sign error in log w or a missing Gaussian constant fails."""
+    _, table = run_task_smoke("energy-training", "known_answer_models:prior_flow", "harmonic", tmp_path,
+                              expect_metrics=SCALARS + STEPPED)
+    values = {k: v for k, (v, _) in _scalars(table).items()}
+    k = eqbench.get_system("harmonic").n_dof
+    log_z = 0.5 * k * math.log(2 * math.pi)
+    assert (k, round(log_z, 3)) == (9, 8.27)
+    assert values["ess_fraction"] == pytest.approx(1.0, abs=1e-12)
+    assert values["forward_ess_fraction"] == pytest.approx(1.0, abs=1e-12)
+    assert values["kl_estimate"] == pytest.approx(-log_z, abs=1e-9)
+    assert values["final_kl_loss"] == pytest.approx(-log_z, abs=1e-9)
+    test = eqbench.load_data("harmonic", "test", n=200, seed=0).numpy()
+    assert values["nll_test"] == pytest.approx(0.5 * (test**2).sum(axis=(1, 2)).mean() + log_z, abs=1e-9)
+    se = math.sqrt(0.5 * k / 200)
+    assert abs(values["mean_energy_reweighted"] - 0.5 * k) < 4 * se
+    assert abs(2 * values["mean_energy_reweighted"] - 0.5 * k) > 4 * se
+
+
+def test_forward_ess_log_q_of_an_iw_flow_is_the_one_draw_extended_density():
+    """Real NVP's log_prob is a K = 64 IW estimate; the forward ESS uses the one-draw
+    extended-space density with draws fixed by the seed, exactly flow.log_prob(x, iw_draws=1)."""
+    flow = eqbench.build_model("real-nvp", "dw4")
+    x = eqbench.load_data("dw4", "test", n=50, seed=0, dtype=torch.float32)
+    log_q, what = target_sample_log_q(flow, x, batch_size=50, seed=3)
+    again, _ = target_sample_log_q(flow, x, batch_size=50, seed=3)
+    other, _ = target_sample_log_q(flow, x, batch_size=50, seed=4)
+    assert what.startswith("extended-space one-draw")
+    with torch.no_grad():
+        direct = flow.log_prob(x, iw_draws=1, generator=torch.Generator().manual_seed(3)).numpy()
+        k64 = flow.log_prob(x, generator=torch.Generator().manual_seed(3)).numpy()
+    np.testing.assert_allclose(log_q, direct, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(log_q, again)  # the seed fixes the draws: a rerun records the same
+    assert np.abs(log_q - other).max() > 1e-3  # another seed, other draws: a real one-draw estimate
+    assert np.abs(log_q - k64).max() > 1e-3  # not the K-draw estimate
+    exact = eqbench.build_model("kernel-flow", "dw4", {"steps": 4})
+    log_q_exact, what_exact = target_sample_log_q(exact, x)
+    assert what_exact == "exact log q"
+    with torch.no_grad():
+        np.testing.assert_allclose(log_q_exact, exact.log_prob(x).numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method": "fab"}, "not built"),
+    ({"method": "forward-kl"}, "unknown method"),
+    ({"iterations": 0}, "iterations"),
+    ({"n_test": -1}, "n_test"),
+    ({"solver_steps": -2}, "solver_steps"),
+])
+def test_bad_settings_are_refused_before_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_cells("energy-training", "kernel-flow", "dw4", "smoke", overrides=override)
+
+
+def test_models_by_capability_and_profiles():
+    with pytest.raises(ConfigError, match="cannot run model 'gaussian'.*closed form"):
+        plan_cells("energy-training", "gaussian", "dw4", "smoke")
+    with pytest.raises(ConfigError, match="does not support system 'dw2'"):
+        plan_cells("energy-training", "kernel-flow", "dw2", "smoke")
+    quick = plan_cells("energy-training", "real-nvp", "lj13", "quick")
+    assert sorted(c.seed for c in quick) == [0, 1, 2]
+    paper = plan_cells("energy-training", "kernel-flow", "dw4", "paper")[0].params
+    # Midgley et al.'s DW-4 budget: 20,000 AIS passes x 8 updates, batch 128, Adam peak lr 2e-4.
+    assert (paper["iterations"], paper["kl_batch_size"], paper["optimizer"], paper["lr"]) == (160000, 128, "adam", 2e-4)
+    assert paper["method"] == "reverse-kl" and paper["n_samples"] == 10000
+
+
+def test_describe_lists_the_settings():
+    out = run_cli("describe", "energy-training")
+    assert out.returncode == 0, out.stderr
+    assert "forward ESS" in out.stdout and "method=reverse-kl" in out.stdout and "kl_batch_size" in out.stdout
