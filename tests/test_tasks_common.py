@@ -43,3 +43,49 @@ def test_task_documents_its_protocol(task):
 
 def test_models_listed_are_the_registered_ones():
     assert {"kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian"} <= set(MODELS.names())
+
+
+def test_forward_ess_records_use_the_exact_or_the_one_draw_extended_density():
+    """Exact flows: the scored log q serves both the NLL and the weights. Flows with an auxiliary
+    variable: the NLL is the K-draw estimate, the weights take the one-draw extended density."""
+    import numpy as np
+    import torch
+
+    import eqbench
+    from eqbench import metrics
+    from eqbench.tasks.common import forward_ess_records, nll_records, score_log_q
+
+    class Ctx:
+        seed = 0
+
+        @staticmethod
+        def record(metric, value, unit):
+            return (metric, float(value), unit)
+
+    system = eqbench.get_system("dw4")
+    x = torch.randn(40, 4, 2, generator=torch.Generator().manual_seed(0)) * 2
+    x = x - x.mean(1, keepdim=True)
+    u = system.energy(x)
+    for name in ("gaussian", "real-nvp"):
+        torch.manual_seed(0)
+        flow = eqbench.build_model(name, system)
+        scored = score_log_q(Ctx, flow, x)
+        (metric, value, unit), (_, undefined, _) = forward_ess_records(Ctx, flow, scored, u)
+        expected = metrics.forward_ess_fraction(-metrics.as_array(u) - scored.for_weights)
+        assert metric == "forward_ess_fraction" and value == expected and undefined == 0.0
+        nll = nll_records(Ctx, flow, x, "nll_test", scored=scored)
+        assert nll[0][1] == -scored.scored.mean()
+        if name == "gaussian":
+            assert scored.extended is None and "exact log q" in unit
+            assert np.allclose(scored.scored, flow.log_prob(x).detach().numpy())
+        else:
+            assert "one-draw" in unit and nll[1][0] == "nll_test_k1_gap"
+            assert nll[1][1] == -scored.extended.mean() - nll[0][1]
+            # the one-draw values are log_prob with K = 1 and the cell's seeded draws
+            one = flow.log_prob(x, iw_draws=1, generator=torch.Generator().manual_seed(0)).detach().double().numpy()
+            assert np.allclose(scored.extended, one, rtol=0, atol=1e-10)
+    # a NaN weight is left out and counted
+    u_nan = u.clone()
+    u_nan[3] = float("nan")
+    records = forward_ess_records(Ctx, flow, scored, u_nan)
+    assert records[1][1] == 1.0 and "39 test configurations" in records[0][2]

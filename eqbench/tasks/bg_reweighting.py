@@ -52,7 +52,10 @@ Bootstrap bands: the standard deviation over ``n_bootstrap`` reweighted bootstra
 random rotation/reflection and permutation of every ML batch, paper §7.4's "aug neq nODE");
 equivariant models only without (their likelihood is invariant, augmentation changes nothing).
 
-**Records** (long format; stepped ones carry the bin index in ``step``): ``ess_fraction``,
+**Records** (long format; stepped ones carry the bin index in ``step``): ``ess_fraction``
+(reverse ESS, of the flow samples), ``forward_ess_fraction`` (on the ``n_test`` MCMC test
+configurations, Midgley et al. 2023; :func:`eqbench.metrics.forward_ess_fraction`; an augmented
+flow's weights use its one-draw extended-space density) and ``forward_ess_fraction_undefined``,
 ``n_samples``, ``n_samples_zero_weight``, ``n_samples_undefined``,
 ``mean_energy_{flow,reweighted,mcmc}`` and their ``_std``,
 ``energy_w2_{flow,reweighted}``, ``distance_w2_{flow,reweighted}``, ``nll_train``, ``nll_test``,
@@ -84,8 +87,8 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import (augmentation_cells, augmentation_reason, check_finite, fraction, nll_records,
-                                  positive_int, sample_with_log_q, show_progress, train_flow)
+from eqbench.tasks.common import (augmentation_cells, augmentation_reason, check_finite, forward_ess_records, fraction,
+                                  nll_records, positive_int, score_log_q, sample_with_log_q, show_progress, train_flow)
 
 from eqbench.tasks.reporting import (
     NLL_CONVENTION,
@@ -270,7 +273,10 @@ class BGReweighting(Task):
             records.append(ctx.record("final_kl_loss", last["kl"], "kT, training estimator (KL - log Z)"))
         start = time.perf_counter()
         records += nll_records(ctx, flow, train, "nll_train")
-        records += nll_records(ctx, flow, test.to(device=ctx.device, dtype=dtype), "nll_test")
+        test_on_device = test.to(device=ctx.device, dtype=dtype)
+        scored_test = score_log_q(ctx, flow, test_on_device)
+        records += nll_records(ctx, flow, test_on_device, "nll_test", scored=scored_test)
+        records += forward_ess_records(ctx, flow, scored_test, ctx.system.energy(test))
         records.append(ctx.record("score_wall_s", time.perf_counter() - start, "s"))
 
         # -- sampling with exact log q (and the Hutchinson log q of the same samples on DW-2)
@@ -664,7 +670,7 @@ def _report_section() -> TaskSection:
                     "deviation recorded in the cell. DW-2 free-energy RMSEs are against the exact profile, "
                     "reweighted with the exact log q ('reweighted') and with a one-probe Hutchinson log q "
                     "('hutchinson'). " + NLL_CONVENTION,
-        metrics=("ess_fraction", "ess_fraction_hutchinson", "mean_energy_flow", "mean_energy_reweighted",
+        metrics=("ess_fraction", "forward_ess_fraction", "ess_fraction_hutchinson", "mean_energy_flow", "mean_energy_reweighted",
                  "mean_energy_mcmc", "mean_energy_hutchinson", "free_energy_rmse_flow",
                  "free_energy_rmse_reweighted", "free_energy_rmse_hutchinson", "nll_train", "nll_test"),
         baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "reverse_ess",

@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from eqbench.flows.base import Flow
@@ -31,6 +33,9 @@ __all__ = [
     "mean_nll",
     "nll_unit",
     "nll_records",
+    "ScoredLogQ",
+    "score_log_q",
+    "forward_ess_records",
     "train_flow",
     "training_options",
     "selection_records",
@@ -109,8 +114,75 @@ def nll_unit(flow: Flow, detail: str = "") -> str:
     return f"nats, {what}" + (f", {detail}" if detail else "")
 
 
+@dataclass(frozen=True)
+class ScoredLogQ:
+    """Per-configuration log-densities of a flow on given configurations, as the tasks score them.
+
+    ``scored``: what :meth:`~eqbench.flows.base.Flow.log_prob` returns (exact, or the K-draw
+    importance-weighted estimate of the marginal). ``extended``: for a flow with an auxiliary
+    variable (``flow.iw_draws`` set), the one-draw value ``log q(x, a) - log π(a|x)`` with
+    ``a ~ π(a|x)``, the exact density on the extended space whose importance weights
+    ``-u - log q`` are unbiased for the extended target (what the forward ESS of such a flow uses,
+    Midgley et al. 2023); ``None`` for exact flows, whose ``scored`` values serve both.
+    """
+
+    scored: np.ndarray
+    extended: np.ndarray | None = None
+
+    @property
+    def for_weights(self) -> np.ndarray:
+        """The log q that importance weights on these configurations take."""
+        return self.scored if self.extended is None else self.extended
+
+
+def _log_prob_values(flow: Flow, x: torch.Tensor, batch_size: int, **options: Any) -> np.ndarray:
+    import torch
+
+    flow.eval()
+    with torch.no_grad():
+        parts = [flow.log_prob(x[i:i + batch_size], **options).double().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def score_log_q(ctx: CellContext, flow: Flow, x: torch.Tensor, batch_size: int = 500) -> ScoredLogQ:
+    """:class:`ScoredLogQ` of ``x``: draws of an importance-weighted density come from generators
+    seeded with the cell's seed, so a rerun scores the same numbers. No gradients."""
+    import torch
+
+    if flow.iw_draws is None:
+        return ScoredLogQ(_log_prob_values(flow, x, batch_size))
+    seeded = {"generator": torch.Generator().manual_seed(ctx.seed)}
+    return ScoredLogQ(_log_prob_values(flow, x, batch_size, **seeded),
+                      _log_prob_values(flow, x, batch_size, iw_draws=1,
+                                       generator=torch.Generator().manual_seed(ctx.seed)))
+
+
+def forward_ess_records(ctx: CellContext, flow: Flow, log_q: ScoredLogQ, energies: Any,
+                        metric: str = "forward_ess_fraction") -> list[Record]:
+    """The forward ESS fraction (:func:`eqbench.metrics.forward_ess_fraction`) of target samples
+    (an MCMC test set) with energies ``energies`` and log-densities ``log_q`` under the flow.
+
+    Configurations whose weight is undefined (NaN energy or log q) are left out and counted in
+    ``<metric>_undefined``; the unit says how log q was computed (exact, or the one-draw
+    extended-space density of an augmented flow).
+    """
+    import numpy as np
+
+    from eqbench import metrics
+
+    u = metrics.as_array(energies)
+    log_w = -u - log_q.for_weights
+    defined = ~np.isnan(log_w)
+    how = "exact log q" if log_q.extended is None else "one-draw extended-space log q(x,a) - log π(a|x)"
+    records = [ctx.record(metric, metrics.forward_ess_fraction(log_w[defined]) if defined.any() else 0.0,
+                          f"fraction of {int(defined.sum())} test configurations (target samples), "
+                          f"Midgley et al. 2023, {how}")]
+    records.append(ctx.record(f"{metric}_undefined", float((~defined).sum()), "count (NaN weight, left out)"))
+    return records
+
+
 def nll_records(ctx: CellContext, flow: Flow, x: torch.Tensor, metric: str, *, detail: str = "",
-                batch_size: int = 500) -> list[Record]:
+                batch_size: int = 500, scored: ScoredLogQ | None = None) -> list[Record]:
     """Records of the mean NLL of ``x`` under ``flow`` as ``metric``, with a unit that says what it is.
 
     Exact flows: one record, unit ``"nats, exact"``. Flows whose ``log_prob`` is an
@@ -119,15 +191,16 @@ def nll_records(ctx: CellContext, flow: Flow, x: torch.Tensor, metric: str, *, d
     one-draw NLL minus the K-draw NLL — positive in expectation (the K-draw estimate is the
     tighter bound), and the size of the bias a one-draw evaluation would carry. Draws
     come from a generator seeded with the cell's seed, so a rerun records the same numbers.
-    ``detail`` is appended to the unit (e.g. the solver).
+    ``detail`` is appended to the unit (e.g. the solver). ``scored``: the values of
+    :func:`score_log_q` for ``x`` when the caller needs them too (forward ESS), so they are
+    computed once.
     """
-    import torch
-
     k = flow.iw_draws
+    scored = scored if scored is not None else score_log_q(ctx, flow, x, batch_size)
+    value = float(-scored.scored.mean())
     if k is None:
-        return [ctx.record(metric, mean_nll(flow, x, batch_size), nll_unit(flow, detail))]
-    value = mean_nll(flow, x, batch_size, generator=torch.Generator().manual_seed(ctx.seed))
-    one = mean_nll(flow, x, batch_size, iw_draws=1, generator=torch.Generator().manual_seed(ctx.seed))
+        return [ctx.record(metric, value, nll_unit(flow, detail))]
+    one = float(-scored.extended.mean())
     return [ctx.record(metric, value, nll_unit(flow, detail)),
             ctx.record(f"{metric}_k1_gap", one - value,
                        f"nats, NLL(K=1) - NLL(K={k})" + (f", {detail}" if detail else ""))]
