@@ -63,6 +63,11 @@ A training run whose loss or gradient turns non-finite is a failed cell with the
 (:func:`eqbench.tasks.common.train_flow`); so is a cell with a non-finite record or no flow
 sample of positive weight.
 
+**LJ-13 is not Midgley et al.'s target:** eqbench's ``lj13`` is Köhler et al.'s energy, which
+counts every pair twice (ordered pairs, paper §6), i.e. the single-count LJ energy Midgley et
+al. use at half the temperature; ESS numbers on it are of a sharper target and not comparable
+number for number (``baselines/README.md``).
+
 **Known answer** (``harmonic``): the target is the prior, so a flow that is its prior has
 reverse and forward ESS exactly 1 and ``kl_estimate = -log Z`` (``log Z = ½ (N-1) D log 2π``
 for ``u = ½|x|²`` on U); the tests run it end to end.
@@ -326,8 +331,9 @@ class EnergyTraining(Task):
                 "al. 2023), with the extended-space one-draw log q for importance-weighted flows; w = exp(−u − "
                 "log q). Energies in kT; ⟨u⟩ reweighted by self-normalised importance sampling; '|Δ|/σ' is "
                 "|⟨u⟩_rew − ⟨u⟩_MCMC| over the combined bootstrap std (mean over seeds of each cell's), a "
-                "check, not a claim. W2 is the distance, not squared. Midgley et al.'s reverse ESS was "
-                "obtained with FAB on their data sets and has no stated unit: beside, not comparable."),
+                "check, not a claim. W2 is the distance, not squared. LJ-13 here is Köhler et al.'s ordered-pair "
+                "energy, twice the single-count energy Midgley et al. train on (a colder target). Their reverse "
+                "ESS (seed 003 summary: unit and training setup not stated there) sits beside, not comparable."),
             baseline=lambda r: r["source"] == "midgley2023" and r["metric"] == "reverse_ess",
             extra_tables=_system_tables,
             order=2.5,
