@@ -23,7 +23,7 @@ SCALARS = ("n_parameters", "train_wall_s", "iterations_done", "final_kl_loss", "
            "n_test_undefined", "mean_energy_flow", "mean_energy_flow_std", "mean_energy_reweighted",
            "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std", "energy_w1_flow",
            "energy_w1_reweighted", "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow",
-           "distance_w2_reweighted", "kl_estimate", "nll_test")
+           "distance_w2_reweighted", "kl_estimate", "nll_test", "forward_log_w_std")
 STEPPED = ("kl_loss", "energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
 
 
@@ -108,6 +108,7 @@ def test_harmonic_prior_flow_known_answers(tmp_path):
     assert (k, round(log_z, 3)) == (9, 8.27)
     assert values["ess_fraction"] == pytest.approx(1.0, abs=1e-12)
     assert values["forward_ess_fraction"] == pytest.approx(1.0, abs=1e-12)
+    assert values["forward_log_w_std"] < 1e-9  # every test log-weight is log Z
     assert values["kl_estimate"] == pytest.approx(-log_z, abs=1e-9)
     assert values["final_kl_loss"] == pytest.approx(-log_z, abs=1e-9)
     test = eqbench.load_data("harmonic", "test", n=200, seed=0).numpy()

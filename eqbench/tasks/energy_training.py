@@ -42,7 +42,8 @@ extended space for augmented flows; see :mod:`eqbench.flows.real_nvp`) and score
   whose ``log_prob`` is an importance-weighted estimate (``flow.iw_draws`` set) — the
   extended-space one-draw density ``log q(x, a) - log π(a|x)`` with ``a ~ π(a|x)``
   (``flow.log_prob(x, iw_draws=1, generator=...)``), the weight Midgley et al.'s code uses;
-  the record's unit says which;
+  the record's unit says which. ``forward_log_w_std``, the spread of those log-weights, says how
+  far a forward ESS of ~0 is from useful (for lognormal weights the fraction is ``exp(-σ²)``);
 - mean energy of the flow samples, reweighted (self-normalised importance sampling) and of the
   MCMC test set, each with its bootstrap standard deviation (``n_bootstrap`` resamples), energy
   histograms on bins fixed by the MCMC energies, energy W2 and pooled interatomic-distance W2
@@ -298,6 +299,11 @@ class EnergyTraining(Task):
             "forward_ess_fraction", metrics.forward_ess_fraction(log_w),
             f"fraction, forward ESS n²/(Σw·Σ1/w), w = exp(-u - log q) at the {int((~undefined).sum())} of {n_test} "
             f"MCMC test-split configurations with a defined weight (x ~ p); {what}"))
+        finite = log_w[np.isfinite(log_w)]
+        if finite.size > 1:  # for lognormal weights the fraction is exp(-std²): tiny ESS, readable spread
+            records.append(ctx.record("forward_log_w_std", float(finite.std()),
+                                      f"nats, std of log w = -u - log q over the {finite.size} test-split "
+                                      f"configurations with a finite weight; {what}"))
         if flow.iw_draws is not None:
             ref = next(flow.parameters())
             records += nll_records(ctx, flow, test.to(device=ref.device, dtype=ref.dtype), "nll_test",
