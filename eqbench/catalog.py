@@ -29,6 +29,15 @@ MODELS.register("node", "eqbench.flows.node:build",
                 description="black-box neural ODE on flat coordinates, not equivariant (paper §7.3, C.3: 5,256 / 21,671 params)")
 MODELS.register("real-nvp", "eqbench.flows.real_nvp:build",
                 description="affine coupling flow with a Gaussian CoM (paper B.2, C.5: 21,576 / 215,680 params), not equivariant")
+MODELS.register("en-flow", "eqbench.flows.en_flow:build",
+                description="E(n)-equivariant CNF: EGNN velocity (Satorras et al. 2021: 3 layers, 32 features), "
+                            "Hutchinson in training, exact brute-force trace in every score")
+MODELS.register("se3-acf", "eqbench.flows.augmented_coupling:build",
+                description="SE(3) equivariant augmented coupling flow (Midgley et al. 2023): exact joint density, "
+                            "marginal log q an IW estimate (K = 20)")
+MODELS.register("g-resflow", "eqbench.flows.residual_flow:build",
+                description="G-residual flow (Bose et al.): equivariant pair-field blocks with Lipschitz < 1, "
+                            "fixed-point inverse, exact log-determinant")
 MODELS.register("gaussian", "eqbench.flows.gaussian:build",
                 description="isotropic CoM-free Gaussian, closed-form ML fit (1 parameter; baseline)")
 

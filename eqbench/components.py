@@ -119,7 +119,8 @@ def capabilities_of(flow: Flow) -> frozenset[str]:
     """What a built model is (keys of :data:`CAPABILITIES`): ``cnf`` (a
     :class:`~eqbench.flows.cnf.CNF`), ``trainable`` (gradient-trained parameters, no closed-form
     fit), ``equivariant`` (claims rotation and permutation symmetry), ``exact-density``
-    (``log_prob`` is exact, not an importance-weighted estimate).
+    (``log_prob`` is exact, not an importance-weighted estimate), ``augmented`` (a flow on an
+    augmented space with an exact joint density, ``flow.augmented``: :mod:`eqbench.flows.augmented`).
 
     Example:
         >>> sorted(capabilities_of(build_model("kernel-flow", "dw4")))
@@ -136,4 +137,6 @@ def capabilities_of(flow: Flow) -> frozenset[str]:
         caps.add("equivariant")
     if getattr(flow, "density_estimate", None) is None:
         caps.add("exact-density")
+    if getattr(flow, "augmented", False):
+        caps.add("augmented")
     return frozenset(caps)
