@@ -310,7 +310,8 @@ class EnergyTraining(Task):
                                    detail=f"test split, {n_test} configurations",
                                    batch_size=ctx.params["sample_batch_size"])
         elif np.isfinite(log_q).all():
-            records.append(ctx.record("nll_test", float(-log_q.mean()), nll_unit(flow, f"test split, {n_test} configurations")))
+            records.append(ctx.record("nll_test", float(-log_q.mean()),
+                                      nll_unit(flow, f"test split, {n_test} configurations")))
         return records
 
     # ------------------------------------------------------------------ figures
