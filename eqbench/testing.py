@@ -86,7 +86,7 @@ def check_flow(
     divergence_tol: float = 1e-8,
     symmetry_tol: float = 1e-6,
     broken_tol: float = 1e-3,
-    iw_draws: tuple[int, ...] = (1, 8, 64),
+    iw_draws: tuple[int, ...] = (1, 4, 16),
     iw_repeats: int = 4,
 ) -> FlowCheckReport:
     """Run the contract on a freshly built model (converted to float64); raise AssertionError on failure.

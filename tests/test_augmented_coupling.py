@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eqbench
+from eqbench.components import capabilities_of
 from eqbench.errors import ConfigError
 from eqbench.flows.augmented import AugmentedFlow
 from eqbench.flows.augmented_coupling import AugmentedCouplingFlow, FrameCoupling, build
@@ -253,7 +254,8 @@ def test_settings_errors_are_one_line(dw4, config, words):
 
 
 def test_builder_declares_capabilities_and_refuses_other_dimensions():
-    assert build.capabilities == {"trainable", "equivariant"}
+    assert build.capabilities == {"trainable", "equivariant", "augmented"}
+    assert capabilities_of(_small(eqbench.get_system("dw4"))) == build.capabilities
     with pytest.raises(ConfigError, match="valid: 2, 3"):
         build.validate_config(types.SimpleNamespace(name="flat", n_dims=4), {})
 
@@ -272,3 +274,12 @@ def test_short_training_run_lowers_the_joint_nll(dw4):
     after = nll()
     assert result.status == "ok", result.reason
     assert after < before - 1.0, (before, after)
+
+
+def test_preflight_accepts_the_default_model(dw4):
+    """The runner's pre-flight (declared capabilities == built ones, check_flow_quick) on defaults."""
+    from eqbench.runner import flow_facts
+
+    facts = flow_facts(build(dw4), dw4, "se3-acf", build.capabilities)
+    assert facts["density"] == "IW estimate K=20" and facts["n_parameters"] == 2_481_816
+    assert "sample_is_joint_minus_aux" in facts["contract"]

@@ -65,7 +65,7 @@ from eqbench.geometry import remove_com
 __all__ = ["DEFAULT_IW_DRAWS", "AugmentedFlow", "GaussianAuxiliary"]
 
 #: Default K of the importance-weighted marginal (the authors' ``K_marginal_log_lik: 20``,
-#: ``examples/config/training/default.yaml:6``).
+#: ``examples/config/training/default.yaml:5``).
 DEFAULT_IW_DRAWS = 20
 #: Rows (configuration × draw) per pass when evaluating K draws: bounds the memory of large K.
 _ROWS_PER_PASS = 1 << 14

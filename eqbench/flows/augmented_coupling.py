@@ -67,27 +67,28 @@ Text, code and defaults
 "Paper" is the NeurIPS 2023 text (its summary, seed 003, and what the code implements); "code" is
 github.com/lollcat/se3-augmented-coupling-flows at ``beafab1``; file:line refer to it.
 
-- **Projection.** Paper: Cartesian, spherical and vector projections; code default type
-  ``spherical`` (``examples/config/flow/default.yaml:12``), Cartesian is ``type=proj``. eqbench:
-  Cartesian only (``projection="cartesian"``, the one setting value), per the brief.
+- **Projection.** Paper and code: Cartesian (``type=proj``), spherical and vector
+  (``along_vector``) projections (``build_flow.py:66``); code default type ``spherical``
+  (``examples/config/flow/default.yaml:14``). eqbench: Cartesian only (``projection =
+  "cartesian"``, the one value of the setting; spherical is not implemented).
 - **Frame.** Code, Cartesian: origin ``c_i + v_i0`` (``origin_on_coupled_pair: false``,
-  ``default.yaml:34``; ``proj_coupling.py:148-153``), basis from D - 1 further vectors, 2-D by a
+  ``default.yaml:33``; ``proj_coupling.py:148-153``), basis from D - 1 further vectors, 2-D by a
   +90° turn, 3-D by rejection and a cross product (``proj_coupling.py:19-50``), plus ``1e-6·I``
   added to the vectors "for stability" (``proj_coupling.py:24-26``). eqbench: the same frame
   without the ``1e-6·I`` term (it breaks exact equivariance); ``frame="gram-schmidt"`` (D
   vectors, O(D)-equivariant) is an eqbench option.
 - **Transform in the frame.** Paper: "standard flow transformations, such as monotonic
   rational-quadratic splines". Code: ``proj.transform_type: real_nvp`` by default
-  (``default.yaml:32``; softplus scale initialised to 1, ``build_proj_coupling.py:60-69``) or
+  (``default.yaml:31``; softplus scale initialised to 1, ``build_proj_coupling.py:60-69``) or
   distrax RQS with 8 bins on [-10, 10], ``boundary_slopes='unconstrained'``, min bin size
-  ``20·1e-4`` (``build_proj_coupling.py:70-79``; ``default.yaml:35-37``), ``3K + 1`` parameters per
+  ``20·1e-4`` (``build_proj_coupling.py:70-79``; ``default.yaml:34-36``), ``3K + 1`` parameters per
   coordinate. eqbench: ``transform="spline"`` (default), zuko's RQS, ``bins = 8``, ``bound = 10``,
   boundary derivatives fixed at 1 (zuko's linear tails; ``3K - 1 = 23`` parameters per
   coordinate), minimum slope 1e-3 (zuko's); ``transform="affine"`` gives the code's default
   (``softplus(s + softplus⁻¹(1))`` scale and a shift).
-- **Layers.** Code: ``n_layers: 12`` (``default.yaml:11``) blocks of two couplings (x|a, a|x),
+- **Layers.** Code: ``n_layers: 12`` (``default.yaml:12``) blocks of two couplings (x|a, a|x),
   for DW-4 and LJ-13 alike. eqbench: ``blocks = 12``.
-- **Augmented variables.** Code: ``n_aug: 1`` (``dw4.yaml:21``, ``lj13.yaml:14``); π and the base
+- **Augmented variables.** Code: ``n_aug: 1`` (``dw4.yaml:19``, ``lj13.yaml:14``); π and the base
   conditional ``a ~ x + N(0, 0.1² I)``, conditioned on x, over all N·D coordinates (not CoM-free)
   (``target/default.yaml:2-3``; ``base_dist.py:37-66``; ``conditional_dist.py:47-92``).
   eqbench: one auxiliary particle per particle, ``aux_scale = base_aux_scale = 0.1``.
@@ -95,8 +96,9 @@ github.com/lollcat/se3-augmented-coupling-flows at ``beafab1``; file:line refer 
   are evaluated after shifting x and a by x's CoM (``aug_flow_dist.py:231-234``). eqbench: the same.
 - **EGNN.** Code: its own EGNN (``eacf/nets/en_gnn.py``): 3 layers (``n_blocks: 3``), MLPs
   [64, 64] with LayerNorm and residual connections, 128 invariant features, cross-multiplicity
-  shifts (``default.yaml:44-50``); a head MLP [64, 64] (``mlp_head_config``) from the invariant
-  features to the transform parameters, zero-initialised last layer (``identity_init: true``).
+  shifts (``default.yaml:38-46``); a head MLP [64, 64] (``mlp_head_config``) from the invariant
+  features to the transform parameters, zero-initialised last layer (``identity_init: true``,
+  ``default.yaml:13``).
   eqbench: the shared :class:`eqbench.flows.egnn.EGNN` (Satorras et al. 2021 layer, SiLU MLPs,
   attention), ``egnn_layers = 3``, ``hidden = 64`` (one width for messages and features, the
   code's MLP width; its 128-feature node state has no counterpart in the shared module),
@@ -106,23 +108,27 @@ github.com/lollcat/se3-augmented-coupling-flows at ``beafab1``; file:line refer 
   other layers without gradient at step 0).
 - **Objective.** Code: ``-log q(x, a)`` with one ``a ~ π(· | x)`` per configuration
   (``max_lik_train_and_eval.py:68-73``), plus for LJ-13 a log-barrier on the angle between the
-  two frame vectors, weight 10 (``lj13.yaml:24-25``, ``proj_coupling.py:164-200``). eqbench:
+  two frame vectors, weight 10 (``lj13.yaml:26-27``; off for DW-4, ``dw4.yaml:30``;
+  ``proj_coupling.py:164-200``). eqbench:
   ``training_estimator = {"iw_draws": 1}`` (the same gradient); **no** barrier term (the shared
   training loop has no auxiliary-loss hook; an open point for LJ-13).
-- **Marginal.** Code: ``K_marginal_log_lik: 20`` (``training/default.yaml:6``), IW estimate
+- **Marginal.** Code: ``K_marginal_log_lik: 20`` (``training/default.yaml:5``), IW estimate
   (``max_lik_train_and_eval.py:108-120``). eqbench: ``iw_draws = 20``.
-- **Optimiser** (code, for reference; eqbench's training settings are the task's): Adam, warm-up
-  to 2e-4 over 30 epochs then cosine to 2e-5, batch 32, 100 (DW-4) / 400 (LJ-13) epochs on 1,000
-  samples, gradient clipping by a running median (``default_lr_schedule.yaml``, ``dw4.yaml``,
-  ``lj13.yaml``).
+- **Optimiser** (code, for reference; eqbench's training settings are the task's): Adam, learning
+  rate warmed up from 2e-5 to 2e-4 over 30 epochs, then cosine decay to 2e-5
+  (``eacf/utils/optimize.py:97-104``, ``training/optimizer/default_lr_schedule.yaml``); gradients
+  clipped at 2x and updates skipped above 10x the running median norm over 100 steps
+  (``optimize.py:16-48``); batch 32, 100 (DW-4) / 400 (LJ-13) epochs on 1,000 samples
+  (``dw4.yaml:23-24``, ``lj13.yaml:19-20``); samples with ``log q < -1e4`` or a non-finite loss
+  masked out of the batch (``max_lik_train_and_eval.py:28,50``).
 
 **Parameter counts** (default settings, pinned in ``tests/test_augmented_coupling.py``):
 DW-4 2,481,816; LJ-13 2,519,232: 24 couplings of one EGNN (3 layers of width 64, ``7H² + 8H + 1``
 parameters per layer plus ``H`` per coordinate head, D + 1 heads in the last layer, embedding and
 a 64-scalar read-out) and a head ``[64, 64, 64, 23·D]`` (8,320 + 65·23·D): 103,409 (D = 2) and
-104,968 (D = 3) per coupling. The authors' model is of the same order (its EGNN carries 128
-node features and LayerNorm MLPs). ``{"hidden": 32, "head_hidden": [32, 32]}`` cuts the count
-about fourfold.
+104,968 (D = 3) per coupling. eqbench has not counted the authors' JAX model (its EGNN carries
+128 node features and LayerNorm MLPs, so the counts differ). ``{"hidden": 32, "head_hidden":
+[32, 32]}`` gives 651,672 / 670,656.
 """
 
 from __future__ import annotations
@@ -374,7 +380,7 @@ def validate(system: ParticleSystem, config: Mapping[str, Any]) -> None:
     _check_system(system)
 
 
-@model_builder(capabilities=["trainable", "equivariant"], validate=validate,
+@model_builder(capabilities=["trainable", "equivariant", "augmented"], validate=validate,
                description="SE(3) equivariant augmented coupling flow (Midgley et al. 2023), Cartesian projection; "
                            "marginal log q is an IW estimate")
 def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> AugmentedCouplingFlow:
