@@ -170,3 +170,12 @@ def test_describe_lists_the_settings():
     out = run_cli("describe", "energy-training")
     assert out.returncode == 0, out.stderr
     assert "forward ESS" in out.stdout and "method=reverse-kl" in out.stdout and "kl_batch_size" in out.stdout
+
+
+def test_smoke_lj13_kernel_flow(tmp_path):
+    """LJ-13 runs end to end; its MCMC reference is LJ-13's (ordered-pair energy, ⟨u⟩ near -43 kT)."""
+    _, table = run_task_smoke("energy-training", "kernel-flow", "lj13", tmp_path,
+                              overrides={"n_samples": 100, "n_test": 100}, expect_metrics=SCALARS + STEPPED)
+    values = {k: v for k, (v, _) in _scalars(table).items()}
+    assert -50.0 < values["mean_energy_mcmc"] < -35.0
+    assert values["n_samples"] == 100 and 0.0 <= values["forward_ess_fraction"] <= 1.0

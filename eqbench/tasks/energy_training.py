@@ -108,16 +108,18 @@ METHODS = ("reverse-kl",)
 W_UNITS = {1: "W1 = ∫|F⁻¹ - G⁻¹| dt", 2: "W2 = (∫|F⁻¹ - G⁻¹|² dt)^½, the distance, not squared"}
 
 
-def target_sample_log_q(flow: Flow, x: torch.Tensor, *, batch_size: int = 500, seed: int = 0) -> tuple[np.ndarray, str]:
+def target_sample_log_q(flow: Flow, x: torch.Tensor, *, batch_size: int = 500,
+                        seed: int = 0) -> tuple[np.ndarray, str]:
     """``log q`` of given configurations ``x`` (e.g. the MCMC test set) as the forward ESS needs
     it, and the words that say what it is.
 
     Exact flows: :meth:`~eqbench.flows.base.Flow.log_prob`. A flow whose ``log_prob`` is an
     importance-weighted estimate (``flow.iw_draws`` set, e.g. real NVP's CoM marginal) gets the
     extended-space one-draw density ``log q(x, a) - log π(a|x)``, ``a ~ π(a|x)``
-    (``iw_draws=1``, draws fixed by ``seed``): with it ``-u - log q`` is the importance weight of
-    ``(x, a)`` under the extended target ``p(x) π(a|x)``, as in Midgley et al. 2023's forward ESS;
-    a K-draw marginal estimate would be biased and no weight of anything.
+    (``iw_draws=1``; the draws are fixed by ``seed`` and ``batch_size``): with it ``-u - log q`` is
+    the exact importance weight of ``(x, a)`` for the extended target ``p(x) π(a|x)``, as in
+    Midgley et al. 2023's forward ESS. A K-draw estimate of the marginal ``log q(x)`` is biased
+    low (Jensen) and is the exact weight of nothing.
 
     Example:
         >>> import eqbench, torch
