@@ -348,8 +348,9 @@ def test_fit_lowers_the_nll_on_dw4():
     flow = build(system, {"steps": 4, "hidden": 16, "layers": 2})
     with torch.no_grad():
         before = -flow.log_prob(data).mean().item()
-    result = fit(flow, system, data, TrainConfig(iterations=25, batch_size=64, lr=5e-3, seed=0), progress=False)
+    # measured: 19.19 -> 12.13 nats after 10 iterations (11.75 after 25)
+    result = fit(flow, system, data, TrainConfig(iterations=10, batch_size=64, lr=5e-3, seed=0), progress=False)
     assert result.status == "ok", result.reason
     with torch.no_grad():
         after = -flow.log_prob(data).mean().item()
-    assert after < before - 0.5, (before, after)
+    assert after < before - 3.0, (before, after)

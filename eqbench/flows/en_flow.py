@@ -72,7 +72,9 @@ eqbench had no offline copy of the text to compare, so the code decides througho
 - Training (not model settings; the task TOMLs set them): AdamW with amsgrad, lr 5e-4, weight
   decay 1e-12, batch 100, 300 epochs (main_dw4_lj13.py:17-19, 44, 89-90).
 - Initialisation: the EGNN's (each coordinate head's last layer at Xavier gain 0.001, the
-  authors' gcl.py:173-174), so the flow starts at the identity to ~1e-3.
+  authors' gcl.py:173-174), so the flow starts near the identity: measured on 64 prior samples
+  (float64, seed 0), displacements below 5e-3 (DW-4) / 2e-2 (LJ-13) and |log-determinant|
+  below 0.02 / 0.2 (LJ-13 sums 12 pair terms per particle over 39 coordinates).
 
 Config keys (``build``): ``hidden``, ``layers``, ``attention``, ``tanh``, ``coords_range``,
 ``condition_time``, ``dtype`` ("float32" default or "float64") and the common CNF settings of
