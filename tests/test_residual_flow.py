@@ -301,7 +301,7 @@ def test_fixed_point_inverse_meets_its_stated_tolerance(dw4, lj13):
                     reference, _ = block.invert(z, params, tol=1e-14, max_iterations=5000)
                 err = float(torch.linalg.vector_norm((x - reference).flatten(1), dim=1).max())
                 assert err <= tol + 1e-13, (tol, err)
-                lip = float(params.bound)
+                lip = float(params.bound.detach())
                 assert n_iter <= math.ceil(math.log(tol * (1 - lip) / (lip * 2 * float(z.norm(dim=(1, 2)).max())))
                                            / math.log(lip)) + 1
         with torch.no_grad():
