@@ -20,13 +20,14 @@ whose ``log_prob(x)`` is an importance-weighted estimate) are checked on their j
 they are exact: ``sample_joint`` gives CoM-free x, finite a and a log-density equal to
 ``log_prob_joint(x, a)``; ``sample`` returns the same x with ``log q(x, a) - log π(a | x)``;
 ``sample_aux`` and ``aux_log_prob`` have the documented shapes; the joint ``inverse(forward(z))``
-round trip; the joint log-determinant against the brute-force Jacobian on ``U × R^{N·D}`` (basis
-``B_U ⊕ I``: x CoM-free, a unconstrained); each claimed symmetry of the joint map under the same
-rotation, reflection or permutation of x and a (log-determinant invariant too), and translation
-invariance of the joint density and of the estimate; gradients of ``training_log_prob``;
-state_dict round trip; and that the marginal estimate converges as K grows: over repeated fixed
-draws, its mean does not decrease with K (within noise), the increments shrink, and its spread
-across repeats shrinks (Burda et al. 2016, Theorem 1).
+round trip on states ``[B, 2N, D]`` (x rows, then a rows); the joint log-determinant against the
+brute-force Jacobian on the joint space (the flow's ``joint_basis()``, default ``B_U ⊕ I`` on
+``U × R^{N·D}``: x CoM-free, a unconstrained); each claimed symmetry of the joint map under the
+same rotation, reflection or permutation of x and a (log-determinant invariant too), and
+translation invariance of the joint density, the inverse and the estimate; gradients of
+``training_log_prob``; state_dict round trip; and that the marginal estimate converges as K
+grows: over repeated fixed draws, its mean does not decrease with K (within noise), the
+increments shrink, and its spread across repeats shrinks (Burda et al. 2016, Theorem 1).
 """
 
 from __future__ import annotations
@@ -311,15 +312,22 @@ def check_flow_quick(flow: Flow, system: ParticleSystem, *, batch: int = 2, seed
 
 # ---------------------------------------------------------------------------- augmented flows
 def _joint_base_states(flow: Flow, system: ParticleSystem, batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Joint base states ``[B, 2N, D]``: CoM-free x rows, then unconstrained a rows near them."""
+    """Joint base states ``[B, 2N, D]`` in the flow's joint space (:func:`_joint_basis`): x rows
+    drawn from a standard normal, a rows near them, projected onto the space."""
     n, d = system.n_particles, system.n_dims
-    zx = remove_com(torch.randn(batch, n, d, generator=gen, dtype=torch.float64))
+    zx = torch.randn(batch, n, d, generator=gen, dtype=torch.float64)
     za = zx + 0.5 * torch.randn(batch, n, d, generator=gen, dtype=torch.float64)
-    return torch.cat((zx, za), dim=1)
+    basis = _joint_basis(flow, n, d)
+    flat = torch.cat((zx, za), dim=1).reshape(batch, -1)
+    return (flat @ basis @ basis.T).reshape(batch, 2 * n, d)
 
 
-def _joint_basis(n: int, d: int) -> torch.Tensor:
-    """Orthonormal basis ``B_U ⊕ I`` ``[2N·D, (2N-1)·D]`` of the joint space ``U × R^{N·D}``."""
+def _joint_basis(flow: Flow, n: int, d: int) -> torch.Tensor:
+    """Orthonormal basis of the joint space: the flow's ``joint_basis()``
+    (:meth:`eqbench.flows.augmented.AugmentedFlow.joint_basis`), else ``B_U ⊕ I``
+    ``[2N·D, (2N-1)·D]`` (x CoM-free, a unconstrained)."""
+    if hasattr(flow, "joint_basis"):
+        return flow.joint_basis(torch.float64)
     return torch.block_diag(com_free_basis(n, d), torch.eye(n * d, dtype=torch.float64))
 
 
@@ -481,7 +489,7 @@ def _check_augmented_flow(flow: Flow, build: Callable[[], Flow], system: Particl
     assert dev_ld < logdet_tol, f"{name}: joint forward and inverse log-determinants do not cancel ({dev_ld:.2e})"
     ok("inverse_forward_round_trip", dev)
 
-    basis = _joint_basis(n, d)
+    basis = _joint_basis(flow, n, d)
     jac = basis.T @ _flat_jacobian(lambda v: flow.forward(v)[0], z[:1]) @ basis
     sign, brute = torch.linalg.slogdet(jac)
     dev = abs(float(brute - logdet_f[0]))

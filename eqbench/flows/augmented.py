@@ -14,8 +14,11 @@ whose K is recorded). It matches real NVP's CoM-augmented convention
 - ``aux_log_prob(a, x) -> log π(a | x)``, the *target* conditional of the auxiliary variable
   (the model is trained so that ``q(x, a) ≈ p(x) π(a | x)``);
 - ``sample_aux(x, k) -> a`` of shape ``[k, B, N, D]``, ``a ~ π(· | x)``;
-- ``forward(z)`` / ``inverse(h)`` on the joint state (each model documents its layout) with
-  exact log-determinants.
+- ``forward(z)`` / ``inverse(h)`` on joint states ``[B, 2N, D]`` (rows ``0..N-1`` are x, rows
+  ``N..2N-1`` are a, particle i's auxiliary variable in row ``N + i``) with exact log-determinants
+  on the joint space spanned by :meth:`AugmentedFlow.joint_basis` (default ``U × R^{N·D}``: x
+  CoM-free, a unconstrained; a model with another CoM treatment overrides it). The contract
+  (:func:`eqbench.testing.check_flow`) relies on this layout and basis.
 
 **What this class derives from them** (no subclass needs to override these):
 
@@ -60,7 +63,7 @@ import torch
 
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
-from eqbench.geometry import remove_com
+from eqbench.geometry import com_free_basis, remove_com
 
 __all__ = ["DEFAULT_IW_DRAWS", "AugmentedFlow", "GaussianAuxiliary"]
 
@@ -132,6 +135,14 @@ class AugmentedFlow(Flow):
     @abstractmethod
     def sample_aux(self, x: torch.Tensor, k: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """``k`` draws ``a ~ π(· | x)`` per configuration: ``[k, B, N, D]``."""
+
+    def joint_basis(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """Orthonormal basis ``[2N·D, dof]`` of the joint space on which :meth:`forward` and
+        :meth:`inverse` are bijections and their log-determinants are taken: ``B_U ⊕ I`` (x in the
+        CoM-free subspace U, a unconstrained; ``dof = (2N - 1) D``). Override for another CoM
+        treatment (e.g. a CoM-free a: ``B_U ⊕ B_U``); the contract's brute-force Jacobian uses it."""
+        return torch.block_diag(com_free_basis(self.n_particles, self.n_dims, dtype),
+                                torch.eye(self.n_particles * self.n_dims, dtype=dtype))
 
     # ------------------------------------------------------------------ derived
     def log_prob(self, x: torch.Tensor, *, iw_draws: int | None = None,
