@@ -217,15 +217,16 @@ def test_exact_divergence_is_the_autograd_trace_and_the_trace_on_u(name, geometr
     basis = com_free_basis(n, d)
     for t in (0.0, 0.5, 1.0):
         tt = torch.tensor(t, dtype=F64)
-        for method in ("exact", "brute-force"):
-            div = flow.divergence(tt, x, method)[1].detach()
-            for b in range(x.shape[0]):
-                jac = _flat_jacobian(lambda y: flow.velocity(tt, y), x[b:b + 1])
-                trace = torch.trace(jac)
-                scale = max(1.0, abs(float(trace)))
+        divs = [flow.divergence(tt, x, method)[1].detach() for method in ("exact", "brute-force")]
+        for b in range(x.shape[0]):
+            jac = _flat_jacobian(lambda y: flow.velocity(tt, y), x[b:b + 1])
+            trace = torch.trace(jac)
+            scale = max(1.0, abs(float(trace)))
+            for div in divs:
                 assert abs(float(div[b]) - float(trace)) < 1e-8 * scale
-                # the divergence on U (log-density rate) is the same number
-                assert abs(float(torch.trace(basis.T @ jac @ basis)) - float(trace)) < 1e-10 * scale
+            # the divergence on U (log-density rate) is the same number
+            assert abs(float(torch.trace(basis.T @ jac @ basis)) - float(trace)) < 1e-10 * scale
+        div = divs[0]
     # the field is not trivial here: the divergence is O(1) on typical configurations
     if geometry == "typical":
         assert float(div.abs().max()) > 0.05
@@ -299,7 +300,7 @@ def test_samples_com_free_and_log_prob_matches_sample_in_either_mode():
 
 
 def test_forward_is_equivariant_lj13():
-    flow = _flow("lj13", steps=4).eval()
+    flow = _flow("lj13", steps=2).eval()  # equivariance holds on any RK4 grid
     b = 2
     z = _configs("lj13", b, seed=10, scale=1.0)
     gen = _gen(11)
