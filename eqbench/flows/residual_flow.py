@@ -25,10 +25,12 @@ every orthogonal ``Q`` (``h(Qr) = Q h(r)``: rotations and reflections) and the s
 other particles (permutation equivariant). ``ρ`` is odd, so ``h(-r) = -h(r)`` and
 ``Σ_i g_i = 0``: the centre of mass is preserved and U, the CoM-free subspace, is invariant.
 So every block, its inverse and the flow are G-equivariant for G = S_N × E(n), and with the
-isotropic CoM-free prior the density is G-invariant (Köhler et al. §5; Bose et al. Prop. 1).
+isotropic CoM-free prior the density is G-invariant (Köhler et al. §5).
 Smoothness: ``ρ`` is odd and smooth, so ``ρ(d)/d`` is an even smooth function of ``d``, hence a
 smooth function of ``|r|²``, and ``h`` is smooth at ``r = 0`` too: the log-determinant and its
-gradients are well defined everywhere.
+gradients are well defined everywhere. (Numerically, ``f(d) - f(-d)`` cancels for tiny ``d``:
+the field stays accurate to rounding, its Jacobian to ``eps/d`` — ~1e-10 at ``d = 1e-6`` in
+float64, far below any physical pair distance; an exact coincidence ``d = 0`` gives ``h = 0``.)
 
 **Lipschitz bound (derivation).** Let ``Δ: R^{N×D} → R^{P×D}`` take ``x`` to its pair
 differences ``(x_i - x_j)_{i<j}``. Because ``h`` is odd, ``g = Δᵀ H(Δ x)`` with ``H`` applying ``h``
@@ -40,14 +42,15 @@ constant ``φ = ρ(d)/d = φ₀`` gives ``g = N φ₀ x`` on U.) The Jacobian of
     ∂h/∂r = (ρ(d)/d) (I - r̂ r̂ᵀ) + ρ'(d) r̂ r̂ᵀ,
 
 with eigenvalues ``ρ'(d)`` (radial) and ``ρ(d)/d`` (tangential); ``ρ(0) = 0`` and the mean value
-theorem give ``|ρ(d)/d| ≤ Lip(ρ)``, so ``Lip(h) = Lip(ρ)``. For ``ρ``:
-``Lip(f) ≤ (1/ℓ) Π_l ‖W̃_l‖₂`` (1-Lipschitz activations), ``Lip(ρ) ≤ s Lip(f)``. With
+theorem give ``|ρ(d)/d| ≤ Lip(ρ)``, so ``Lip(h) ≤ Lip(ρ)``. For ``ρ``:
+``Lip(f) ≤ (1/ℓ) Π_l ‖W̃_l‖₂`` (1-Lipschitz activations) and ``Lip(ρ) ≤ s Lip(f)`` (the odd part
+``(f(d) - f(-d))/2`` is no steeper than ``f``). With
 ``s = c ℓ / N`` (``c`` = ``lipschitz_coefficient``):
 
     Lip(g) ≤ N · (c ℓ / N) · (1/ℓ) · Π_l ‖W̃_l‖₂ = c · Π_l min(1, ‖W_l‖₂) ≤ c < 1,
 
 in the Euclidean norm on U (the CoM direction is in the kernel of ``∂g``). This is the
-condition of Behrmann et al. (Thm. 1) for ``F = id + g`` to be invertible, with ``F⁻¹`` the
+sufficient condition of Behrmann et al. for ``F = id + g`` to be invertible, with ``F⁻¹`` the
 limit of the Banach fixed-point iteration, and ``I + ∂g`` is symmetric with eigenvalues in
 ``[1 - c, 1 + c]``: positive definite, so ``log|det|`` is a Cholesky log-determinant.
 (``g = ∇Φ`` with ``Φ = Σ_{i<j} R(d_ij)``, ``R' = ρ``: each block is a gradient map, like a
@@ -77,7 +80,7 @@ contraction, so ``∂L/∂z = (I + ∂g)⁻ᵀ v`` exactly (first order only).
 autograd Jacobian, then Cholesky. The tests check it against the brute-force autograd Jacobian
 restricted with ``com_free_basis``. ``log_prob`` and ``sample`` are always exact.
 
-**Power-series estimator** (``log_prob(x, logdet="power-series")``; Chen et al. 2019 §3):
+**Power-series estimator** (``log_prob(x, logdet="power-series")``; Chen et al. 2019):
 ``log det(I + J) = Σ_{k≥1} (-1)^{k+1} tr(J^k)/k``, truncated at ``n = n_exact + N`` terms with
 ``N ~ Geometric(p)`` on {1, 2, …} (``power_series_terms`` = n_exact = 2, ``power_series_p`` = 0.5
 as in the authors' code), term ``k > n_exact`` reweighted by ``1/P(N ≥ k - n_exact) =
@@ -97,13 +100,15 @@ cheaper *and* exact on both, so it is the default; ``"power-series"`` is there f
 large that the ``(N-1)D``-sized Cholesky dominates, and records name it through
 :attr:`GResidualFlow.training_estimator`. (Kernel flow, same protocol: 0.093 s / 0.34 s.)
 
-**What the bound costs.** The bound is attained by the collective mode (uniform scaling), but a
-deformation of one pair distance only sees an eigenvalue of about ``2 ρ'(d) ≤ 2c/N``: per block,
-the flow can reshape the pair-distance distribution by a fraction ~2/N of the Lipschitz budget
-(0.45 on DW-4, 0.14 on LJ-13 at c = 0.9). Measured on DW-4 (1,000 training samples, the paper's
-AdamW lr 5e-3, batch 64): test NLL 12.0 after 150 iterations (11.7 after 500, also with 16
-blocks), where the kernel flow reaches 8.7 after 150. Residual flows of particle systems need
-depth growing with N; that, not the cost of an iteration, is their price here.
+**What the bound costs.** The bound must hold for the collective mode (uniform scaling, where
+all ``N`` pair terms add up), so each pair term gets only ``c/N``: the term through which one
+pair distance ``d_ij`` acts on its own relative coordinate contributes at most ``2ρ'(d_ij) ≤
+2c/N`` to the Jacobian (0.45 on DW-4, 0.14 on LJ-13 at c = 0.9), however the other pairs are
+arranged. Reshaping the pair-distance distribution (DW-4's two wells) therefore takes many
+blocks. Measured on DW-4 (1,000 training samples, the paper's AdamW lr 5e-3, batch 64): test NLL
+12.0 after 150 iterations (11.7 after 500, and with 16 blocks after 300), where the kernel flow
+reaches 8.7 after 150. Our reading: residual flows of particle systems need depth growing with
+N; that, not the cost of an iteration, is their price here.
 
 **Relation to G-coupling flows.** Bose et al. build G-equivariant finite flows three ways:
 G-residual flows (this file: an equivariant ``g`` with ``Lip(g) < 1``; universal for
@@ -111,11 +116,12 @@ G-equivariant diffeomorphisms in their sense, with a closed-form forward, an ite
 and a log-determinant that needs either a Jacobian or a stochastic series), G-coupling flows and
 G-inverse-autoregressive flows, which split the variables into two parts and transform one with
 a G-equivariant conditioner of the other, so that both directions and the triangular
-log-determinant are closed-form. For particle coordinates a split that is itself compatible with
-E(n) and permutations does not exist in the coordinates alone; the SE(3)-equivariant augmented
+log-determinant are closed-form. For particle coordinates no split is compatible with both
+symmetries (splitting the particles breaks permutations, splitting the Cartesian components
+breaks rotations); the SE(3)-equivariant augmented
 coupling flow of Midgley et al. (2023) is a G-coupling flow on an *augmented* space (the
-coupling alternates between the particles and as many auxiliary Gaussian particles), which
-makes the model's density on the data an importance-weighted marginal. The G-residual flow needs
+coupling alternates between the particles and auxiliary Gaussian particles of the same shape),
+which makes the model's density on the data an importance-weighted marginal. The G-residual flow needs
 no augmentation: its density on U is exact, at the price of a fixed-point inverse.
 
 Default architecture: 8 blocks, pair MLP hidden [32, 32] (``1 → 32 → 32 → 1``), the same on every
