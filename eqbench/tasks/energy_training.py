@@ -20,13 +20,19 @@ reparameterisation gradient; Köhler et al. 2020 §2 and paper B.3 train with th
 returns from ``training_sample`` the exact extended-space log-density
 ``log q(x, a) - log π(a|x)``; the loss is then ``E_q[u(x) - log π(a|x) + log q(x, a)]``, the
 reverse KL from ``q(x, a)`` to the extended target ``p(x) π(a|x)``, whose x-marginal is p
-(Midgley et al. 2023 train their flow by the same extended-space objective). It bounds the
-marginal reverse KL from above, so minimising it is sound; no marginal density is estimated.
+(Midgley et al. 2023 likewise define their training objectives on the extended space). It
+bounds the marginal reverse KL from above (chain rule of the KL), so minimising it is sound; no
+marginal density is estimated.
 
 *Not built:* flow annealed importance sampling bootstrap with a replay buffer (FAB, Midgley,
 Stimper et al., ICLR 2023), the α = 2 objective Midgley et al. 2023 use for their energy-trained
-flows. ``method = "fab"`` is refused with that reason; reverse KL is known to be mode-seeking
-(a flow may cover only some of DW-4's or LJ-13's minima), which the forward ESS below exposes.
+flows: AIS with HMC moves from q towards p²/q, the α = 2 importance-weighted loss and a
+prioritised replay buffer were not built and tested here. For an augmented flow its AIS moves
+also need ``log q(x, a)`` and its gradient at arbitrary points of the extended space, which the
+:class:`~eqbench.flows.base.Flow` interface gives only for the flow's own samples.
+``method = "fab"`` is refused with that reason. Reverse KL is mode-seeking (a flow may
+cover only some of DW-4's or LJ-13's metastable arrangements), which the forward ESS below
+exposes.
 
 **After training** ``n_samples`` configurations are drawn with their exact ``log q`` (on the
 extended space for augmented flows; see :mod:`eqbench.flows.real_nvp`) and scored against
