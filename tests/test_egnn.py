@@ -87,8 +87,23 @@ def test_parameter_count_of_the_authors_configuration() -> None:
     coord = h * h + h + h           # last layer: no bias, one head
     att = h + 1
     expected = (1 * h + h) + 3 * (edge + node + coord + att)
+    # no scalar read-out: the last layer's feature update is not built (nothing reads it)
     net = EGNN(1, hidden=h, layers=3, n_vectors=1)
-    assert sum(p.numel() for p in net.parameters()) == expected
+    assert sum(p.numel() for p in net.parameters()) == expected - node
+    with_scalars = EGNN(1, hidden=h, layers=3, n_vectors=1, n_scalars=2)
+    assert sum(p.numel() for p in with_scalars.parameters()) == expected + (h + 1) * 2
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    torch.manual_seed(0)
+    for n_scalars in (0, 3):
+        net = EGNN(1, hidden=8, layers=3, n_vectors=2, n_scalars=n_scalars, dtype=torch.float64)
+        x = torch.randn(2, 5, 3, dtype=torch.float64)
+        vec, sca = net(x, torch.ones(2, 5, 1, dtype=torch.float64))
+        loss = vec.pow(2).sum() + (sca.pow(2).sum() if sca is not None else 0)
+        loss.backward()
+        missing = [n for n, p in net.named_parameters() if p.grad is None or float(p.grad.abs().sum()) == 0]
+        assert not missing, missing
 
 
 def test_bad_sizes_are_refused() -> None:

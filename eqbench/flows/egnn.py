@@ -26,7 +26,8 @@ particle and ``n_scalars`` invariant scalars per particle. The last layer has ``
 coordinate heads ``φ_x^k``; vector ``k`` is the displacement ``x^{L-1}_i - x⁰_i`` of the first
 ``L - 1`` layers plus head ``k``'s update of the last layer, so with one head it is exactly the
 authors' ``x_final - x`` (the E-NF velocity before its mean is removed). Scalars are a linear
-read-out of the last ``h``.
+read-out of the last ``h``; without scalar outputs the last layer's feature update, which
+nothing would read (the authors compute it and discard it), is not built.
 
 **Symmetries** (tested in ``tests/test_egnn.py``): for a rotation or reflection ``R``, a
 translation ``s`` and a permutation ``P`` of the particles, ``vectors(P(xRᵀ + s), P h) =
@@ -59,13 +60,15 @@ class EGNNLayer(nn.Module):
     """One equivariant graph convolution (module docstring) with ``heads`` coordinate heads."""
 
     def __init__(self, hidden: int, *, heads: int = 1, attention: bool = True, tanh: bool = True,
-                 coords_range: float = 5.0, distance_offset: float = 1.0, dtype: torch.dtype = torch.float32):
+                 coords_range: float = 5.0, distance_offset: float = 1.0, update_features: bool = True,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         act = nn.SiLU
         self.edge_mlp = nn.Sequential(nn.Linear(2 * hidden + 2, hidden, dtype=dtype), act(),
                                       nn.Linear(hidden, hidden, dtype=dtype), act())
+        # The feature update of a last layer whose h nobody reads would get no gradient: not built.
         self.node_mlp = nn.Sequential(nn.Linear(2 * hidden, hidden, dtype=dtype), act(),
-                                      nn.Linear(hidden, hidden, dtype=dtype))
+                                      nn.Linear(hidden, hidden, dtype=dtype)) if update_features else None
         last = nn.Linear(hidden, heads, bias=False, dtype=dtype)
         nn.init.xavier_uniform_(last.weight, gain=0.001)
         self.coord_mlp = nn.Sequential(nn.Linear(hidden, hidden, dtype=dtype), act(), last)
@@ -92,7 +95,8 @@ class EGNNLayer(nn.Module):
             weight = torch.tanh(weight) * self.coords_range
         unit = diff / (torch.sqrt(radial + _NORM_EPS) + self.distance_offset)
         update = torch.einsum("bijk,bijd->bikd", weight * not_self, unit)
-        h = h + self.node_mlp(torch.cat([h, m.sum(dim=2)], dim=-1))
+        if self.node_mlp is not None:
+            h = h + self.node_mlp(torch.cat([h, m.sum(dim=2)], dim=-1))
         return update, h
 
 
@@ -110,7 +114,8 @@ class EGNN(nn.Module):
         per_layer = coords_range / layers
         self.layers = nn.ModuleList(
             EGNNLayer(hidden, heads=n_vectors if k == layers - 1 else 1, attention=attention, tanh=tanh,
-                      coords_range=per_layer, distance_offset=distance_offset, dtype=dtype)
+                      coords_range=per_layer, distance_offset=distance_offset,
+                      update_features=k < layers - 1 or n_scalars > 0, dtype=dtype)
             for k in range(layers)
         )
         self.readout = nn.Linear(hidden, n_scalars, dtype=dtype) if n_scalars else None

@@ -41,9 +41,9 @@ scalar), so every system gets the same count. With hidden width H and L layers: 
 coordinate MLP ``H² + H + H``, attention gate ``H + 1``, i.e. ``7H² + 9H + 1``. The last layer's
 node MLP (``3H² + 2H``) updates ``h`` after the last coordinate update and feeds nothing the
 velocity uses (the authors' code computes it too and discards it, with ``embedding_out``, in
-``EGNN_dynamics``): it would receive no gradient, so eqbench freezes it (``requires_grad =
-False``; kept in the state_dict). Defaults H = 32, L = 3: ``64 + 3·7,457 - 3,136 = 19,299``
-trainable parameters on DW-4, LJ-13 and every other system; the authors' module counts
+``EGNN_dynamics``): it would receive no gradient, so the shared EGNN does not build it
+(:mod:`eqbench.flows.egnn`). Defaults H = 32, L = 3: ``64 + 3·7,457 - 3,136 = 19,299``
+parameters on DW-4, LJ-13 and every other system; the authors' module counts
 ``22,435 + 33 (embedding_out) = 22,468`` including the 3,169 that never act on the velocity.
 
 **Text, code and defaults.** Defaults are the authors' ``main_dw4_lj13.py`` argparse values,
@@ -131,12 +131,6 @@ class ENFlow(CNF):
         self.coords_range = float(coords_range)
         self.egnn = EGNN(1, hidden=self.hidden, layers=self.layers, n_vectors=1, n_scalars=0,
                          attention=self.attention, tanh=self.tanh, coords_range=self.coords_range, dtype=dtype)
-        # The last layer's node update produces an h nothing reads (no scalar outputs): freeze it so
-        # that every trainable parameter acts on the velocity (module docstring, "Parameters").
-        dead = getattr(self.egnn.layers[-1], "node_mlp", None)
-        if dead is not None:
-            for p in dead.parameters():
-                p.requires_grad_(False)
 
     def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``v = A (x^L - x)`` for ``x`` ``[B, N, D]`` and a scalar time ``t`` (node feature ``h = t``,
