@@ -481,7 +481,8 @@ def default_distance_scale(system: ParticleSystem) -> float:
     (1.0 on DW-4, 0.214 on LJ-13; module docstring)."""
     lo, hi = (float(v) for v in system.pair_distance_range)
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
-        raise ConfigError(f"system {system.name}: pair_distance_range must be finite with 0 <= lo < hi, got ({lo}, {hi})")
+        raise ConfigError(f"system {system.name}: pair_distance_range must be finite with 0 <= lo < hi, "
+                          f"got ({lo}, {hi})")
     return (hi - lo) / 8.0
 
 
