@@ -67,7 +67,10 @@ iteration ``x_{k+1} = z - g(x_k)`` from ``x_0 = z``, stopped when the a-posterio
 per configuration) guarantees ``|x_{k+1} - x*| ≤ inverse_tol``; default 1e-10 in float64, 1e-4
 in float32 (rounding floor), chosen from the dtype at call time. A block that does not reach it
 within ``max_iterations`` (default 1000; ``log(1e-11)/log(0.9) ≈ 240`` suffice for the
-worst-case contraction 0.9) raises :class:`FixedPointError`. Gradients through the inverse
+worst-case contraction 0.9) raises :class:`FixedPointError`. Measured iterations per block
+(:attr:`GResidualFlow.fixed_point_iterations`, sampling 64): 2-3 at initialisation; after 150
+DW-4 training iterations 6-13 (float32, 1e-4) and 12-26 (float64, 1e-10); after 60 LJ-13
+iterations 4-6 and 9-13. Gradients through the inverse
 (reverse-KL training) use implicit differentiation (as in deep equilibrium models): the output
 is ``z - g(x*)`` and its gradient hook solves the adjoint ``w = v - ∂gᵀ w`` by the same
 contraction, so ``∂L/∂z = (I + ∂g)⁻ᵀ v`` exactly (first order only).
