@@ -16,7 +16,7 @@ from eqbench.runner import plan_cells
 from eqbench.tasks.base import CellContext
 from eqbench.tasks.bg_reweighting import TASK, sample_cnf_log_q
 
-MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"]
+MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "en-flow", "se3-acf", "g-resflow"]
 NON_EQUIVARIANT = {"node", "real-nvp"}
 SCALARS = ("ess_fraction", "forward_ess_fraction", "forward_ess_fraction_undefined", "n_samples", "n_samples_zero_weight", "n_samples_undefined", "nll_train", "nll_test",
            "mean_energy_flow", "mean_energy_flow_std",

@@ -13,7 +13,8 @@ import eqbench
 from eqbench.errors import ConfigError
 from eqbench.runner import plan_cells
 
-MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian"]
+MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian", "en-flow", "se3-acf",
+          "g-resflow"]
 NON_EQUIVARIANT = {"node", "real-nvp"}
 #: How far (nats) below and above its prior's a flow's test NLL may lie after one training step
 #: (see test_smoke_every_model_dw4).

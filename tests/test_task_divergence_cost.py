@@ -24,7 +24,7 @@ from eqbench.tasks.divergence_cost import (
     reference_radius,
 )
 
-CNF_MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node"]
+CNF_MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "en-flow"]
 
 
 @pytest.mark.parametrize("model", CNF_MODELS)

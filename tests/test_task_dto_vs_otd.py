@@ -13,7 +13,7 @@ from eqbench.errors import ConfigError
 from eqbench.runner import plan_cells
 from eqbench.tasks.dto_vs_otd import ForwardNfeLog, growth
 
-TRAINABLE_CNFS = ["kernel-flow", "gradient-flow", "schnet-flow", "node"]
+TRAINABLE_CNFS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "en-flow"]
 
 
 @pytest.mark.parametrize("model", TRAINABLE_CNFS)

@@ -18,9 +18,10 @@ from eqbench.tasks.base import REFERENCE_MODEL
 from eqbench.tasks.metastable_states import REFERENCE_SETTINGS, VARIANTS, TASK, bin_label, parse_bin_label
 
 TASK_NAME = "metastable-states"
-MODELS = ("kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian")
+MODELS = ("kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "gaussian", "en-flow", "se3-acf",
+          "g-resflow")
 #: Continuous flows run the smoke profile with 4 RK4 steps instead of 20 (5x cheaper).
-CNF_MODELS = ("kernel-flow", "gradient-flow", "schnet-flow", "node")
+CNF_MODELS = ("kernel-flow", "gradient-flow", "schnet-flow", "node", "en-flow")
 ROUND_METRICS = ("distinct_minima", "distinct_minima_eps_half", "distinct_minima_eps_double", "n_samples",
                  "n_nonfinite", "n_unconverged", "n_saddles", "n_minima", "lowest_minimum_energy")
 LJ_BINS = ("m70_m60", "m80_m70", "minf_m80")

@@ -11,7 +11,7 @@ from eqbench.runner import plan_cells
 from eqbench.tasks.timing import model_config_for, ratio_stats
 from eqbench.timing import TimingStats, budget_plan, interleaved_epochs
 
-TRAINABLE = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp"]
+TRAINABLE = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "en-flow", "se3-acf", "g-resflow"]
 
 
 @pytest.mark.parametrize("model", TRAINABLE)
@@ -22,7 +22,8 @@ def test_smoke_every_trainable_model(model, tmp_path):
                         "train_ratio_to_reference", "sample_ratio_to_reference", "n_parameters"))
     # one cell per model; the simple gradient flow also gets its closed-form row
     variants = sorted(table["variant"].fillna("").unique())
-    assert variants == (["", "closed-form"] if model == "gradient-flow" else [""])
+    peers = model in ("se3-acf", "g-resflow")  # also timed against the E(n) CNF (tasks/timing.toml)
+    assert variants == (["", "closed-form"] if model == "gradient-flow" else ["", "vs en-flow"] if peers else [""])
     table = table[table["variant"].fillna("") == ""]
     value = table.set_index("metric")["value"]
     params = next(c for c in results if c.config["params"]["estimators"] == "table-2").config["params"]
