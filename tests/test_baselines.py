@@ -33,7 +33,7 @@ SOURCES = {"kohler2020", "midgley2023", "satorras2021"}
 PEER_SOURCES = {"midgley2023", "satorras2021"}
 SYSTEMS = {"dw2", "dw4", "lj13"}
 # eqbench model ids, Table 1's reference rows, "system" for properties of the energy surface,
-# and the peer's model (seed 003), which eqbench does not implement.
+# and the peers' models under their eqbench ids.
 MODELS = {
     "kernel-flow",
     "gradient-flow",
@@ -44,7 +44,6 @@ MODELS = {
     "mcmc-short",
     "mcmc-long",
     "system",
-    "se3-augmented-coupling-flow",
     # eqbench ids of the peers' models, for rows typed from the peers' own tables.
     "en-flow",
     "se3-acf",
