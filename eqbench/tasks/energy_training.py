@@ -264,8 +264,11 @@ class EnergyTraining(Task):
             "distance_w2_reweighted": f"{W_UNITS[2]}, pooled pair distances, reweighted {flow_set} vs "
                                       f"{test_set}",
         }
+        # This task records the forward ESS and the test NLL itself (:meth:`forward_records`).
+        shared = [r for r in BG_REWEIGHTING.reweighting_records(ctx, x, log_q, test)
+                  if not r.metric.startswith(("forward_", "nll_"))]
         records = [dataclasses.replace(r, unit=f"{r.unit}; {extra[r.metric]}") if r.metric in extra and r.step is None
-                   else r for r in BG_REWEIGHTING.reweighting_records(ctx, x, log_q, test)]
+                   else r for r in shared]
 
         x64 = x.detach().to("cpu", torch.float64)
         x_np = metrics.as_array(x64)
