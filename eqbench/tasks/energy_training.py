@@ -71,9 +71,10 @@ A training run whose loss or gradient turns non-finite is a failed cell with the
 sample of positive weight.
 
 **LJ-13 is not Midgley et al.'s target:** eqbench's ``lj13`` is Köhler et al.'s energy, which
-counts every pair twice (ordered pairs, paper §6), i.e. the single-count LJ energy Midgley et
-al. use at half the temperature; ESS numbers on it are of a sharper target and not comparable
-number for number (``baselines/README.md``).
+counts every pair twice (ordered pairs, paper §6): its pair energy is twice the single-count
+one Midgley et al. use (``eacf/targets/target_energy/leonard_jones.py``; the CoM oscillator is
+the same), so ESS numbers on it are of a sharper target and not comparable number for number
+(``baselines/README.md``).
 
 **Known answer** (``harmonic``): the target is the prior, so a flow that is its prior has
 reverse and forward ESS exactly 1 and ``kl_estimate = -log Z`` (``log Z = ½ (N-1) D log 2π``
