@@ -33,7 +33,7 @@ def _scalars(table: pd.DataFrame) -> dict[str, tuple[float, str]]:
     return {r["metric"]: (float(r["value"]), str(r["unit"])) for _, r in flat.iterrows()}
 
 
-@pytest.mark.parametrize("model", ["kernel-flow", "real-nvp"])
+@pytest.mark.parametrize("model", ["kernel-flow", "real-nvp", pytest.param("se3-acf", marks=pytest.mark.slow)])
 def test_smoke_dw4_records_units_and_no_training_data(model, tmp_path, monkeypatch):
     """Every record with a unit that says what it is; the only reference data read is the test
     split (reverse KL at λ = 1 needs none); the report table has one row for the cell."""
@@ -51,7 +51,7 @@ def test_smoke_dw4_records_units_and_no_training_data(model, tmp_path, monkeypat
     assert read and set(read) == {"test"}, read
     assert TASK.splits_read() == ("test",)
     values = _scalars(table)
-    iw = model == "real-nvp"
+    iw = model in ("real-nvp", "se3-acf")  # log_prob an IW estimate of the marginal: extended-space weights
     assert ("nll_test_k1_gap" in values) == iw
     assert values["iterations_done"][0] == results[0].config["params"]["iterations"] == 4
     n_samples, n_test = (results[0].config["params"][k] for k in ("n_samples", "n_test"))
@@ -63,7 +63,7 @@ def test_smoke_dw4_records_units_and_no_training_data(model, tmp_path, monkeypat
     forward_unit = values["forward_ess_fraction"][1]
     assert f"{n_test} of {n_test} MCMC test-split" in forward_unit
     assert ("extended-space one-draw" in forward_unit) == iw and ("exact log q" in forward_unit) != iw
-    assert ("IW estimate K=64" in values["nll_test"][1]) == iw
+    assert ("IW estimate K=" in values["nll_test"][1]) == iw
     for metric in ("energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted"):
         assert "not squared" in values[metric][1] and "test-split" in values[metric][1], metric
     assert "W1" in values["energy_w1_flow"][1] and "test-split" in values["mean_energy_mcmc"][1]
@@ -164,6 +164,8 @@ def test_models_by_capability_and_profiles():
     # Midgley et al.'s DW-4 budget: 20,000 AIS passes x 8 updates, batch 128, Adam peak lr 2e-4.
     assert (paper["iterations"], paper["kl_batch_size"], paper["optimizer"], paper["lr"]) == (160000, 128, "adam", 2e-4)
     assert paper["method"] == "reverse-kl" and paper["n_samples"] == 10000
+    # The peers train at their authors' learning rates (as in bg-reweighting).
+    assert plan_cells("energy-training", "se3-acf", "dw4", "quick")[0].params["lr"] == 2e-4
 
 
 def test_describe_lists_the_settings():
