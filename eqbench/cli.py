@@ -631,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "  python -m eqbench sweep --task timing --profile paper --executor slurm "
                               "--partition gpu --gpus-per-job 1 --device auto")
     p.add_argument("--task", required=True, help="task id (see `list tasks`)")
-    p.add_argument("--model", nargs="+", help="model ids or module:builder paths (default: the paper's built-in "
+    p.add_argument("--model", nargs="+", help="model ids or module:builder paths (default: eqbench's built-in "
                    "models the task supports; plugins run only when named)")
     p.add_argument("--system", nargs="+", help="system ids (default: every system the task supports)")
     _cell_arguments(p, sweep=True, time_limit=True)

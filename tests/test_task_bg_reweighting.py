@@ -18,7 +18,7 @@ from eqbench.tasks.bg_reweighting import TASK, sample_cnf_log_q
 
 MODELS = ["kernel-flow", "gradient-flow", "schnet-flow", "node", "real-nvp", "en-flow", "se3-acf", "g-resflow"]
 NON_EQUIVARIANT = {"node", "real-nvp"}
-SCALARS = ("ess_fraction", "forward_ess_fraction", "forward_ess_fraction_undefined", "n_samples", "n_samples_zero_weight", "n_samples_undefined", "nll_train", "nll_test",
+SCALARS = ("ess_fraction", "forward_ess_fraction", "forward_ess_fraction_undefined", "forward_log_w_std", "n_samples", "n_samples_zero_weight", "n_samples_undefined", "nll_train", "nll_test",
            "mean_energy_flow", "mean_energy_flow_std",
            "mean_energy_reweighted", "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std",
            "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted",
@@ -49,8 +49,8 @@ def test_smoke_every_model_dw4(model, tmp_path):
     fwd = table[table["metric"] == "forward_ess_fraction"]
     assert ((fwd["value"] > 0) & (fwd["value"] <= 1)).all()
     # an importance-weighted density weighs test points with its one-draw extended-space density
-    extended = fwd["unit"].str.contains("one-draw extended-space")
-    assert extended.all() if model == "real-nvp" else not extended.any()
+    extended = fwd["unit"].str.contains("extended-space one-draw")
+    assert extended.all() if model in ("real-nvp", "se3-acf") else not extended.any()
     n_samples = results[0].config["params"]["n_samples"]
     for variant in variants:
         ess = _scalar(table, "ess_fraction", variant)

@@ -70,16 +70,17 @@ def test_forward_ess_records_use_the_exact_or_the_one_draw_extended_density():
         torch.manual_seed(0)
         flow = eqbench.build_model(name, system)
         scored = score_log_q(Ctx, flow, x)
-        (metric, value, unit), (_, undefined, _) = forward_ess_records(Ctx, flow, scored, u)
+        (metric, value, unit), (_, undefined, _), (spread, _, _) = forward_ess_records(Ctx, flow, scored, u)
         expected = metrics.forward_ess_fraction(-metrics.as_array(u) - scored.for_weights)
         assert metric == "forward_ess_fraction" and value == expected and undefined == 0.0
+        assert spread == "forward_log_w_std"
         nll = nll_records(Ctx, flow, x, "nll_test", scored=scored)
         assert nll[0][1] == -scored.scored.mean()
         if name == "gaussian":
             assert scored.extended is None and "exact log q" in unit
             assert np.allclose(scored.scored, flow.log_prob(x).detach().numpy())
         else:
-            assert "one-draw" in unit and nll[1][0] == "nll_test_k1_gap"
+            assert "extended-space one-draw" in unit and nll[1][0] == "nll_test_k1_gap"
             assert nll[1][1] == -scored.extended.mean() - nll[0][1]
             # the one-draw values are log_prob with K = 1 and the cell's seeded draws
             one = flow.log_prob(x, iw_draws=1, generator=torch.Generator().manual_seed(0)).detach().double().numpy()
@@ -88,4 +89,4 @@ def test_forward_ess_records_use_the_exact_or_the_one_draw_extended_density():
     u_nan = u.clone()
     u_nan[3] = float("nan")
     records = forward_ess_records(Ctx, flow, scored, u_nan)
-    assert records[1][1] == 1.0 and "39 test configurations" in records[0][2]
+    assert records[1][1] == 1.0 and "39 of 40 MCMC test-split configurations" in records[0][2]

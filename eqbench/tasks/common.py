@@ -164,7 +164,9 @@ def forward_ess_records(ctx: CellContext, flow: Flow, log_q: ScoredLogQ, energie
 
     Configurations whose weight is undefined (NaN energy or log q) are left out and counted in
     ``<metric>_undefined``; the unit says how log q was computed (exact, or the one-draw
-    extended-space density of an augmented flow).
+    extended-space density of an augmented flow). ``forward_log_w_std``, the spread of the finite
+    log-weights, says how far a forward ESS of ~0 is from useful (for lognormal weights the
+    fraction is ``exp(-σ²)``).
     """
     import numpy as np
 
@@ -173,11 +175,19 @@ def forward_ess_records(ctx: CellContext, flow: Flow, log_q: ScoredLogQ, energie
     u = metrics.as_array(energies)
     log_w = -u - log_q.for_weights
     defined = ~np.isnan(log_w)
-    how = "exact log q" if log_q.extended is None else "one-draw extended-space log q(x,a) - log π(a|x)"
+    how = ("exact log q" if log_q.extended is None
+           else "extended-space one-draw density log q(x,a) - log π(a|x), a ~ π(a|x)")
+    n = len(log_w)
     records = [ctx.record(metric, metrics.forward_ess_fraction(log_w[defined]) if defined.any() else 0.0,
-                          f"fraction of {int(defined.sum())} test configurations (target samples), "
-                          f"Midgley et al. 2023, {how}")]
+                          f"fraction, forward ESS n²/(Σw·Σ1/w) (Midgley et al. 2023), w = exp(-u - log q) at the "
+                          f"{int(defined.sum())} of {n} MCMC test-split configurations with a defined weight "
+                          f"(x ~ p); {how}")]
     records.append(ctx.record(f"{metric}_undefined", float((~defined).sum()), "count (NaN weight, left out)"))
+    finite = log_w[np.isfinite(log_w)]
+    if finite.size > 1:
+        records.append(ctx.record("forward_log_w_std", float(finite.std()),
+                                  f"nats, std of log w = -u - log q over the {finite.size} test configurations "
+                                  f"with a finite weight, {how}"))
     return records
 
 

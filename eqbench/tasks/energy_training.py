@@ -48,7 +48,8 @@ extended space for augmented flows; see :mod:`eqbench.flows.real_nvp`) and score
   whose ``log_prob`` is an importance-weighted estimate (``flow.iw_draws`` set) — the
   extended-space one-draw density ``log q(x, a) - log π(a|x)`` with ``a ~ π(a|x)``
   (``flow.log_prob(x, iw_draws=1, generator=...)``), the weight Midgley et al.'s code uses;
-  the record's unit says which. ``forward_log_w_std``, the spread of those log-weights, says how
+  the record's unit says which (:func:`eqbench.tasks.common.forward_ess_records`, shared with
+  bg-reweighting). ``forward_log_w_std``, the spread of those log-weights, says how
   far a forward ESS of ~0 is from useful (for lognormal weights the fraction is ``exp(-σ²)``);
 - mean energy of the flow samples, reweighted (self-normalised importance sampling) and of the
   MCMC test set, each with its bootstrap standard deviation (``n_bootstrap`` resamples), energy
@@ -95,7 +96,8 @@ from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.bg_reweighting import FINITE_ENERGY_UNIT
 from eqbench.tasks.bg_reweighting import TASK as BG_REWEIGHTING
-from eqbench.tasks.common import check_finite, nll_records, nll_unit, positive_int, sample_with_log_q, train_flow
+from eqbench.tasks.common import (check_finite, forward_ess_records, nll_records, positive_int, sample_with_log_q,
+                                  score_log_q, train_flow)
 from eqbench.tasks.reporting import HtmlTable, TaskSection, fmt, pm, seed_stats
 
 if TYPE_CHECKING:
@@ -105,7 +107,7 @@ if TYPE_CHECKING:
 
     from eqbench.flows.base import Flow
 
-__all__ = ["EnergyTraining", "TASK", "METHODS", "target_sample_log_q", "W_UNITS"]
+__all__ = ["EnergyTraining", "TASK", "METHODS", "W_UNITS"]
 
 #: Training objectives a cell may name; ``"fab"`` (Midgley et al. 2023's) is not built.
 METHODS = ("reverse-kl",)
@@ -113,49 +115,6 @@ METHODS = ("reverse-kl",)
 #: What every Wasserstein record is (F, G the two quantile functions): the distance itself; the
 #: W2 is not squared.
 W_UNITS = {1: "W1 = ∫|F⁻¹ - G⁻¹| dt", 2: "W2 = (∫|F⁻¹ - G⁻¹|² dt)^½, the distance, not squared"}
-
-
-def target_sample_log_q(flow: Flow, x: torch.Tensor, *, batch_size: int = 500,
-                        seed: int = 0) -> tuple[np.ndarray, str]:
-    """``log q`` of given configurations ``x`` (e.g. the MCMC test set) as the forward ESS needs
-    it, and the words that say what it is.
-
-    Exact flows: :meth:`~eqbench.flows.base.Flow.log_prob`. A flow whose ``log_prob`` is an
-    importance-weighted estimate (``flow.iw_draws`` set, e.g. real NVP's CoM marginal) gets the
-    extended-space one-draw density ``log q(x, a) - log π(a|x)``, ``a ~ π(a|x)``
-    (``iw_draws=1``; the draws are fixed by ``seed`` and ``batch_size``): with it ``-u - log q`` is
-    the exact importance weight of ``(x, a)`` for the extended target ``p(x) π(a|x)``, as in
-    Midgley et al. 2023's forward ESS. A K-draw estimate of the marginal ``log q(x)`` is biased
-    low (Jensen) and is the exact weight of nothing.
-
-    Example:
-        >>> import eqbench, torch
-        >>> flow = eqbench.build_model("real-nvp", "dw4")
-        >>> x, _ = flow.sample(3, generator=torch.Generator().manual_seed(0))
-        >>> log_q, what = target_sample_log_q(flow, x)
-        >>> log_q.shape, what.startswith("extended-space one-draw")
-        ((3,), True)
-    """
-    import torch
-
-    from eqbench import metrics
-
-    flow.eval()
-    ref = next(flow.parameters())
-    options: dict[str, Any] = {}
-    if flow.iw_draws is not None:
-        options = {"iw_draws": 1, "generator": torch.Generator().manual_seed(seed)}
-        what = "extended-space one-draw density log q(x,a) - log π(a|x), a ~ π(a|x)"
-    else:
-        what = "exact log q"
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            batch = x[start:start + batch_size].to(device=ref.device, dtype=ref.dtype)
-            parts.append(metrics.as_array(flow.log_prob(batch, **options)))
-    import numpy as np
-
-    return np.concatenate(parts), what
 
 
 class EnergyTraining(Task):
@@ -265,9 +224,7 @@ class EnergyTraining(Task):
             "distance_w2_reweighted": f"{W_UNITS[2]}, pooled pair distances, reweighted {flow_set} vs "
                                       f"{test_set}",
         }
-        # This task records the forward ESS and the test NLL itself (:meth:`forward_records`).
-        shared = [r for r in BG_REWEIGHTING.reweighting_records(ctx, x, log_q, test)
-                  if not r.metric.startswith(("forward_", "nll_"))]
+        shared = BG_REWEIGHTING.reweighting_records(ctx, x, log_q, test)
         records = [dataclasses.replace(r, unit=f"{r.unit}; {extra[r.metric]}") if r.metric in extra and r.step is None
                    else r for r in shared]
 
@@ -293,38 +250,17 @@ class EnergyTraining(Task):
         return records
 
     def forward_records(self, ctx: CellContext, flow: Flow, test: torch.Tensor) -> list[Record]:
-        """Forward ESS (Midgley et al. 2023) and the test NLL from ``log q`` of the test split."""
-        import numpy as np
-
-        from eqbench import metrics
-
+        """Forward ESS (Midgley et al. 2023) and the test NLL from one scoring pass over the test
+        split (:func:`eqbench.tasks.common.score_log_q`: exact log q, or for a flow whose
+        ``log_prob`` is an importance-weighted estimate the one-draw extended-space density for
+        the weights and the K-draw estimate for the NLL)."""
+        ref = next(flow.parameters())
         n_test = len(test)
-        log_q, what = target_sample_log_q(flow, test, batch_size=ctx.params["sample_batch_size"], seed=ctx.seed)
-        u = metrics.as_array(ctx.system.energy(test))
-        undefined = np.isnan(log_q) | np.isnan(u)
-        records = [ctx.record("n_test_undefined", int(undefined.sum()),
-                              "count (test configurations with log q or u NaN: left out of the forward ESS)")]
-        if undefined.all():
-            raise FloatingPointError(f"log q is undefined (NaN) at every one of the {n_test} test configurations")
-        log_w = -u[~undefined] - log_q[~undefined]
-        records.append(ctx.record(
-            "forward_ess_fraction", metrics.forward_ess_fraction(log_w),
-            f"fraction, forward ESS n²/(Σw·Σ1/w), w = exp(-u - log q) at the {int((~undefined).sum())} of {n_test} "
-            f"MCMC test-split configurations with a defined weight (x ~ p); {what}"))
-        finite = log_w[np.isfinite(log_w)]
-        if finite.size > 1:  # for lognormal weights the fraction is exp(-std²): tiny ESS, readable spread
-            records.append(ctx.record("forward_log_w_std", float(finite.std()),
-                                      f"nats, std of log w = -u - log q over the {finite.size} test-split "
-                                      f"configurations with a finite weight; {what}"))
-        if flow.iw_draws is not None:
-            ref = next(flow.parameters())
-            records += nll_records(ctx, flow, test.to(device=ref.device, dtype=ref.dtype), "nll_test",
-                                   detail=f"test split, {n_test} configurations",
-                                   batch_size=ctx.params["sample_batch_size"])
-        elif np.isfinite(log_q).all():
-            records.append(ctx.record("nll_test", float(-log_q.mean()),
-                                      nll_unit(flow, f"test split, {n_test} configurations")))
-        return records
+        test_on_device = test.to(device=ref.device, dtype=ref.dtype)
+        scored = score_log_q(ctx, flow, test_on_device, batch_size=ctx.params["sample_batch_size"])
+        records = forward_ess_records(ctx, flow, scored, ctx.system.energy(test))
+        return records + nll_records(ctx, flow, test_on_device, "nll_test",
+                                     detail=f"test split, {n_test} configurations", scored=scored)
 
     # ------------------------------------------------------------------ figures
     def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
