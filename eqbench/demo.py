@@ -103,9 +103,13 @@ def run_demo(results_dir: str | Path, *, jobs: int = 2, threads: int | None = 1,
 def headline_rows(verdicts: Sequence[Any]) -> list[tuple[str, str, str, str, str]]:
     """``(claim, paper section, verdict, measured, paper)`` per judged claim, for the terminal and
     the README's opening table: each measured point as mean ± std (seeds), the paper's number
-    where one exists. ``verdicts``: :func:`eqbench.report.evaluate_claims` of the demo's table."""
+    where one exists. ``verdicts``: :func:`eqbench.report.evaluate_claims` of the demo's table.
+    Only the paper's claims (``source = "kohler2020"``): the demo runs no cells for a peer's claim,
+    which the report judges from the sweeps that feed it."""
     rows = []
     for cv in verdicts:
+        if cv.claim.source != "kohler2020":
+            continue
         result = cv.result
         measured = "; ".join(_point_text(p) for p in result.points) or "–"
         if result.points and result.quantity:

@@ -17,9 +17,12 @@ def _cells(tmp_path):
 
 
 def test_every_claim_is_fed_by_the_demo(tmp_path):
-    claims = {claim.key: (section.task, claim) for section, claim in report.claims()}
+    """The demo judges the paper's claims; a peer's claim (e.g. Midgley et al.'s sampling speed,
+    which needs the E(n) CNF's brute-force sampling on LJ-13) is left to the sweeps."""
+    claims = {claim.key: (section.task, claim) for section, claim in report.claims() if claim.source == "kohler2020"}
+    assert any(claim.source != "kohler2020" for _, claim in report.claims())
     fed = {key for step in demo.DEMO_STEPS for key in step.claims}
-    assert fed == set(claims), "each claim of the report needs demo cells, and the demo feeds nothing else"
+    assert fed == set(claims), "each claim of the paper needs demo cells, and the demo feeds nothing else"
     for step in demo.DEMO_STEPS:
         for key in step.claims:
             assert claims[key][0] == step.task, (key, step.task)
@@ -70,8 +73,8 @@ def test_demo_command_runs_reports_and_prints_the_headline(tmp_path, monkeypatch
     printed = capsys.readouterr()
     assert "3 cells to run" in printed.err
     assert (out_dir / "report.html").is_file()
-    for _, claim in report.claims():
-        assert claim.statement in printed.out
+    for _, claim in report.claims():  # the paper's claims; a peer's is the sweeps' to judge
+        assert (claim.statement in printed.out) == (claim.source == "kohler2020")
     assert "not measured" in printed.out  # a Gaussian alone cannot decide "equivariant flows generalise"
     assert main(["demo", "--results", str(out_dir), "--no-artifacts"]) == 0
     assert "0 cells to run" in capsys.readouterr().err

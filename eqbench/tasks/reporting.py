@@ -122,6 +122,9 @@ class Claim:
     (with the :func:`with_settings` columns) and the published numbers. ``needs``: the model
     capabilities the check selects rows by; when the table does not record capabilities the
     report answers ``not measured: capabilities not recorded`` without calling the check.
+    ``source``: the publication that makes the claim, as ``baselines/published.csv`` names it
+    (``kohler2020`` for the paper eqbench reproduces; a peer's claim, e.g. ``midgley2023``,
+    is judged the same way).
     """
 
     key: str
@@ -129,6 +132,7 @@ class Claim:
     paper: str
     check: Callable[[pandas.DataFrame, pandas.DataFrame], ClaimResult]
     needs: tuple[str, ...] = ()
+    source: str = "kohler2020"
 
 
 @dataclass

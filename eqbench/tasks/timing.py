@@ -569,7 +569,8 @@ def _report_section() -> TaskSection:
                 Claim("coupling-samples-faster",
                       "The SE(3) augmented coupling flow samples with exact log-weights more than 10x faster "
                       "than the E(n)-equivariant CNF", "Midgley et al. 2023, §6",
-                      claim_coupling_samples_faster, needs=("augmented", "equivariant", "trainable"))),
+                      claim_coupling_samples_faster, needs=("augmented", "equivariant", "trainable"),
+                      source="midgley2023")),
         order=6,
     )
 
