@@ -61,6 +61,12 @@ class FlowCheckReport:
     passed: list[str] = field(default_factory=list)
     measured: dict[str, float] = field(default_factory=dict)
 
+    def ok(self, check: str, value: float | None = None) -> None:
+        """Record a passed check and, where there is one, the deviation it measured."""
+        self.passed.append(check)
+        if value is not None:
+            self.measured[check] = value
+
 
 def _flat_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     shape = x.shape
@@ -112,10 +118,7 @@ def check_flow(
     augmented = getattr(flow, "com_augmented", False)
     dtype = torch.float64
 
-    def ok(check: str, value: float | None = None) -> None:
-        report.passed.append(check)
-        if value is not None:
-            report.measured[check] = value
+    ok = report.ok
 
     # 1-2. sampling: shapes, finiteness, CoM-free; sample and log_prob agree ------------------
     x, _ = _check_samples(flow, system, gen, batch, density_tol, ok)
@@ -123,14 +126,7 @@ def check_flow(
     # 3. inverse(forward(z)) round trip -------------------------------------------------------
     z = torch.randn(batch, n, d, generator=gen, dtype=dtype)
     z = z if augmented else remove_com(z)
-    with torch.no_grad():
-        xz, logdet_f = flow.forward(z)
-        z_back, logdet_i = flow.inverse(xz)
-    dev = float((z_back - z).abs().max())
-    assert dev < roundtrip_tol, f"{name}: inverse(forward(z)) deviates from z by {dev:.2e}"
-    dev_ld = float((logdet_f + logdet_i).abs().max())
-    assert dev_ld < logdet_tol, f"{name}: forward and inverse log-determinants do not cancel ({dev_ld:.2e})"
-    ok("inverse_forward_round_trip", dev)
+    _check_round_trip(flow, z, roundtrip_tol, logdet_tol, ok)
 
     # 4. log-determinant vs the brute-force Jacobian ----------------------------------------
     z1 = z[:1]
@@ -167,26 +163,95 @@ def check_flow(
     _check_symmetries(flow, system, z, gen, symmetry_tol, broken_tol, ok)
 
     # 7. every parameter gets a gradient of the training objective ---------------------------
+    _check_gradients(flow, x, ok)
+
+    # 8. state_dict round trip ------------------------------------------------------------------
+    _check_state_dict(flow, build, z, ok)
+    return report
+
+
+def _check_round_trip(flow: Flow, z: torch.Tensor, roundtrip_tol: float, logdet_tol: float,
+                      ok: Callable[..., None], what: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``inverse(forward(z)) ≈ z`` and the two log-determinants cancel; returns ``forward(z)``."""
+    name = type(flow).__name__
+    with torch.no_grad():
+        h, logdet_f = flow.forward(z)
+        assert h.shape == z.shape, f"{name}: forward maps {what}states {tuple(z.shape)} to {tuple(h.shape)}"
+        z_back, logdet_i = flow.inverse(h)
+    dev = float((z_back - z).abs().max())
+    assert dev < roundtrip_tol, f"{name}: {what}inverse(forward(z)) deviates from z by {dev:.2e}"
+    dev_ld = float((logdet_f + logdet_i).abs().max())
+    assert dev_ld < logdet_tol, f"{name}: {what}forward and inverse log-determinants do not cancel ({dev_ld:.2e})"
+    ok("inverse_forward_round_trip", dev)
+    return h, logdet_f
+
+
+def _check_gradients(flow: Flow, x: torch.Tensor, ok: Callable[..., None]) -> None:
+    """Every parameter gets a finite, nonzero gradient of the training objective."""
     flow.train()
     flow.zero_grad(set_to_none=True)
     loss = -flow.training_log_prob(x.detach()).mean()
     loss.backward()
     missing = [p_name for p_name, p in flow.named_parameters()
                if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or float(p.grad.abs().sum()) == 0.0)]
-    assert not missing, f"{name}: parameters without a (finite, nonzero) gradient: {', '.join(missing)}"
+    assert not missing, f"{type(flow).__name__}: parameters without a (finite, nonzero) gradient: {', '.join(missing)}"
     flow.eval()
     ok("every_parameter_gets_gradient")
 
-    # 8. state_dict round trip ------------------------------------------------------------------
+
+def _check_state_dict(flow: Flow, build: Callable[[], Flow], z: torch.Tensor, ok: Callable[..., None]) -> None:
+    """A rebuilt model with the loaded state_dict maps ``z`` exactly as ``flow`` does."""
     twin = build().double()
     twin.load_state_dict(copy.deepcopy(flow.state_dict()))
     twin.eval()
     with torch.no_grad():
         a, _ = flow.forward(z)
         b, _ = twin.forward(z)
-    assert torch.equal(a, b), f"{name}: a rebuilt model with the loaded state_dict maps z differently"
+    assert torch.equal(a, b), f"{type(flow).__name__}: a rebuilt model with the loaded state_dict maps z differently"
     ok("state_dict_round_trip")
-    return report
+
+
+def _check_mode_independence(flow: Flow, x: torch.Tensor, ok: Callable[..., None]) -> None:
+    """``log_prob`` is the same in training and evaluation mode (no estimator unless named); an
+    importance-weighted estimate gets the same draws in both."""
+    estimated = getattr(flow, "iw_draws", None) is not None
+
+    def density() -> torch.Tensor:
+        with torch.no_grad():
+            if estimated:  # same draws in both modes
+                return flow.log_prob(x, generator=torch.Generator().manual_seed(0))
+            return flow.log_prob(x)
+
+    eval_density = density()
+    flow.train()
+    try:
+        train_density = density()
+    finally:
+        flow.eval()
+    dev = _max_rel(train_density, eval_density)
+    assert dev < 1e-10, f"{type(flow).__name__}: log_prob in training mode differs from evaluation mode by {dev:.2e}"
+    ok("log_prob_independent_of_mode", dev)
+
+
+def _check_equivariance(flow: Flow, z: torch.Tensor, transforms: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+                        symmetry_tol: float, broken_tol: float, ok: Callable[..., None],
+                        what: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Each claimed symmetry of ``transforms`` holds for ``forward`` (and leaves the log-determinant
+    unchanged); unclaimed rotation and permutation are broken. Returns ``forward(z)``."""
+    name = type(flow).__name__
+    claimed = set(getattr(flow, "symmetries", ()))
+    with torch.no_grad():
+        fz, ld = flow.forward(z)
+        for sym, g in transforms.items():
+            gz, gld = flow.forward(g(z))
+            dev = float((gz - g(fz)).abs().max()) + float((gld - ld).abs().max())
+            if sym in claimed:
+                assert dev < symmetry_tol, f"{name}: claims {sym} equivariance{what} but deviates by {dev:.2e}"
+                ok(f"{sym}_equivariant", dev)
+            elif sym in ("rotation", "permutation"):
+                assert dev > broken_tol, f"{name}: does not claim {sym} equivariance but shows it ({dev:.2e})"
+                ok(f"{sym}_not_equivariant", dev)
+    return fz, ld
 
 
 def _check_samples(flow: Flow, system: ParticleSystem, gen: torch.Generator, batch: int, density_tol: float,
@@ -211,24 +276,7 @@ def _check_samples(flow: Flow, system: ParticleSystem, gen: torch.Generator, bat
         ok("sample_log_prob_agree", dev)
 
     # 2b. the density does not depend on the module's mode (no estimator unless named) --------
-    estimated = getattr(flow, "iw_draws", None) is not None
-    xm = x[:2]
-
-    def density() -> torch.Tensor:
-        with torch.no_grad():
-            if estimated:  # same draws in both modes
-                return flow.log_prob(xm, generator=torch.Generator().manual_seed(0))
-            return flow.log_prob(xm)
-
-    eval_density = density()
-    flow.train()
-    try:
-        train_density = density()
-    finally:
-        flow.eval()
-    dev = _max_rel(train_density, eval_density)
-    assert dev < 1e-10, f"{name}: log_prob in training mode differs from evaluation mode by {dev:.2e}"
-    ok("log_prob_independent_of_mode", dev)
+    _check_mode_independence(flow, x[:2], ok)
     return x, log_q
 
 
@@ -248,17 +296,8 @@ def _check_symmetries(flow: Flow, system: ParticleSystem, z: torch.Tensor, gen: 
         "reflection": lambda v: v @ ref.transpose(-1, -2),
         "permutation": lambda v: apply_permutation(v, perm),
     }
+    fz, _ = _check_equivariance(flow, z, transforms, symmetry_tol, broken_tol, ok)
     with torch.no_grad():
-        fz, ld = flow.forward(z)
-        for sym, g in transforms.items():
-            gz, gld = flow.forward(g(z))
-            dev = float((gz - g(fz)).abs().max()) + float((gld - ld).abs().max())
-            if sym in claimed:
-                assert dev < symmetry_tol, f"{name}: claims {sym} equivariance but deviates by {dev:.2e}"
-                ok(f"{sym}_equivariant", dev)
-            elif sym in ("rotation", "permutation"):
-                assert dev > broken_tol, f"{name}: does not claim {sym} equivariance but shows it ({dev:.2e})"
-                ok(f"{sym}_not_equivariant", dev)
         if "translation" in claimed and not getattr(flow, "com_augmented", False):
             dev = float((flow.log_prob(fz + shift) - flow.log_prob(fz)).abs().max())
             assert dev < symmetry_tol * 100, f"{name}: claims translation invariance but log_prob changes by {dev:.2e}"
@@ -290,10 +329,7 @@ def check_flow_quick(flow: Flow, system: ParticleSystem, *, batch: int = 2, seed
         twin.with_solver(mode="dto", steps=min(4, twin.solver.steps))
     report = FlowCheckReport(model=type(flow).__name__)
 
-    def ok(check: str, value: float | None = None) -> None:
-        report.passed.append(check)
-        if value is not None:
-            report.measured[check] = value
+    ok = report.ok
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -369,21 +405,7 @@ def _check_augmented_samples(flow: Flow, system: ParticleSystem, seed: int, batc
         f"log-density by {dev:.2e})"
     ok("sample_is_joint_minus_aux", dev)
 
-    xm = x[:2]
-
-    def density() -> torch.Tensor:
-        with torch.no_grad():
-            return flow.log_prob(xm, generator=torch.Generator().manual_seed(0))
-
-    eval_density = density()
-    flow.train()
-    try:
-        train_density = density()
-    finally:
-        flow.eval()
-    dev = _max_rel(train_density, eval_density)
-    assert dev < 1e-10, f"{name}: log_prob in training mode differs from evaluation mode by {dev:.2e}"
-    ok("log_prob_independent_of_mode", dev)
+    _check_mode_independence(flow, x[:2], ok)
     return x, a
 
 
@@ -404,17 +426,8 @@ def _check_joint_symmetries(flow: Flow, system: ParticleSystem, z: torch.Tensor,
         "reflection": lambda v: v @ ref.transpose(-1, -2),
         "permutation": lambda v: apply_permutation(v, joint_perm),
     }
+    fz, _ = _check_equivariance(flow, z, transforms, symmetry_tol, broken_tol, ok, " of the joint map")
     with torch.no_grad():
-        fz, ld = flow.forward(z)
-        for sym, g in transforms.items():
-            gz, gld = flow.forward(g(z))
-            dev = float((gz - g(fz)).abs().max()) + float((gld - ld).abs().max())
-            if sym in claimed:
-                assert dev < symmetry_tol, f"{name}: claims {sym} equivariance of the joint map but deviates by {dev:.2e}"
-                ok(f"{sym}_equivariant", dev)
-            elif sym in ("rotation", "permutation"):
-                assert dev > broken_tol, f"{name}: does not claim {sym} equivariance but shows it ({dev:.2e})"
-                ok(f"{sym}_not_equivariant", dev)
         if "translation" in claimed:
             shift = torch.randn(batch, 1, d, generator=gen, dtype=z.dtype) * 3.0
             x, a = fz[:, :n], fz[:, n:]
@@ -471,23 +484,12 @@ def _check_augmented_flow(flow: Flow, build: Callable[[], Flow], system: Particl
     n, d = system.n_particles, system.n_dims
     gen = torch.Generator().manual_seed(seed)
 
-    def ok(check: str, value: float | None = None) -> None:
-        report.passed.append(check)
-        if value is not None:
-            report.measured[check] = value
+    ok = report.ok
 
     x, _ = _check_augmented_samples(flow, system, seed, batch, density_tol, ok)
 
     z = _joint_base_states(flow, system, batch, gen)
-    with torch.no_grad():
-        h, logdet_f = flow.forward(z)
-        z_back, logdet_i = flow.inverse(h)
-    assert h.shape == z.shape, f"{name}: forward maps joint states {tuple(z.shape)} to {tuple(h.shape)}"
-    dev = float((z_back - z).abs().max())
-    assert dev < roundtrip_tol, f"{name}: joint inverse(forward(z)) deviates from z by {dev:.2e}"
-    dev_ld = float((logdet_f + logdet_i).abs().max())
-    assert dev_ld < logdet_tol, f"{name}: joint forward and inverse log-determinants do not cancel ({dev_ld:.2e})"
-    ok("inverse_forward_round_trip", dev)
+    _, logdet_f = _check_round_trip(flow, z, roundtrip_tol, logdet_tol, ok, "joint ")
 
     basis = _joint_basis(flow, n, d)
     jac = basis.T @ _flat_jacobian(lambda v: flow.forward(v)[0], z[:1]) @ basis
@@ -499,22 +501,7 @@ def _check_augmented_flow(flow: Flow, build: Callable[[], Flow], system: Particl
 
     _check_joint_symmetries(flow, system, z, gen, symmetry_tol, broken_tol, ok)
 
-    flow.train()
-    flow.zero_grad(set_to_none=True)
-    loss = -flow.training_log_prob(x.detach()).mean()
-    loss.backward()
-    missing = [p_name for p_name, p in flow.named_parameters()
-               if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all() or float(p.grad.abs().sum()) == 0.0)]
-    assert not missing, f"{name}: parameters without a (finite, nonzero) gradient: {', '.join(missing)}"
-    flow.eval()
-    ok("every_parameter_gets_gradient")
-
-    twin = build().double()
-    twin.load_state_dict(copy.deepcopy(flow.state_dict()))
-    twin.eval()
-    with torch.no_grad():
-        assert torch.equal(flow.forward(z)[0], twin.forward(z)[0]), \
-            f"{name}: a rebuilt model with the loaded state_dict maps z differently"
-    ok("state_dict_round_trip")
+    _check_gradients(flow, x, ok)
+    _check_state_dict(flow, build, z, ok)
 
     _check_iw_convergence(flow, x[:3], tuple(iw_draws), iw_repeats, seed, ok)
