@@ -25,6 +25,22 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(scope="session")
+def dw4():
+    """The DW-4 system (paper §6), shared by the model and training tests."""
+    import eqbench
+
+    return eqbench.get_system("dw4")
+
+
+@pytest.fixture(scope="session")
+def lj13():
+    """The LJ-13 system (paper §6)."""
+    import eqbench
+
+    return eqbench.get_system("lj13")
+
+
 def pytest_configure(config):
     """One torch thread per test process: the suite's tensors are small, and two threads on a
     2-core machine shared with anything else slow them down up to 10x (measured)."""

@@ -23,16 +23,6 @@ SMALL = {"blocks": 2, "hidden": 16, "head_hidden": [16, 16]}
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module")
-def dw4():
-    return eqbench.get_system("dw4")
-
-
-@pytest.fixture(scope="module")
-def lj13():
-    return eqbench.get_system("lj13")
-
-
 def _small(system, **extra) -> AugmentedCouplingFlow:
     torch.manual_seed(0)
     return build(system, {**SMALL, **extra})

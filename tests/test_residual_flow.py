@@ -41,24 +41,6 @@ from eqbench.train import TrainConfig, fit
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def dw4():
-    return eqbench.get_system("dw4")
-
-
-@pytest.fixture(scope="module")
-def lj13():
-    return eqbench.get_system("lj13")
-
-
 def make(system, seed: int = 0, **config) -> GResidualFlow:
     torch.manual_seed(seed)
     return build(system, {"dtype": "float64", **config})

@@ -12,11 +12,6 @@ from eqbench.train import TrainConfig, augment, fit, lambda_at
 
 
 @pytest.fixture(scope="module")
-def dw4():
-    return eqbench.get_system("dw4")
-
-
-@pytest.fixture(scope="module")
 def train_data():
     return eqbench.load_data("dw4", "train", n=200, seed=0, dtype=torch.float32)
 
