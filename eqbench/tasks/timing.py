@@ -395,12 +395,13 @@ _RATIOS = ("train_ratio_to_reference", "sample_ratio_to_reference")
 _TABLE2 = {"train": "train_time_10_iterations_s", "sample": "sample_time_10_iterations_s"}
 
 
-def _ratio_rows(ok: pandas.DataFrame) -> pandas.DataFrame:
-    """Timing ratios to the paper's kernel flow (a cell run with another ``reference_model`` says
-    so in its unit and is left out)."""
+def _ratio_rows(ok: pandas.DataFrame, reference: str = PAPER_REFERENCE) -> pandas.DataFrame:
+    """Timing ratios to ``reference``, which each ratio's unit names (``"ratio to en-flow, ..."``).
+    Rows without the name (tables from before it was recorded) count as the paper's kernel flow."""
     rows = ok[(ok["task"] == "timing") & ok["metric"].isin(_RATIOS)]
     ref = rows["unit"].astype(str).str.extract(r"^ratio to ([^,( ]+)", expand=False)
-    return rows[ref.isna() | (ref == PAPER_REFERENCE)]
+    named = ref == reference
+    return rows[named | ref.isna()] if reference == PAPER_REFERENCE else rows[named]
 
 
 def _table2_ratio(baselines: pandas.DataFrame, system: str, model: str, kind: str) -> float | None:
@@ -469,13 +470,6 @@ SPEEDUP_THRESHOLD = 0.1
 _SPEED_CLAIM_SYSTEMS = ("dw4", "lj13")
 
 
-def _peer_ratio_rows(ok: pandas.DataFrame) -> pandas.DataFrame:
-    """Ratios measured against :data:`PEER_CNF` in the same cell (their unit names it)."""
-    rows = ok[(ok["task"] == "timing") & ok["metric"].isin(_RATIOS)]
-    ref = rows["unit"].astype(str).str.extract(r"^ratio to ([^,( ]+)", expand=False)
-    return rows[ref == PEER_CNF]
-
-
 def claim_coupling_samples_faster(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> ClaimResult:
     """An equivariant augmented coupling flow samples with exact log-weights more than 10x faster
     than the E(n)-equivariant CNF (Midgley et al. 2023, §6), on DW-4 and LJ-13.
@@ -487,7 +481,7 @@ def claim_coupling_samples_faster(ok: pandas.DataFrame, baselines: pandas.DataFr
     its exact joint density. Reproduced when every such settings key has a mean ratio below 0.1
     on both systems; not measured while a system has no such rows.
     """
-    rows = _peer_ratio_rows(ok)
+    rows = _ratio_rows(ok, PEER_CNF)
     if not rows.empty:
         rows = rows[has_capability(rows, "augmented") & is_equivariant_flow(rows)]
     stats = seed_stats(rows, _RATIOS)
