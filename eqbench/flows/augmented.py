@@ -65,7 +65,7 @@ from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.geometry import com_free_basis, remove_com
 
-__all__ = ["DEFAULT_IW_DRAWS", "AugmentedFlow", "GaussianAuxiliary"]
+__all__ = ["DEFAULT_IW_DRAWS", "AugmentedFlow", "GaussianAuxiliary", "check_draws"]
 
 #: Default K of the importance-weighted marginal (the authors' ``K_marginal_log_lik: 20``,
 #: ``examples/config/training/default.yaml:5``).

@@ -111,7 +111,7 @@ import torch
 from torch import nn
 
 from eqbench.capabilities import model_builder
-from eqbench.errors import ConfigError
+from eqbench.flows.augmented import check_draws
 from eqbench.flows.base import Flow
 from eqbench.flows.prior import StandardNormal
 from eqbench.flows.cnf import parse_dtype
@@ -223,7 +223,7 @@ class RealNVP(Flow):
     ):
         super().__init__(system)
         #: K, the CoM draws per configuration of :meth:`log_prob` (see the module docstring).
-        self.iw_draws = _check_draws(iw_draws)
+        self.iw_draws = check_draws(iw_draws, "real-nvp")
         self.prior = StandardNormal(system.n_particles, system.n_dims)
         self.dim = system.n_particles * system.n_dims
         self.hidden = tuple(int(h) for h in hidden)
@@ -277,7 +277,7 @@ class RealNVP(Flow):
         ``[K, B, 1, D]`` block, so K = 1 with a given generator state matches the old one-draw value.
         The K draws are evaluated as batched rows of the coupling stack.
         """
-        k = self.iw_draws if iw_draws is None else _check_draws(iw_draws)
+        k = self.iw_draws if iw_draws is None else check_draws(iw_draws, "real-nvp")
         x = remove_com(x)
         batch = x.shape[0]
         c = torch.randn(k, batch, 1, self.n_dims, generator=generator, dtype=x.dtype,
@@ -313,12 +313,6 @@ class RealNVP(Flow):
         return remove_com(x_full), log_q
 
 
-def _check_draws(k: object) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"real-nvp iw_draws must be a positive integer; got {k!r}")
-    return k
-
-
 def _bound_ok(value: Any) -> bool:
     if value is None or (isinstance(value, str) and value.lower() == "none"):
         return True
@@ -352,7 +346,7 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Re
     bound = config.pop("log_scale_bound", 10.0)
     bound = None if bound is None or isinstance(bound, str) else (float(bound) or None)
     init_scale = float(config.pop("init_scale", 0.01))
-    iw_draws = _check_draws(config.pop("iw_draws", DEFAULT_IW_DRAWS))
+    iw_draws = check_draws(config.pop("iw_draws", DEFAULT_IW_DRAWS), "real-nvp")
     dtype = parse_dtype(config.pop("dtype", "float32"), "real-nvp")
     return RealNVP(system, blocks, hidden, log_scale_bound=bound, init_scale=init_scale, iw_draws=iw_draws,
                    dtype=dtype)
