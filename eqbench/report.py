@@ -413,6 +413,8 @@ def _side_by_side(rows: pandas.DataFrame, baselines: pandas.DataFrame, section: 
     Measured values are mean ± std across seeds; a round metric pools seeds × rounds, as the
     published ones are means over the paper's rounds.
     """
+    import pandas as pd
+
     if baselines.empty or rows.empty:
         return None
     out = []
@@ -422,8 +424,10 @@ def _side_by_side(rows: pandas.DataFrame, baselines: pandas.DataFrame, section: 
         target = section.pair(r)
         if target is None:
             continue
-        model, variant, metric = target
+        model, variant, metric, where = (*target, {}) if len(target) == 3 else target
         sel = rows[(rows["system"] == r["system"]) & (rows["model"] == model) & (rows["variant"] == variant)]
+        for column, value in where.items():
+            sel = sel[pd.to_numeric(sel[column], errors="coerce") == value]
         if metric in section.round_metrics:
             stats = aggregate(sel, [metric])
         else:

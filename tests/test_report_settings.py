@@ -137,6 +137,20 @@ def test_n_parameters_of_three_training_sizes_are_three_rows(tmp_path: Path) -> 
     assert side.count("kernel-flow → kernel-flow") == 3
 
 
+def test_peer_nll_sits_beside_the_cells_at_the_peers_training_size(tmp_path: Path) -> None:
+    """midgley2023's se3-acf test NLL (n = 1,000) is paired with the se3-acf cells at n_train = 1,000
+    only, never with an average over sizes, and not with another model."""
+    cells = [cell("density-estimation", "se3-acf", "dw4", "quick", s, [("nll_test", 10.0 + s + n / 1000)],
+                  n_train=n) for n in (10, 1000) for s in range(3)]
+    cells.append(cell("density-estimation", "kernel-flow", "dw4", "quick", 0, [("nll_test", 20.0)]))
+    side = section(report.render_report(write(tmp_path, *cells)), "density-estimation", "quick")
+    side = side.split("Side by side")[1].split("</table>")[0]
+    rows = [r for r in re.findall(r"<tr>(.*?)</tr>", side, re.S) if "se3-acf → se3-acf" in r]
+    assert len(rows) == 1, "one row: the n_train = 1,000 key"
+    assert "<td>1000</td>" in rows[0] and "<td>12 ± 1</td>" in rows[0] and "<td>8.61</td>" in rows[0]
+    assert "kernel-flow → " not in side.replace("kernel-flow → kernel-flow", "")
+
+
 def test_seeds_of_one_settings_key_are_averaged(tmp_path: Path) -> None:
     results = write(tmp_path, *[cell("density-estimation", "kernel-flow", "dw4", "quick", s, [("nll_test", v)])
                                 for s, v in enumerate([10.0, 12.0, 14.0])])

@@ -156,7 +156,9 @@ class TaskSection:
     count N), kept per step; ``axis_label`` names the axis.
     ``baseline``: selects the rows of ``published.csv`` that belong beside this task.
     ``pair``: maps a published row to the measured (model, variant, metric) that measures the same
-    quantity, or ``None``; those pairs get a side-by-side table (one row per settings key).
+    quantity, or ``None``; those pairs get a side-by-side table (one row per settings key). A fourth
+    element ``{column: number}`` keeps only the measured rows at those values (a published NLL at
+    ``n_train`` = 1,000 sits beside the cells trained on 1,000 configurations only).
     ``extra_tables(ok_rows, baselines)``: more tables beside the published ones (timing's ratios).
     ``claims``: the paper's claims this task's rows decide. ``order``: position on the page.
     """
@@ -171,7 +173,8 @@ class TaskSection:
     axis_label: str = "step"
     baseline: Callable[[dict[str, Any]], bool] = field(default=lambda row: False)
     no_baseline: str = ""
-    pair: Callable[[dict[str, Any]], tuple[str, str, str] | None] = field(default=lambda row: None)
+    pair: Callable[[dict[str, Any]], tuple[str, str, str] | tuple[str, str, str, dict[str, float]] | None] = field(
+        default=lambda row: None)
     extra_tables: Callable[[pandas.DataFrame, pandas.DataFrame], list[HtmlTable]] | None = None
     claims: tuple[Claim, ...] = ()
     order: float = 100.0
