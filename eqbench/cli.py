@@ -1,4 +1,4 @@
-"""Command line: ``python -m eqbench {list,describe,data,run,collect}``.
+"""Command line: ``python -m eqbench {list,describe,data,log-z,run,collect}``.
 
 A thin layer over :mod:`eqbench.api`. Invalid input (an unknown name, a malformed ``--set``, a
 corrupt data file) prints one line naming what is wrong and what is valid, and exits with 2;
@@ -30,6 +30,7 @@ examples:
   python -m eqbench describe lj13                         # energy and conventions of a system
   python -m eqbench data dw4 lj13                         # generate/verify reference data, print diagnostics
   python -m eqbench data dw4 --source community           # diagnostics of the public DEM/EFM files
+  python -m eqbench log-z dw4 lj13                        # log Z on U by AIS (cached), <u>, H(p), diagnostics
   python -m eqbench run --task test-nll --model gaussian --system dw4 --profile smoke
   python -m eqbench run --task test-nll --model gaussian --system lj13 --set n_train=[10,1000]
   python -m eqbench collect                               # results/cells/* -> results/results.csv
@@ -220,6 +221,65 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     return exit_code
+
+
+# --------------------------------------------------------------------------------------- log-z
+def cmd_log_z(args: argparse.Namespace) -> int:
+    """log Z on U by annealed importance sampling, ⟨u⟩ and H(p) per system (computed once, cached)."""
+    from eqbench.components import get_system
+    from eqbench.data import log_z
+
+    systems = [get_system(name) for name in (args.systems or SYSTEMS.names())]  # bad names fail before any work
+    compute = "always" if args.recompute else ("never" if args.cached_only else "auto")
+    report: dict[str, Any] = {}
+    for system in systems:
+        record = log_z.load_log_z(system, compute=compute)
+        report[system.name] = record
+        if args.json:
+            continue
+        fwd = record["forward"]
+        settings = record["settings"]
+        rows = [
+            ("log Z (forward AIS)", f"{record['log_z']:.4f} ± {record['log_z_stderr']:.4f}  (bootstrap over chains; "
+                                    f"10-group spread {fwd['group_stderr']:.4f})"),
+        ]
+        if "reverse" in record:
+            rev = record["reverse"]
+            rows.append(("log Z (reverse AIS)", f"{rev['log_z']:.4f} ± {rev['log_z_stderr']:.4f}  (from the test data; "
+                                                f"upper - lower bound {record['bidirectional_gap']:+.4f}, "
+                                                f"ESS {rev['ess_fraction']:.3f})"))
+        rows += [
+        ]
+        if system.n_particles == 2:  # a known answer: 1-D radial quadrature on U
+            from eqbench.free_energy import pair_log_z_quadrature
+
+            exact = pair_log_z_quadrature(system)
+            rows.append(("log Z (quadrature)", f"{exact:.4f}  (exact; forward AIS - exact = "
+                                               f"{record['log_z'] - exact:+.4f})"))
+        rows += [
+            ("<u>_p (test data)", f"{record['mean_energy']:.4f} ± {record['mean_energy_stderr']:.4f}  (batch means)"),
+            ("H(p) = <u> + log Z", f"{record['entropy']:.4f} ± {record['entropy_stderr']:.4f}  nats; "
+                                   f"KL(p||q) = test NLL - H(p)"),
+            ("ESS of the weights", f"{fwd['ess_fraction']:.4f} of {fwd['n_chains']} chains "
+                                   f"(log-weight std {fwd['log_weight_std']:.3g})"),
+            ("acceptance (MALA)", f"min {fwd['acceptance_min']:.3f}, mean {fwd['acceptance_mean']:.3f}, "
+                                  f"max {fwd['acceptance_max']:.3f} over {fwd['n_temperatures']} temperatures "
+                                  f"(target {settings['target_acceptance']})"),
+            ("settings", f"{settings['n_chains']} chains, {settings['n_temperatures']} temperatures "
+                         f"beta=(t/K)^{settings['schedule_power']:g}, base sigma {settings['base_scale']:g}, "
+                         f"{settings['n_steps']} MALA step(s), seed {settings['seed']}"),
+            ("wall time", f"{record['wall_s']:.1f} s (forward {fwd['wall_s']:.1f} s)"),
+            ("file", record["path"]),
+        ]
+        print(f"{system.name}: log Z on U (dimension {system.n_dof}), {record['measure'].split(',')[0]}")
+        for key, value in rows:
+            print(f"  {key:<24} {value}")
+    if args.json:
+        slim = {name: {k: v for k, v in r.items() if k not in ("forward", "reverse")}
+                | {"forward": {k: v for k, v in r["forward"].items() if k not in ("acceptance", "step_sizes")}}
+                for name, r in report.items()}
+        print(json.dumps(slim, indent=2))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------- run
@@ -608,6 +668,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate missing data sets N at a time in separate processes (one thread each; "
                         "on 2 cores, --jobs 2 halves the time of a fresh cache)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("log-z", help="log Z on the CoM-free subspace by AIS, <u>, H(p) and diagnostics",
+                       description="log Z = log ∫_U exp(-u) dx (the measure of every eqbench NLL) by annealed "
+                                   "importance sampling (Neal 2001) with production settings, a reverse-AIS "
+                                   "cross-check from the test data, <u>_p from the test data and H(p) = <u> + "
+                                   "log Z, so that KL(p||q) = NLL - H(p). Computed once (minutes; LJ-13 ~10 min "
+                                   "on one core) and cached beside the reference data; `eqbench data` never "
+                                   "computes it.")
+    p.add_argument("systems", nargs="*", metavar="SYSTEM", help="systems (default: all)")
+    p.add_argument("--recompute", action="store_true", help="compute again even if a cached value exists")
+    p.add_argument("--cached-only", action="store_true",
+                   help="only print cached values; a missing one is an error (exit 2), nothing is computed")
+    p.add_argument("--json", action="store_true", help="print the records as JSON (per-temperature lists left out)")
+    p.set_defaults(func=cmd_log_z)
 
     p = sub.add_parser("run", help="run a task for one model on one system",
                        description="Run every cell of a task profile; finished cells are skipped, each cell "

@@ -140,3 +140,62 @@ def test_settings_are_checked():
         AISSettings(base_scale=0.0)
     with pytest.raises(ValueError, match="step sizes"):
         ais_log_z(get_system("harmonic"), FAST, steps=[0.1])
+
+
+# ------------------------------------------------------------------------ cache and command line
+@pytest.fixture
+def harmonic_cache(tmp_path, monkeypatch):
+    """A fresh EQBENCH_CACHE holding only the harmonic test data (copied from the real cache)."""
+    import shutil
+
+    from eqbench.data import store
+
+    trap = get_system("harmonic")
+    sources = store.dataset_paths(trap, "test")
+    store.ensure_dataset(trap, "test")
+    monkeypatch.setenv("EQBENCH_CACHE", str(tmp_path))
+    for source, target in zip(sources, store.dataset_paths(trap, "test")):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+    return trap
+
+
+def test_log_z_is_cached_beside_the_data_and_reused(harmonic_cache, monkeypatch):
+    from eqbench.data import log_z, store
+    from eqbench.errors import DataError
+
+    trap = harmonic_cache
+    settings = AISSettings(n_chains=100, n_temperatures=5)
+    with pytest.raises(DataError, match="not cached"):
+        log_z.load_log_z(trap, settings, compute="never")
+    record = log_z.load_log_z(trap, settings)
+    path = log_z.log_z_path(trap, settings)
+    assert path.parent == store.data_dir() and path.is_file() and record["path"] == str(path)
+    assert record["log_z"] == pytest.approx(4.5 * math.log(2 * math.pi), abs=1e-10)
+    assert record["entropy"] == pytest.approx(record["mean_energy"] + record["log_z"])
+    assert abs(record["mean_energy"] - 4.5) < 3 * record["mean_energy_stderr"]
+    assert {"acceptance", "step_sizes", "ess_fraction", "wall_s", "seed"} <= set(record["forward"])
+    assert record["reverse"]["log_z"] == pytest.approx(record["log_z"], abs=1e-10)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed a cached log Z")
+
+    monkeypatch.setattr(log_z, "compute_log_z", fail)
+    assert log_z.load_log_z(trap, settings, compute="never")["log_z"] == record["log_z"]
+    path.write_text('{"system": "harmonic"}')  # broken: recomputed (here: the stub fails loudly)
+    with pytest.raises(AssertionError, match="recomputed"), pytest.warns(UserWarning, match="recomputing"):
+        log_z.load_log_z(trap, settings)
+
+
+def test_cli_log_z(harmonic_cache, capsys):
+    from eqbench.cli import main
+
+    assert main(["log-z", "harmonic"]) == 0
+    out = capsys.readouterr().out
+    assert "log Z (forward AIS)      8.2704" in out and "H(p) = <u> + log Z" in out
+    assert main(["log-z", "harmonic", "--cached-only", "--json"]) == 0
+    assert '"log_z": 8.2704' in capsys.readouterr().out
+    assert main(["log-z", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown system 'nope'" in err[0] and "dw2, dw4, harmonic, lj13" in err[0]
+    assert main(["log-z", "dw4", "--cached-only"]) == 2  # nothing computed in a fresh cache
