@@ -23,6 +23,22 @@ SCALARS = ("ess_fraction", "forward_ess_fraction", "forward_ess_fraction_undefin
            "mean_energy_reweighted", "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std",
            "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow", "distance_w2_reweighted",
            "train_wall_s", "score_wall_s", "sample_wall_s")
+#: The field's sample-quality metrics (eqbench.sample_metrics via common.sample_quality_records).
+SAMPLE_QUALITY = ("energy_w1_flow", "energy_w1_reweighted", "dist_tv_flow", "dist_tv_reweighted", "coord_w2_flow",
+                  "coord_w2_aligned_flow", "sample_metrics_wall_s")
+
+
+def check_sample_quality(table, variant=""):
+    """The sample-quality records of one cell are finite and in range, with units that say what they are."""
+    values = {m: _scalar(table, m, variant) for m in SAMPLE_QUALITY}
+    assert all(math.isfinite(v) for v in values.values()), values
+    for metric in ("dist_tv_flow", "dist_tv_reweighted"):
+        assert 0.0 < values[metric] <= 1.0, (metric, values[metric])  # finite sets never match exactly
+    assert values["coord_w2_flow"] > 0 and values["coord_w2_aligned_flow"] > 0
+    assert values["energy_w1_flow"] <= _scalar(table, "energy_w2_flow", variant) + 1e-9  # W1 <= W2 (Jensen)
+    units = table[(table["variant"].fillna("") == variant)].set_index("metric")["unit"]
+    assert "200 bins" in units["dist_tv_flow"] and "importance-weighted" in units["dist_tv_reweighted"]
+    assert "not squared" in units["coord_w2_flow"] and "aligned" in units["coord_w2_aligned_flow"]
 HISTOGRAMS = ("energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
 FREE_ENERGY = ("distance_edge", "free_energy_exact", "free_energy_flow", "free_energy_reweighted",
                "free_energy_reweighted_std", "free_energy_rmse_reweighted")
@@ -43,7 +59,8 @@ def _stepped(table, metric, variant=""):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_smoke_every_model_dw4(model, tmp_path):
-    results, table = run_task_smoke("bg-reweighting", model, "dw4", tmp_path, expect_metrics=SCALARS + HISTOGRAMS)
+    results, table = run_task_smoke("bg-reweighting", model, "dw4", tmp_path,
+                                    expect_metrics=SCALARS + SAMPLE_QUALITY + HISTOGRAMS)
     variants = sorted(cell.config["params"]["variant"] for cell in results)
     assert variants == (["", "aug"] if model in NON_EQUIVARIANT else [""])
     fwd = table[table["metric"] == "forward_ess_fraction"]
@@ -57,6 +74,7 @@ def test_smoke_every_model_dw4(model, tmp_path):
         assert 1.0 / n_samples - 1e-12 <= ess <= 1.0
         # The MCMC reference is this system's, whatever the model: DW-4 energies near -22.5 kT.
         assert -24.5 < _scalar(table, "mean_energy_mcmc", variant) < -20.5
+        check_sample_quality(table, variant)
         steps, edges = _stepped(table, "energy_edge", variant)
         assert (steps == np.arange(len(edges))).all() and (np.diff(edges) > 0).all()
         for name in ("energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc"):
@@ -99,8 +117,12 @@ def test_smoke_dw2_free_energy_profile(model, tmp_path):
 def test_smoke_lj13_kernel_flow(tmp_path):
     _, table = run_task_smoke("bg-reweighting", "kernel-flow", "lj13", tmp_path,
                               overrides={"n_samples": 100, "n_test": 100, "n_train": 50},
-                              expect_metrics=SCALARS + HISTOGRAMS)
+                              expect_metrics=SCALARS + SAMPLE_QUALITY + HISTOGRAMS)
     assert set(table["system"]) == {"lj13"}
+    check_sample_quality(table)
+    units = table.set_index("metric")["unit"]
+    assert "100x100 configurations" in units["coord_w2_flow"]  # coord_w2_samples = 100, 100 of each
+    assert "20x20 configurations" in units["coord_w2_aligned_flow"]  # coord_w2_aligned_samples = 20
 
 
 def test_gaussian_is_refused_with_the_reason():
@@ -172,7 +194,8 @@ def test_clashes_are_zero_weights_in_the_records():
     weights = np.array([1.0, 2.0, 3.0])
     log_q = np.concatenate([-u[:3] - np.log(weights), [0.0, 0.0, np.nan]])
     ctx = CellContext(task="bg-reweighting", model="hand-made", system=system,
-                      params={"n_bootstrap": 20, "energy_bins": 10, "n_train": 6}, seed=0)
+                      params={"n_bootstrap": 20, "energy_bins": 10, "n_train": 6, "coord_w2_samples": 10,
+                              "coord_w2_aligned_samples": 10}, seed=0)
     records = {r.metric: r for r in TASK.reweighting_records(ctx, x, log_q, x[:3]) if r.step is None}
     assert (records["n_samples"].value, records["n_samples_zero_weight"].value,
             records["n_samples_undefined"].value) == (6, 2, 1)
@@ -184,6 +207,10 @@ def test_clashes_are_zero_weights_in_the_records():
     assert records["mean_energy_flow"].value == pytest.approx(float(u[:3].mean()), rel=1e-9)
     assert "finite energy" in records["mean_energy_flow"].unit
     assert all(math.isfinite(r.value) for r in records.values())
+    # The clashes (weight 0) stay in the unweighted distance histogram: their pair distance 1e-30
+    # lies below every test distance, so 2 of the 5 defined samples' mass is outside the range.
+    assert records["dist_tv_flow"].value >= 0.5 * 2 / 5 * (1 / 78)  # one of 78 pairs each is a clash
+    assert records["energy_w1_reweighted"].value <= records["energy_w2_reweighted"].value + 1e-12
     # Every sample has zero or undefined weight: nothing to reweight, the cell fails.
     with pytest.raises(FloatingPointError, match="positive importance weight"):
         TASK.reweighting_records(ctx, x[3:], np.array([0.0, 0.0, np.nan]), x[:3])

@@ -19,13 +19,31 @@ NON_EQUIVARIANT = {"node", "real-nvp"}
 #: How far (nats) below and above its prior's a flow's test NLL may lie after one training step
 #: (see test_smoke_every_model_dw4).
 MARGIN = (2.5, 0.5)
+#: The field's sample-quality metrics of the trained flow's samples against the test split.
+SAMPLE_QUALITY = ("n_metric_samples", "n_metric_samples_nonfinite", "energy_w1_flow", "energy_w2_flow",
+                  "distance_w2_flow", "dist_tv_flow", "coord_w2_flow", "coord_w2_aligned_flow", "sample_wall_s",
+                  "sample_metrics_wall_s")
+
+
+def check_sample_quality(table, *, n_samples):
+    """Every cell's sample-quality records are there, finite and in range; nothing is reweighted."""
+    for _, cell in table.groupby("variant", dropna=False):
+        values = cell[cell["step"].isna()].set_index("metric")["value"].astype(float)
+        assert values["n_metric_samples"] == n_samples
+        assert all(math.isfinite(values[m]) for m in SAMPLE_QUALITY)
+        assert 0.0 < values["dist_tv_flow"] <= 1.0
+        assert values["coord_w2_flow"] > 0 and values["coord_w2_aligned_flow"] > 0
+        assert values["energy_w1_flow"] <= values["energy_w2_flow"] + 1e-9  # W1 <= W2 (Jensen)
+    assert not table["metric"].str.endswith("_reweighted").any()
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_smoke_every_model_dw4(model, tmp_path):
     results, table = run_task_smoke("density-estimation", model, "dw4", tmp_path, overrides={"iterations": 1},
-                                    expect_metrics=("nll_train", "nll_test", "n_parameters", "fit_wall_s"))
+                                    expect_metrics=("nll_train", "nll_test", "n_parameters", "fit_wall_s")
+                                    + SAMPLE_QUALITY)
     variants = sorted(cell.config["params"]["variant"] for cell in results)
+    check_sample_quality(table, n_samples=results[0].config["params"]["n_metric_samples"])
     assert variants == (["", "aug"] if model in NON_EQUIVARIANT else [""])
     nll = table[table["metric"] == "nll_test"]
     # real NVP's CoM-free density is an importance-weighted estimate (paper B.2): the unit says so,
@@ -63,8 +81,11 @@ def test_smoke_every_model_dw4(model, tmp_path):
 
 def test_smoke_lj13_kernel_flow(tmp_path):
     _, table = run_task_smoke("density-estimation", "kernel-flow", "lj13", tmp_path,
-                              overrides={"n_test": 20, "iterations": 2})
+                              overrides={"n_test": 20, "iterations": 2}, expect_metrics=SAMPLE_QUALITY)
     assert set(table["system"]) == {"lj13"}
+    check_sample_quality(table, n_samples=50)
+    units = table.set_index("metric")["unit"]
+    assert "50x20 configurations" in units["coord_w2_flow"]  # 50 samples, n_test = 20 test configurations
 
 
 def test_augmentation_only_for_non_equivariant_models():

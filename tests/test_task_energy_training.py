@@ -23,7 +23,8 @@ SCALARS = ("n_parameters", "train_wall_s", "iterations_done", "final_kl_loss", "
            "forward_ess_fraction_undefined", "mean_energy_flow", "mean_energy_flow_std", "mean_energy_reweighted",
            "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std", "energy_w1_flow",
            "energy_w1_reweighted", "energy_w2_flow", "energy_w2_reweighted", "distance_w2_flow",
-           "distance_w2_reweighted", "kl_estimate", "nll_test", "forward_log_w_std")
+           "distance_w2_reweighted", "kl_estimate", "nll_test", "forward_log_w_std", "dist_tv_flow",
+           "dist_tv_reweighted", "coord_w2_flow", "coord_w2_aligned_flow", "sample_metrics_wall_s")
 STEPPED = ("kl_loss", "energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
 
 
@@ -70,6 +71,13 @@ def test_smoke_dw4_records_units_and_no_training_data(model, tmp_path, monkeypat
     assert "KL(q‖p) - log Z" in values["kl_estimate"][1]
     # W1 <= W2 for the same pair of distributions (Jensen).
     assert values["energy_w1_flow"][0] <= values["energy_w2_flow"][0] + 1e-9
+    # The field's sample-quality metrics: TV in (0, 1] (two finite sets never match exactly),
+    # coordinate W2s positive, finite, not squared, on the profile's subsample sizes.
+    for metric in ("dist_tv_flow", "dist_tv_reweighted"):
+        assert 0.0 < values[metric][0] <= 1.0 and "test-split" in values[metric][1], metric
+    for metric, count in (("coord_w2_flow", 100), ("coord_w2_aligned_flow", 20)):
+        value, unit = values[metric]
+        assert 0.0 < value < math.inf and "not squared" in unit and f"{count}x{count} configurations" in unit, metric
     assert -24.5 < values["mean_energy_mcmc"][0] < -20.5  # the DW-4 test set
     steps = table.loc[table["metric"] == "kl_loss", "step"].astype(int).tolist()
     assert steps == [0, 3]  # logged every 10 iterations and at the last

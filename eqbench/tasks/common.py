@@ -45,6 +45,11 @@ __all__ = [
     "augmentation_cells",
     "augmentation_reason",
     "check_finite",
+    "FINITE_ENERGY_UNIT",
+    "DISTANCE_UNIT",
+    "SAMPLE_METRIC_SETTINGS",
+    "check_sample_metric_settings",
+    "sample_quality_records",
 ]
 
 
@@ -312,3 +317,88 @@ def check_finite(records: list, what: str = "") -> None:
     for record in records:
         if not math.isfinite(record.value):
             raise FloatingPointError(f"{what}{record.metric} is not finite ({record.value})")
+
+
+# -- sample-quality metrics of the field (shared by bg-reweighting, energy-training, evaluate, density-estimation)
+
+#: Unit suffix of the unweighted flow statistics an infinite energy would make infinite.
+FINITE_ENERGY_UNIT = "flow samples of finite energy"
+
+#: Unit of the distance W2s: reduced length units (σ-free: the systems are in reduced units).
+DISTANCE_UNIT = "length (reduced)"
+
+#: Settings that size the coordinate W2s (:func:`sample_quality_records`), in every profile of a
+#: task that records them: the most configurations per set in the unaligned and the aligned W2.
+SAMPLE_METRIC_SETTINGS = ("coord_w2_samples", "coord_w2_aligned_samples")
+
+
+def check_sample_metric_settings(params: Mapping[str, Any]) -> None:
+    """The settings :func:`sample_quality_records` reads, as positive integers."""
+    for key in SAMPLE_METRIC_SETTINGS:
+        positive_int(params, key)
+
+
+def sample_quality_records(ctx: CellContext, x: np.ndarray, u: np.ndarray, x_ref: np.ndarray, u_ref: np.ndarray,
+                           *, log_w: np.ndarray | None = None) -> list[Record]:
+    """The sample-quality numbers later work reports (iDEM 2024, Midgley et al. 2023, Klein et al.
+    2023), flow samples ``x`` against reference configurations ``x_ref`` (the MCMC test set).
+
+    ``x`` ``[n, N, D]`` are the samples with finite coordinates, ``u`` their energies (``+inf``
+    allowed: a clash), ``log_w`` (optional) their log importance weights; with ``log_w`` the
+    ``_reweighted`` variants are recorded too. Records (:mod:`eqbench.sample_metrics`):
+
+    - ``energy_w1_flow`` / ``energy_w2_flow``: W1 / W2 of the energies, kT, the distance (not its
+      p-th power), over the samples of finite energy (none when no sample has one);
+    - ``distance_w2_flow``: W2 of the pooled interatomic distances (reduced length units);
+    - ``dist_tv_flow``: total variation of the 200-bin interatomic-distance histograms over the
+      reference's range (sample mass outside the range counts fully; iDEM drops it);
+    - ``coord_w2_flow`` / ``coord_w2_aligned_flow``: W2 (not squared) of the configurations,
+      exact OT, plain and after permutation + rotation/reflection alignment of every pair, on at
+      most ``coord_w2_samples`` / ``coord_w2_aligned_samples`` configurations per set (seeded by
+      the cell's seed; the unit gives the counts used);
+    - ``sample_metrics_wall_s``: seconds spent on all of the above.
+    """
+    import time
+
+    import numpy as np
+
+    from eqbench import metrics, sample_metrics
+
+    p = ctx.params
+    start = time.perf_counter()
+    finite = np.isfinite(u)
+    tv_unit = (f"TV in [0, 1], {sample_metrics.TV_BINS} bins over the reference pair-distance range "
+               "(sample mass outside the range counts fully)")
+    records = []
+    if finite.any():
+        records += [
+            ctx.record("energy_w1_flow", sample_metrics.energy_wasserstein(u[finite], u_ref, p=1),
+                       f"kT, W1, {FINITE_ENERGY_UNIT}"),
+            ctx.record("energy_w2_flow", sample_metrics.energy_wasserstein(u[finite], u_ref, p=2),
+                       f"kT, W2 (not squared), {FINITE_ENERGY_UNIT}"),
+        ]
+    records += [
+        ctx.record("distance_w2_flow", metrics.distance_wasserstein(x, x_ref), DISTANCE_UNIT),
+        ctx.record("dist_tv_flow", sample_metrics.distance_histogram_tv(x, x_ref), tv_unit),
+    ]
+    if log_w is not None:
+        weights = metrics.normalized_weights(log_w)
+        records += [
+            ctx.record("energy_w1_reweighted", sample_metrics.energy_wasserstein(u, u_ref, p=1, log_w=log_w),
+                       "kT, W1"),
+            ctx.record("energy_w2_reweighted", sample_metrics.energy_wasserstein(u, u_ref, p=2, log_w=log_w),
+                       "kT, W2 (not squared)"),
+            ctx.record("distance_w2_reweighted", metrics.distance_wasserstein(x, x_ref, weights_a=weights),
+                       DISTANCE_UNIT),
+            ctx.record("dist_tv_reweighted", sample_metrics.distance_histogram_tv(x, x_ref, log_w=log_w),
+                       f"{tv_unit}, importance-weighted samples"),
+        ]
+    for metric, align, key in (("coord_w2_flow", "none", "coord_w2_samples"),
+                               ("coord_w2_aligned_flow", "permutation-rotation", "coord_w2_aligned_samples")):
+        n_max = p[key]
+        value = sample_metrics.coordinate_w2(x, x_ref, align=align, n_max=n_max, seed=ctx.seed)
+        counts = f"{min(len(x), n_max)}x{min(len(x_ref), n_max)} configurations"
+        how = "no alignment" if align == "none" else "each pair aligned (permutation, rotation/reflection)"
+        records.append(ctx.record(metric, value, f"{DISTANCE_UNIT}, W2 (not squared), exact OT, {counts}, {how}"))
+    records.append(ctx.record("sample_metrics_wall_s", time.perf_counter() - start, "s"))
+    return records

@@ -18,6 +18,17 @@ profile setting, the same for every model and size, and the final training loss 
 an unconverged run is visible. Scoring a flow without closed-form divergence exactly costs one
 backward pass per coordinate per ODE step, so ``n_test`` and ``n_train_eval`` (the most training
 configurations scored) are profile settings too; each record's unit says the trace was exact.
+
+**Sample quality** (the field's evaluation standard since 2023; iDEM, Akhound-Sadegh et al. 2024):
+after scoring, ``n_metric_samples`` configurations are drawn from the trained flow (with their
+exact ``log q``, :func:`eqbench.tasks.common.sample_with_log_q`) and compared with the ``n_test``
+test configurations by :func:`eqbench.tasks.common.sample_quality_records`: ``energy_w1_flow``,
+``energy_w2_flow`` (kT, over the samples of finite energy), ``distance_w2_flow``,
+``dist_tv_flow`` (200-bin interatomic-distance histogram TV), ``coord_w2_flow`` and
+``coord_w2_aligned_flow`` (configuration W2, exact OT, plain and permutation-rotation aligned, on
+at most ``coord_w2_samples`` / ``coord_w2_aligned_samples`` configurations per set). Nothing is
+reweighted here. Samples with a non-finite coordinate are left out and counted
+(``n_metric_samples_nonfinite``); ``sample_wall_s`` and ``sample_metrics_wall_s`` time the two steps.
 """
 
 from __future__ import annotations
@@ -35,8 +46,11 @@ from eqbench.tasks.common import (
     augmentation_cells,
     augmentation_reason,
     check_finite,
+    check_sample_metric_settings,
     nll_records,
     positive_int,
+    sample_quality_records,
+    sample_with_log_q,
     selection_records,
     train_flow,
 )
@@ -46,6 +60,7 @@ from eqbench.tasks.reporting import (
     NOT_MEASURED,
     NOT_REPRODUCED,
     REPRODUCED,
+    SAMPLE_METRIC_CONVENTION,
     Claim,
     ClaimResult,
     TaskSection,
@@ -82,8 +97,10 @@ class DensityEstimation(Task):
     data_splits = {"n_train": "train", "n_test": "test", "n_val": "val"}
 
     def validate(self, params: Mapping[str, Any]) -> None:
-        for key in ("n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "batch_size"):
+        for key in ("n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "batch_size",
+                    "n_metric_samples"):
             positive_int(params, key)
+        check_sample_metric_settings(params)
         from eqbench.train import SELECTIONS
 
         if params.get("model_selection") not in SELECTIONS:
@@ -104,7 +121,9 @@ class DensityEstimation(Task):
         checkpoints = 1 + math.ceil(params["iterations"] / params["validate_every"])
         return {"fit_wall_s": params["iterations"] * params["batch_size"],
                 "validation_wall_s": params["n_val"] * checkpoints,
-                "eval_wall_s": min(params["n_train"], params["n_train_eval"]) + params["n_val"] + params["n_test"]}
+                "eval_wall_s": min(params["n_train"], params["n_train_eval"]) + params["n_val"] + params["n_test"],
+                "sample_wall_s": params["n_metric_samples"],
+                "sample_metrics_wall_s": params["coord_w2_aligned_samples"] ** 2}
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch
@@ -136,7 +155,34 @@ class DensityEstimation(Task):
         records += nll_records(ctx, flow, val, "nll_val")
         records += nll_records(ctx, flow, test, "nll_test")
         records.append(ctx.record("eval_wall_s", time.perf_counter() - start, "s"))
+        records += self.sample_records(ctx, flow, test)
         check_finite(records)
+        return records
+
+    def sample_records(self, ctx: CellContext, flow: Any, test: Any) -> list[Record]:
+        """``n_metric_samples`` flow samples against the test configurations: the sample-quality
+        records of :func:`eqbench.tasks.common.sample_quality_records` (no reweighting)."""
+        import numpy as np
+        import torch
+
+        from eqbench import metrics
+
+        p = ctx.params
+        start = time.perf_counter()
+        x, _ = sample_with_log_q(flow, p["n_metric_samples"], seed=ctx.seed, progress=ctx.progress)
+        records = [ctx.record("sample_wall_s", time.perf_counter() - start, "s")]
+        x64 = x.detach().to("cpu", torch.float64)
+        test64 = test.detach().to("cpu", torch.float64)
+        x_np = metrics.as_array(x64)
+        ok = np.isfinite(x_np).all(axis=(1, 2))
+        records += [ctx.record("n_metric_samples", len(x_np), "count (flow samples drawn for the sample metrics)"),
+                    ctx.record("n_metric_samples_nonfinite", int((~ok).sum()),
+                               "count (a non-finite coordinate: left out of the sample metrics)")]
+        if not ok.any():
+            raise FloatingPointError(f"every one of the {len(x_np)} flow samples has a non-finite coordinate")
+        u = metrics.as_array(ctx.system.energy(x64[torch.from_numpy(ok)]))
+        records += sample_quality_records(ctx, x_np[ok], u, metrics.as_array(test64),
+                                          metrics.as_array(ctx.system.energy(test64)))
         return records
 
     def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
@@ -268,9 +314,12 @@ def _report_section() -> TaskSection:
                     "permutations of every batch. The scored model is the checkpoint named by model_selection "
                     "(selected_iteration; 'best-validation': lowest exact NLL on the validation split, disjoint "
                     "from train and test). nll_test_k1_gap: for an importance-weighted NLL (real NVP, unit 'IW "
-                    "estimate K=…'), the one-draw NLL minus the K-draw one.",
+                    "estimate K=…'), the one-draw NLL minus the K-draw one. Sample quality: n_metric_samples "
+                    "flow samples of the scored model against the test split, not reweighted. "
+                    + SAMPLE_METRIC_CONVENTION,
         metrics=("nll_train", "nll_val", "nll_test", "nll_test_k1_gap", "selected_iteration", "final_train_loss",
-                 "n_parameters"),
+                 "n_parameters", "energy_w1_flow", "energy_w2_flow", "dist_tv_flow", "coord_w2_flow",
+                 "coord_w2_aligned_flow"),
         baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "nll_test" or r["metric"] == "n_parameters",
         pair=_pair_published,
         claims=(Claim("generalisation", "Equivariant flows generalise from few samples", "§7.3, Fig. 5",

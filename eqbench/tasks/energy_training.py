@@ -56,9 +56,11 @@ extended space for augmented flows; see :mod:`eqbench.flows.real_nvp`) and score
   histograms on bins fixed by the MCMC energies, energy W2 and pooled interatomic-distance W2
   before and after reweighting — all from
   :meth:`eqbench.tasks.bg_reweighting.BGReweighting.reweighting_records`, so they mean exactly
-  what bg-reweighting's numbers of the same names mean — plus the energy W1 before and after
-  reweighting. Every W1/W2 is the distance itself, ``(∫|F⁻¹ - G⁻¹|^p dt)^(1/p)``, **not**
-  its p-th power; the units say so;
+  what bg-reweighting's numbers of the same names mean — with the energy W1 before and after
+  reweighting and the sample-quality metrics of the field (``dist_tv_{flow,reweighted}``,
+  ``coord_w2_flow``, ``coord_w2_aligned_flow``; :func:`eqbench.tasks.common.sample_quality_records`).
+  Every W1/W2 is the distance itself, ``(∫|F⁻¹ - G⁻¹|^p dt)^(1/p)``, **not** its p-th power; the
+  units say so;
 - ``kl_estimate``: the mean of ``u + log q`` over the flow samples of finite energy,
   ``KL(q‖p) - log Z`` (an upper bound on ``-log Z``), beside ``final_kl_loss`` (the last logged
   training batch) and the stepped training curve ``kl_loss`` (every ``log_every`` = 10
@@ -94,11 +96,10 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.bg_reweighting import FINITE_ENERGY_UNIT
 from eqbench.tasks.bg_reweighting import TASK as BG_REWEIGHTING
-from eqbench.tasks.common import (check_finite, forward_ess_records, nll_records, positive_int, sample_with_log_q,
-                                  score_log_q, train_flow)
-from eqbench.tasks.reporting import HtmlTable, TaskSection, fmt, pm, seed_stats
+from eqbench.tasks.common import (check_finite, check_sample_metric_settings, forward_ess_records, nll_records,
+                                  positive_int, sample_with_log_q, score_log_q, train_flow)
+from eqbench.tasks.reporting import SAMPLE_METRIC_CONVENTION, HtmlTable, TaskSection, fmt, pm, seed_stats
 
 if TYPE_CHECKING:
     import numpy as np
@@ -140,6 +141,7 @@ class EnergyTraining(Task):
             raise ConfigError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
         for key in ("iterations", "n_samples", "sample_batch_size", "n_test", "n_bootstrap", "energy_bins"):
             positive_int(params, key)
+        check_sample_metric_settings(params)
         steps = params.get("solver_steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
@@ -150,7 +152,8 @@ class EnergyTraining(Task):
         """Training per flow sample drawn with its training ``log q`` (``kl_batch_size`` per
         iteration); sampling per sample with exact ``log q``; scoring per test configuration."""
         return {"train_wall_s": params["kl_batch_size"] * params["iterations"],
-                "sample_wall_s": params["n_samples"], "score_wall_s": params["n_test"]}
+                "sample_wall_s": params["n_samples"], "score_wall_s": params["n_test"],
+                "sample_metrics_wall_s": params["coord_w2_aligned_samples"] ** 2}
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, ctx: CellContext) -> list[Record]:
@@ -200,8 +203,8 @@ class EnergyTraining(Task):
     def sample_records(self, ctx: CellContext, x: torch.Tensor, log_q: np.ndarray,
                        test: torch.Tensor) -> list[Record]:
         """Everything computed from the flow samples: bg-reweighting's records (counts, reverse
-        ESS, mean energies, histograms, W2s), with units naming the sample sets, plus energy W1s
-        and the KL estimate. Separate from :meth:`run_cell` to be testable on hand-made samples."""
+        ESS, mean energies, histograms, energy W1/W2, distance W2, distance TV, coordinate W2s),
+        with units naming the sample sets, plus the KL estimate. Separate from :meth:`run_cell` to be testable on hand-made samples."""
         import numpy as np
         import torch
 
@@ -218,11 +221,17 @@ class EnergyTraining(Task):
             "mean_energy_reweighted_std": f"{flow_set}, self-normalised importance sampling",
             "mean_energy_mcmc": test_set,
             "mean_energy_mcmc_std": test_set,
+            "energy_w1_flow": f"{W_UNITS[1]}, {flow_set} vs {test_set}",
+            "energy_w1_reweighted": f"{W_UNITS[1]}, reweighted {flow_set} vs {test_set}",
             "energy_w2_flow": f"{W_UNITS[2]}, {flow_set} vs {test_set}",
             "energy_w2_reweighted": f"{W_UNITS[2]}, reweighted {flow_set} vs {test_set}",
             "distance_w2_flow": f"{W_UNITS[2]}, pooled pair distances, {flow_set} vs {test_set}",
             "distance_w2_reweighted": f"{W_UNITS[2]}, pooled pair distances, reweighted {flow_set} vs "
                                       f"{test_set}",
+            "dist_tv_flow": f"{flow_set} vs {test_set}",
+            "dist_tv_reweighted": f"reweighted {flow_set} vs {test_set}",
+            "coord_w2_flow": f"subsampled from {flow_set} and {test_set}",
+            "coord_w2_aligned_flow": f"subsampled from {flow_set} and {test_set}",
         }
         shared = BG_REWEIGHTING.reweighting_records(ctx, x, log_q, test)
         records = [dataclasses.replace(r, unit=f"{r.unit}; {extra[r.metric]}") if r.metric in extra and r.step is None
@@ -232,16 +241,6 @@ class EnergyTraining(Task):
         x_np = metrics.as_array(x64)
         u = np.where(np.isfinite(x_np).all(axis=(1, 2)), metrics.as_array(ctx.system.energy(x64)), np.nan)
         iw = metrics.importance_weights(u, log_q)
-        u_ok = u[iw.defined]
-        weights = metrics.normalized_weights(iw.log_w)
-        u_mcmc = metrics.as_array(ctx.system.energy(test))
-        finite = np.isfinite(u_ok)
-        records += [
-            ctx.record("energy_w1_flow", metrics.wasserstein_1d(u_ok[finite], u_mcmc, p=1),
-                       f"kT, {W_UNITS[1]}, {FINITE_ENERGY_UNIT} ({int(finite.sum())} of {n}) vs {test_set}"),
-            ctx.record("energy_w1_reweighted", metrics.wasserstein_1d(u_ok, u_mcmc, p=1, weights_a=weights),
-                       f"kT, {W_UNITS[1]}, reweighted {flow_set} vs {test_set}"),
-        ]
         log_w = iw.log_w[np.isfinite(iw.log_w)]
         if log_w.size:
             records.append(ctx.record("kl_estimate", float(-log_w.mean()),
@@ -288,7 +287,8 @@ class EnergyTraining(Task):
                 "|⟨u⟩_rew − ⟨u⟩_MCMC| over the combined bootstrap std (mean over seeds of each cell's), a "
                 "check, not a claim. W2 is the distance, not squared. LJ-13 here is Köhler et al.'s ordered-pair "
                 "energy, twice the single-count energy Midgley et al. train on (a colder target). Their reverse "
-                "ESS (seed 003 summary: unit and training setup not stated there) sits beside, not comparable."),
+                "ESS (seed 003 summary: unit and training setup not stated there) sits beside, not comparable. "
+                + SAMPLE_METRIC_CONVENTION),
             baseline=lambda r: r["source"] == "midgley2023" and r["metric"] == "reverse_ess",
             extra_tables=_system_tables,
             order=2.5,
@@ -297,7 +297,9 @@ class EnergyTraining(Task):
 
 _TABLE_METRICS = ("ess_fraction", "forward_ess_fraction", "mean_energy_flow", "mean_energy_reweighted",
                   "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std", "energy_w2_flow",
-                  "energy_w2_reweighted", "distance_w2_reweighted", "kl_estimate", "iterations_done", "train_wall_s")
+                  "energy_w2_reweighted", "distance_w2_reweighted", "energy_w1_flow", "energy_w1_reweighted",
+                  "dist_tv_flow", "dist_tv_reweighted", "coord_w2_flow", "coord_w2_aligned_flow", "kl_estimate",
+                  "iterations_done", "train_wall_s")
 
 
 def _system_tables(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[HtmlTable]:
@@ -308,7 +310,8 @@ def _system_tables(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[Ht
     tables = []
     header = ["model", "variant", "settings", "seeds", "reverse ESS", "forward ESS", "⟨u⟩ flow",
               "⟨u⟩ reweighted", "⟨u⟩ MCMC", "|Δ|/σ", "energy W2 flow", "energy W2 reweighted",
-              "distance W2 reweighted", "KL − log Z", "iterations", "train s"]
+              "distance W2 reweighted", "energy W1 flow", "energy W1 reweighted", "dist TV flow",
+              "dist TV reweighted", "coord W2 flow", "coord W2 aligned flow", "KL − log Z", "iterations", "train s"]
     for system, group in stats.groupby("system", sort=True):
         out = []
         for key, cell in group.groupby("settings_key", sort=False):
@@ -330,7 +333,9 @@ def _system_tables(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[Ht
                         str(int(max(int(r["n_seeds"]) for r in by.values()))),
                         show("ess_fraction"), show("forward_ess_fraction"), show("mean_energy_flow"),
                         show("mean_energy_reweighted"), show("mean_energy_mcmc"), ratio, show("energy_w2_flow"),
-                        show("energy_w2_reweighted"), show("distance_w2_reweighted"), show("kl_estimate"),
+                        show("energy_w2_reweighted"), show("distance_w2_reweighted"), show("energy_w1_flow"),
+                        show("energy_w1_reweighted"), show("dist_tv_flow"), show("dist_tv_reweighted"),
+                        show("coord_w2_flow"), show("coord_w2_aligned_flow"), show("kl_estimate"),
                         show("iterations_done"), show("train_wall_s")])
         out.sort(key=lambda r: (r[0], r[1], r[2]))
         tables.append(HtmlTable(caption=f"{system}: trained from the energy alone, one row per settings key, "

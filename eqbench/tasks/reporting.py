@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NLL_CONVENTION",
+    "SAMPLE_METRIC_CONVENTION",
     "NOT_MEASURED",
     "NOT_REPRODUCED",
     "NO_VERDICT",
@@ -77,6 +78,18 @@ NLL_CONVENTION = (
     "they are log q or −log q (baselines/README.md). The peer's (midgley2023) numbers use other data sets "
     "and, for LJ-13, the single-count LJ energy: shown beside, not comparable number for number."
 )
+
+#: What the sample-quality metrics mean, for the conventions text of every report section that shows them.
+SAMPLE_METRIC_CONVENTION = (
+    "energy_w1 / energy_w2: W1 / W2 between the energy distributions of the flow samples (of finite energy; "
+    "'reweighted': importance-weighted) and the MCMC test set, in kT, the distance itself (not squared). "
+    "dist_tv: total variation ½Σ|p−q| between the histograms of all interatomic distances, 200 bins over the "
+    "test set's range (iDEM's definition), sample mass outside the range counted fully, in [0, 1]. "
+    "coord_w2: 2-Wasserstein distance between the configuration distributions, exact OT with cost the squared "
+    "Euclidean distance of the flattened coordinates (summed over particles), reported as W2 (not squared) in "
+    "reduced length; coord_w2_aligned: the same with every pair first aligned over permutations and "
+    "rotations/reflections (alternating Hungarian/Kabsch, a heuristic upper bound); both on the subsample sizes "
+    "their unit names, and biased upwards for finite sets, so compare at equal sizes.")
 
 #: Columns that identify a row on the page besides its settings; the ``settings`` label names
 #: what else differs between settings keys that share them.
