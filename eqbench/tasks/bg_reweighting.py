@@ -23,7 +23,7 @@ with the independent MCMC test set (``n_test`` configurations, SPEC §3):
   flow samples and the test set (before and after reweighting), and the 2-Wasserstein distance
   between the configuration distributions, exact OT, plain and with every pair aligned over
   permutations and rotations/reflections, on at most ``coord_w2_samples`` /
-  ``coord_w2_aligned_samples`` configurations per set (an aligned pair costs ~0.25 ms on LJ-13,
+  ``coord_w2_aligned_samples`` configurations per set (an aligned pair costs 0.25-0.45 ms on LJ-13,
   so that count is the expensive one);
 - ``-log q`` of the training and the test configurations after training (paper §7.4 quotes the
   collapsed nODE's train / test values, 10.85 / 11.40 on DW-4).
