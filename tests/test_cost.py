@@ -64,6 +64,26 @@ def test_phases_scale_linearly_from_cells_of_another_profile():
     assert estimate.basis == "scaled from 2 quick/smoke cell(s)"
 
 
+def test_cells_from_before_the_sample_metrics_still_price_the_other_phases():
+    """Older cells drew no metric samples (work 0 there): they price training and scoring, and a
+    plan that samples stays unpriced until a cell has measured sampling."""
+    task = TASKS.get("density-estimation")
+    old = [de_cell(100, profile="smoke"), de_cell(400)]
+    new_params = dict(DE_PARAMS, iterations=5000, n_metric_samples=200, coord_w2_aligned_samples=20)
+    assert task.cost_phases(DE_PARAMS, "dw4")["sample_wall_s"] == 0
+    assert phase_estimate(task, dict(DE_PARAMS, iterations=5000), "dw4", old) is not None
+    assert phase_estimate(task, new_params, "dw4", old) is None
+    sampled = cell("density-estimation", "kernel-flow", "dw4", dict(DE_PARAMS, n_metric_samples=100,
+                                                                   coord_w2_aligned_samples=10),
+                   cell_id="de-sampled", records={"fit_wall_s": 100 * 64 * FIT_S_PER_STEP,
+                                                 "eval_wall_s": 130 * EVAL_S_PER_CONFIG,
+                                                 "validation_wall_s": 20 * 3 * VALIDATION_S_PER_CONFIG,
+                                                 "sample_wall_s": 0.5, "sample_metrics_wall_s": 0.1})
+    price = phase_estimate(task, new_params, "dw4", [*old, sampled])
+    without_sampling = phase_estimate(task, dict(DE_PARAMS, iterations=5000), "dw4", [*old, sampled])
+    assert price == pytest.approx(without_sampling + 200 * 0.5 / 100 + 400 * 0.1 / 100, rel=0.05)
+
+
 def test_a_phase_never_measured_leaves_the_cell_unpriced():
     calibration = de_cell(100)
     calibration.records = [r for r in calibration.records if r.metric != "eval_wall_s"]
@@ -264,8 +284,10 @@ def test_dry_run_and_price_check_from_measured_cells(tmp_path):
 # other setting (batch sizes, solvers, particle counts, chains, thresholds) sets the cost of one
 # unit and must be the paper's, or calibrate cells would price paper cells wrongly.
 CALIBRATE_MAY_CHANGE = {
-    "density-estimation": {"n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "seeds"},
-    "bg-reweighting": {"n_train", "pretrain_iterations", "mix_iterations", "n_samples", "n_test", "seeds"},
+    "density-estimation": {"n_train", "n_test", "n_train_eval", "n_val", "validate_every", "iterations", "seeds",
+                           "n_metric_samples", "coord_w2_samples", "coord_w2_aligned_samples"},
+    "bg-reweighting": {"n_train", "pretrain_iterations", "mix_iterations", "n_samples", "n_test", "seeds",
+                       "coord_w2_samples", "coord_w2_aligned_samples"},
     "metastable-states": {"rounds", "n_train", "n_samples", "ml_iterations", "mix_iterations", "mcmc_short_samples",
                           "mcmc_long_samples", "mcmc_burn_in", "mcmc_stride", "seeds"},
     "divergence-cost": {"repeats", "min_repeats", "budget_s", "error_configs", "seeds"},

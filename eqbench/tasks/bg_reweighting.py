@@ -248,7 +248,7 @@ class BGReweighting(Task):
         return {"train_wall_s": params["batch_size"] * (params["pretrain_iterations"] + 2 * params["mix_iterations"]),
                 "score_wall_s": params["n_train"] + params["n_test"],
                 "sample_wall_s": params["n_samples"],
-                "sample_metrics_wall_s": params["coord_w2_aligned_samples"] ** 2}
+                "sample_metrics_wall_s": params.get("coord_w2_aligned_samples", 0) ** 2}
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch

@@ -117,13 +117,15 @@ class DensityEstimation(Task):
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         """Training costs per configuration-step (iterations x batch), scoring per configuration
-        scored (training and test) with the exact trace."""
+        scored (training and test) with the exact trace, sampling per flow sample, the aligned
+        coordinate W2 per aligned pair. Cells from before the sample metrics did none of that work
+        (0), so they still price the other phases."""
         checkpoints = 1 + math.ceil(params["iterations"] / params["validate_every"])
         return {"fit_wall_s": params["iterations"] * params["batch_size"],
                 "validation_wall_s": params["n_val"] * checkpoints,
                 "eval_wall_s": min(params["n_train"], params["n_train_eval"]) + params["n_val"] + params["n_test"],
-                "sample_wall_s": params["n_metric_samples"],
-                "sample_metrics_wall_s": params["coord_w2_aligned_samples"] ** 2}
+                "sample_wall_s": params.get("n_metric_samples", 0),
+                "sample_metrics_wall_s": params.get("coord_w2_aligned_samples", 0) ** 2}
 
     def run_cell(self, ctx: CellContext) -> list[Record]:
         import torch

@@ -153,7 +153,7 @@ class EnergyTraining(Task):
         iteration); sampling per sample with exact ``log q``; scoring per test configuration."""
         return {"train_wall_s": params["kl_batch_size"] * params["iterations"],
                 "sample_wall_s": params["n_samples"], "score_wall_s": params["n_test"],
-                "sample_metrics_wall_s": params["coord_w2_aligned_samples"] ** 2}
+                "sample_metrics_wall_s": params.get("coord_w2_aligned_samples", 0) ** 2}
 
     # ------------------------------------------------------------------ one cell
     def run_cell(self, ctx: CellContext) -> list[Record]:
