@@ -28,10 +28,11 @@ quartic and d⁻¹² tails otherwise) and the centre of mass removed after every
 - *Why the power schedule, dense near the base.* The variance of the log weights is roughly
   ``Σ_t (Δβ_t)² Var_{π_β}(u - |x|²/2σ²)``; near ``β = 0`` the chains sit where the base puts
   them, where ``u`` is huge and broad (overlapping Lennard-Jones particles: ``u ~ d⁻¹²``), so the
-  first steps must be tiny: ``β_1 = K^-p`` (1e-16 for LJ-13's K = 10,000). Near ``β = 1`` the
-  increments are large but ``u`` is narrow there. ``p = 4`` (LJ-13: 5) was chosen by measuring
-  the spread of the log weights on a pilot; the schedule is fixed before the production chains
-  run, so the estimator stays unbiased.
+  first steps must be tiny: ``β_1 = K^-p`` (2e-17 for LJ-13's K = 15,000). Near ``β = 1`` the
+  increments are large but ``u`` is narrow there. ``p = 4`` was chosen by measurement: on LJ-13
+  (500 chains, 4,000 temperatures) it gave a standard error of 0.18 against 0.37 for ``p = 6``;
+  on DW-4 ``p = 2`` and ``p = 4`` did equally well. The schedule is fixed before any chain runs,
+  so the estimator stays unbiased.
 - *Why a base wider than the prior for the double wells.* AIS needs a base that covers the
   target. Its scale is matched to the target's second moment, ``σ² = ⟨|x|²⟩_p / k``
   (the isotropic normal on U closest to p in KL(p‖π_0)), measured once on the reference data
