@@ -57,8 +57,9 @@ LOG_Z_FORMAT_VERSION = 1
 #: - lj13: 2,000 chains x 5,000 temperatures gave 59.80 ± 0.10, reverse 60.54 ± 0.09: a gap of
 #:   0.74, far above the statistical error, so the bias of finite K dominates. 1,000 chains x
 #:   15,000 temperatures (the setting below): 59.975 ± 0.087, reverse 60.237 ± 0.075, gap 0.26
-#:   (shrinking like 1/K); ESS 0.11; 473 / 646 s with a second job on the other core (~280 s
-#:   total expected on an idle core, from the 5,000-temperature run's 188 s). The gap, not the
+#:   (shrinking like 1/K); ESS 0.11; 405 / 583 s (rerun, same bits; 473 / 646 s the first time,
+#:   with a second AIS job beside it) while a benchmark kept the machine's load at 3 on 2 cores.
+#:   The gap, not the
 #:   bootstrap error, is LJ-13's honest uncertainty: log Z lies in [59.98, 60.24] up to ~0.1.
 PRODUCTION_SETTINGS: dict[str, AISSettings] = {
     "harmonic": AISSettings(n_chains=1000, n_temperatures=20, base_scale=1.0),
