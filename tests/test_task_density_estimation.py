@@ -143,3 +143,37 @@ def test_harmonic_known_answer(model, tmp_path):
         assert abs(wrong - analytic) > tolerance
     if model == "gaussian":
         assert var == pytest.approx(1.0, abs=0.5)  # the ML σ² of the target's samples
+
+
+def test_kl_to_the_target_on_the_harmonic_known_answer(tmp_path):
+    """KL(p‖q) = NLL_test - H(p) with H(p) = ⟨u⟩_p + log Z: on ``harmonic`` the prior flow is the
+    target, so KL is 0 within its error, and H(p) is the closed form k/2 (1 + log 2π) = 12.770 to
+    the error of ⟨u⟩. H = ⟨u⟩ - log Z, a dropped Gaussian constant or NLL + H fail (checked)."""
+    from eqbench.data.log_z import load_log_z
+
+    results, table = run_task_smoke("density-estimation", "known_answer_models:prior_flow", "harmonic", tmp_path,
+                                    overrides={"kl_divergence": True}, expect_metrics=("kl_test", "kl_test_stderr"))
+    value = {m: float(table.loc[table["metric"] == m, "value"].iloc[0]) for m in ("nll_test", "kl_test",
+                                                                               "kl_test_stderr")}
+    unit = table.loc[table["metric"] == "kl_test", "unit"].iloc[0]
+    system = eqbench.get_system("harmonic")
+    record = load_log_z(system, compute="never")
+    k = system.n_dof
+    assert record["log_z"] == pytest.approx(0.5 * k * math.log(2 * math.pi), abs=1e-6)
+    h = record["log_z"] + record["mean_energy"]
+    assert h == pytest.approx(0.5 * k * (1 + math.log(2 * math.pi)), abs=4 * record["mean_energy_stderr"] + 1e-3)
+    assert value["kl_test"] == pytest.approx(value["nll_test"] - h, abs=1e-9)
+    assert 0 < value["kl_test_stderr"] < 0.5
+    assert abs(value["kl_test"]) < 4 * value["kl_test_stderr"]
+    for wrong in (value["nll_test"] - (record["mean_energy"] - record["log_z"]), value["nll_test"] + h,
+                  value["nll_test"] - h + 0.5 * k * math.log(2 * math.pi)):
+        assert abs(wrong) > 4 * value["kl_test_stderr"]
+    assert "KL(p‖q) = NLL_test - H(p)" in unit and "forward AIS" in unit
+
+
+def test_smoke_cells_do_not_need_log_z():
+    plans = plan_cells("density-estimation", "kernel-flow", "lj13", "smoke")
+    assert {p.params["kl_divergence"] for p in plans} == {False}
+    assert {p.params["kl_divergence"] for p in plan_cells("density-estimation", "kernel-flow", "lj13", "quick")} == {True}
+    with pytest.raises(ConfigError, match="kl_divergence"):
+        plan_cells("density-estimation", "kernel-flow", "dw4", "smoke", overrides={"kl_divergence": 1})

@@ -126,6 +126,20 @@ def test_harmonic_prior_flow_known_answers(tmp_path):
     assert abs(2 * values["mean_energy_reweighted"] - 0.5 * k) > 4 * se
 
 
+def test_harmonic_prior_flow_reverse_and_forward_kl_are_zero(tmp_path):
+    """With log Z (AIS, exact on harmonic where the base is the target) both KLs of the prior
+    flow, which is the target, vanish: reverse_kl = kl_estimate + log Z = 0 exactly, kl_test =
+    NLL_test - H(p) = 0 within its error. kl_estimate - log Z (a sign error) is -16.5."""
+    _, table = run_task_smoke("energy-training", "known_answer_models:prior_flow", "harmonic", tmp_path,
+                              overrides={"kl_divergence": True},
+                              expect_metrics=("reverse_kl", "kl_test", "kl_test_stderr"))
+    values = {k: v for k, (v, _) in _scalars(table).items()}
+    log_z = 0.5 * eqbench.get_system("harmonic").n_dof * math.log(2 * math.pi)
+    assert values["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(values["kl_estimate"] - log_z) > 16
+    assert abs(values["kl_test"]) < 4 * values["kl_test_stderr"] < 2.0
+
+
 @pytest.mark.parametrize("override, message", [
     ({"method": "fab"}, "not built"),
     ({"method": "forward-kl"}, "unknown method"),

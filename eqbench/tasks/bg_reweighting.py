@@ -98,8 +98,8 @@ from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (DISTANCE_UNIT, FINITE_ENERGY_UNIT, augmentation_cells, augmentation_reason,
-                                  check_finite, check_sample_metric_settings, forward_ess_records, fraction,
-                                  nll_records, positive_int, sample_quality_records, sample_with_log_q, score_log_q,
+                                  check_finite, check_kl_setting, check_sample_metric_settings, forward_ess_records,
+                                  fraction, nll_records, positive_int, sample_quality_records, sample_with_log_q, score_log_q,
                                   show_progress, train_flow)
 
 from eqbench.tasks.reporting import (
@@ -208,6 +208,7 @@ def check_reweighting_settings(params: Mapping[str, Any]) -> None:
     if not isinstance(params.get("model_config", {}), Mapping):
         raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
     check_sample_metric_settings(params)
+    check_kl_setting(params)
 
 
 class BGReweighting(Task):
@@ -677,7 +678,7 @@ def _report_section() -> TaskSection:
                  "mean_energy_mcmc", "mean_energy_hutchinson", "free_energy_rmse_flow",
                  "free_energy_rmse_reweighted", "free_energy_rmse_hutchinson", "energy_w1_flow", "energy_w2_flow",
                  "energy_w1_reweighted", "energy_w2_reweighted", "dist_tv_flow", "dist_tv_reweighted",
-                 "coord_w2_flow", "coord_w2_aligned_flow", "nll_train", "nll_test"),
+                 "coord_w2_flow", "coord_w2_aligned_flow", "nll_train", "nll_test", "kl_test", "kl_test_stderr"),
         baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "reverse_ess",
         claims=(Claim("reweighting", "Reweighting works for equivariant flows only", "§7.4, Fig. 6, 10",
                       claim_reweighting, needs=("equivariant",)),

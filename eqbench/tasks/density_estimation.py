@@ -46,6 +46,7 @@ from eqbench.tasks.common import (
     augmentation_cells,
     augmentation_reason,
     check_finite,
+    check_kl_setting,
     check_sample_metric_settings,
     nll_records,
     positive_int,
@@ -101,6 +102,7 @@ class DensityEstimation(Task):
                     "n_metric_samples"):
             positive_int(params, key)
         check_sample_metric_settings(params)
+        check_kl_setting(params)
         from eqbench.train import SELECTIONS
 
         if params.get("model_selection") not in SELECTIONS:
@@ -319,7 +321,8 @@ def _report_section() -> TaskSection:
                     "estimate K=…'), the one-draw NLL minus the K-draw one. Sample quality: n_metric_samples "
                     "flow samples of the scored model against the test split, not reweighted. "
                     + SAMPLE_METRIC_CONVENTION,
-        metrics=("nll_train", "nll_val", "nll_test", "nll_test_k1_gap", "selected_iteration", "final_train_loss",
+        metrics=("nll_train", "nll_val", "nll_test", "nll_test_k1_gap", "kl_test", "kl_test_stderr",
+                 "selected_iteration", "final_train_loss",
                  "n_parameters", "energy_w1_flow", "energy_w2_flow", "dist_tv_flow", "coord_w2_flow",
                  "coord_w2_aligned_flow"),
         baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "nll_test" or r["metric"] == "n_parameters",

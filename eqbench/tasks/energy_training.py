@@ -64,7 +64,9 @@ extended space for augmented flows; see :mod:`eqbench.flows.real_nvp`) and score
 - ``kl_estimate``: the mean of ``u + log q`` over the flow samples of finite energy,
   ``KL(q‖p) - log Z`` (an upper bound on ``-log Z``), beside ``final_kl_loss`` (the last logged
   training batch) and the stepped training curve ``kl_loss`` (every ``log_every`` = 10
-  iterations);
+  iterations); with ``kl_divergence`` (quick, paper) also ``reverse_kl`` = ``kl_estimate + log Z``,
+  the reverse KL(q‖p) in nats, and ``kl_test`` = NLL_test − H(p), the forward one
+  (:func:`eqbench.tasks.common.kl_records`; log Z from :mod:`eqbench.data.log_z`);
 - ``nll_test`` (exact, or the IW estimate with its K = 1 gap for IW flows; Midgley et al.
   report test NLLs beside the ESS), ``iterations_done``, ``train_wall_s``, ``sample_wall_s``,
   ``score_wall_s``.
@@ -97,8 +99,9 @@ from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.bg_reweighting import TASK as BG_REWEIGHTING
-from eqbench.tasks.common import (check_finite, check_sample_metric_settings, forward_ess_records, nll_records,
-                                  positive_int, sample_with_log_q, score_log_q, train_flow)
+from eqbench.tasks.common import (KL_SETTING, check_finite, check_kl_setting, check_sample_metric_settings,
+                                  forward_ess_records, nll_records, positive_int, sample_with_log_q, score_log_q,
+                                  train_flow)
 from eqbench.tasks.reporting import SAMPLE_METRIC_CONVENTION, HtmlTable, TaskSection, fmt, pm, seed_stats
 
 if TYPE_CHECKING:
@@ -142,6 +145,7 @@ class EnergyTraining(Task):
         for key in ("iterations", "n_samples", "sample_batch_size", "n_test", "n_bootstrap", "energy_bins"):
             positive_int(params, key)
         check_sample_metric_settings(params)
+        check_kl_setting(params)
         steps = params.get("solver_steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
@@ -246,6 +250,15 @@ class EnergyTraining(Task):
             records.append(ctx.record("kl_estimate", float(-log_w.mean()),
                                       f"kT, mean of u + log q over the {log_w.size} of {n} flow samples of finite "
                                       "energy and log q (KL(q‖p) - log Z)"))
+            if ctx.params.get(KL_SETTING) is True:
+                from eqbench.data.log_z import load_log_z
+
+                log_z = load_log_z(ctx.system)
+                records.append(ctx.record(
+                    "reverse_kl", float(-log_w.mean()) + log_z["log_z"],
+                    f"nats, KL(q‖p) = kl_estimate + log Z over the same {log_w.size} samples; log Z = "
+                    f"{log_z['log_z']:.4f} ± {log_z['log_z_stderr']:.4f} by forward AIS (a lower bound, so this "
+                    "KL is too)"))
         return records
 
     def forward_records(self, ctx: CellContext, flow: Flow, test: torch.Tensor) -> list[Record]:
@@ -299,7 +312,7 @@ _TABLE_METRICS = ("ess_fraction", "forward_ess_fraction", "mean_energy_flow", "m
                   "mean_energy_reweighted_std", "mean_energy_mcmc", "mean_energy_mcmc_std", "energy_w2_flow",
                   "energy_w2_reweighted", "distance_w2_reweighted", "energy_w1_flow", "energy_w1_reweighted",
                   "dist_tv_flow", "dist_tv_reweighted", "coord_w2_flow", "coord_w2_aligned_flow", "kl_estimate",
-                  "iterations_done", "train_wall_s")
+                  "reverse_kl", "nll_test", "kl_test", "kl_test_stderr", "iterations_done", "train_wall_s")
 
 
 def _system_tables(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[HtmlTable]:

@@ -76,7 +76,10 @@ NLL_CONVENTION = (
     "exact divergence (SPEC §1). The paper's code left the constant out: add it to a paper NLL before "
     "comparing. The §7.4 likelihoods 10.85 / 11.40 are shown as printed: the paper does not say whether "
     "they are log q or −log q (baselines/README.md). The peer's (midgley2023) numbers use other data sets "
-    "and, for LJ-13, the single-count LJ energy: shown beside, not comparable number for number."
+    "and, for LJ-13, the single-count LJ energy: shown beside, not comparable number for number. "
+    "kl_test = NLL_test − H(p), the forward KL(p‖q) ≥ 0 in nats: H(p) = ⟨u⟩ of the test split + log Z on "
+    "the same subspace, log Z by forward annealed importance sampling (cached per machine; a lower bound, "
+    "the unit gives the reverse-AIS gap), kl_test_stderr its standard error (NLL, log Z and ⟨u⟩ in quadrature)."
 )
 
 #: What the sample-quality metrics mean, for the conventions text of every report section that shows them.
