@@ -28,12 +28,16 @@ over the registered tasks and renders. The page, top to bottom:
    across seeds, beside the paper's number where one exists), then the verdict table
    (``reproduced`` / ``not reproduced`` / ``not measured`` / ``no verdict (smoke profile)``) with
    the evidence: profile, settings, seeds and spread of every number used;
-2. failed cells with their reasons (a failure must never hide behind a missing row), and the
+2. the field's standard metrics (test NLL and KL at the peers' training size, sample-quality
+   distances, reverse and forward ESS, reverse KL) per profile and system, one table per source
+   task, one row per settings key, with the peers' published numbers beside them
+   (:mod:`eqbench.standard_metrics_table`);
+3. failed cells with their reasons (a failure must never hide behind a missing row), and the
    cell files not used, with theirs (a skipped file must never hide either);
-3. per task and profile: the conventions its numbers follow, its figures, the measured headline
+4. per task and profile: the conventions its numbers follow, its figures, the measured headline
    metrics (one row per settings key: mean ± std across seeds, or over seeds × rounds where the
    task repeats rounds), and the matching published numbers beside them;
-4. provenance: versions, git shas, devices, threads, hosts, platforms, profiles, time span.
+5. provenance: versions, git shas, devices, threads, hosts, platforms, profiles, time span.
 """
 
 from __future__ import annotations
@@ -677,7 +681,8 @@ Densities”, ICML 2020. Generated {{ generated }} from <code>results.csv</code>
 {% if baselines_problem %}<p class="no-verdict">Published numbers unavailable: {{ baselines_problem }}. This page
 shows the measured numbers only: no published number is placed beside them or in a verdict.</p>{% endif %}
 
-<nav><strong>Contents:</strong> <a href="#claims">claims</a> · <a href="#failed-cells">failed cells</a>
+<nav><strong>Contents:</strong> <a href="#claims">claims</a> · <a href="#standard-metrics">standard metrics</a>
+· <a href="#failed-cells">failed cells</a>
 · <a href="#skipped-cells">cell files not used</a>
 {% for s in sections %} · <a href="#task-{{ s.task }}">{{ s.task }}</a>{% endfor %} · <a href="#provenance">provenance</a>
 </nav>
@@ -718,6 +723,31 @@ on (dots, bars: std across seeds) and the paper's number where one exists (red �
 in the module of the task that declares it (<code>eqbench/tasks/*.py</code>). Claims name the model capability
 they need (equivariant, cnf), never a model id. “not measured”: the rows the check needs are absent from this
 results table. “no verdict”: the profile's runs are too short to decide anything.</p>
+</section>
+
+<section id="standard-metrics">
+<h2>Standard metrics</h2>
+<p class="muted">The numbers later work reports, per profile and system: test NLL and KL(p‖q) of density estimation
+at the peers' training size (n_train = {{ peer_n_train }}), energy / distance / coordinate distances of the flow
+samples, reverse and forward ESS and the reweighted distances of Boltzmann-generator reweighting, and the reverse KL
+of training from the energy alone. One table per source task (they train differently, so a column keeps one
+meaning); one row per settings key, mean ± std across its seeds, never across settings or profiles; “–”: that row's
+cells did not record the metric. Units are the records' own, listed under each table. Published numbers sit beside,
+with their convention: they use other data sets and protocols.</p>
+{% for b in standard_metrics %}
+{% if loop.changed(b.profile) %}
+<h3 id="standard-metrics-{{ b.profile or 'none' }}">Profile {{ b.profile or '(none)' }}</h3>
+{% if b.verdict_note %}<p class="no-verdict">{{ b.profile or '(none)' }}: no verdict. {{ b.verdict_note }}</p>{% endif %}
+{% endif %}
+<h4 id="standard-metrics-{{ b.profile or 'none' }}-{{ b.system }}">{{ b.system }} ({{ b.profile or '(none)' }} profile)</h4>
+{% for n in b.notes %}<p class="muted">{{ n }}</p>
+{% endfor %}
+{% for t in b.tables %}
+{{ data_table(t, 'standard-metrics') }}
+{% endfor %}
+{% else %}
+<p class="muted">No density-estimation, bg-reweighting or energy-training results in this table.</p>
+{% endfor %}
 </section>
 
 <section id="failed-cells">
@@ -890,6 +920,8 @@ def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None
     with tempfile.TemporaryDirectory(prefix="eqbench-report-") as tmp:
         contexts = [_section_context(s, table, ok, baselines, Path(tmp), i) for i, s in enumerate(sections)]
     failed_header, failed = _failed_rows(table)
+    from eqbench.standard_metrics_table import peer_n_train, standard_metrics
+
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     return env.from_string(_TEMPLATE).render(
         results_dir=str(results_dir),
@@ -905,6 +937,8 @@ def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None
         source=loaded.source,
         note=loaded.note,
         sections=contexts,
+        standard_metrics=standard_metrics(ok, baselines),
+        peer_n_train=f"{peer_n_train():,}",
         other_tasks=sorted(set(table["task"].dropna().astype(str)) - known),
         provenance=_provenance(table),
         baselines_problem=str(baselines.attrs.get("problem", "")),
