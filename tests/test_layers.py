@@ -19,13 +19,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "resources", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities",
      "workers"),
     ("systems", "records"),
+    ("free_energy",),  # log Z by AIS: the yardstick of the data layer (data.log_z caches it)
     ("flows", "data", "components", "artifacts"),
-    ("metrics", "minima", "train", "testing", "timing"),
+    ("metrics", "alignment", "sample_metrics", "minima", "train", "testing", "timing"),
     ("tasks", "plots"),  # plots: figure helpers the tasks draw with, and the dispatch to Task.plot
     ("planning",),
     ("runner", "cost"),
     ("executors", "sweep", "evaluation"),
-    ("report", "catalog", "demo", "api", "cli", "__init__", "__main__"),
+    ("report", "standard_metrics_table", "catalog", "demo", "api", "cli", "__init__", "__main__"),
 )
 _LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
 

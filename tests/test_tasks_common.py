@@ -57,6 +57,7 @@ def test_forward_ess_records_use_the_exact_or_the_one_draw_extended_density():
 
     class Ctx:
         seed = 0
+        params: dict = {}
 
         @staticmethod
         def record(metric, value, unit):
