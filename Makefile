@@ -11,7 +11,7 @@ RESULTS ?= results
 
 help:
 	@echo "make demo      set up .venv, judge every claim of the paper from three seeds (quick cells) -> $(RESULTS)/demo/report.html"
-	@echo "make data      set up .venv, generate and check every reference data set (two at a time)"
+	@echo "make data      set up .venv, generate and check the reference data the tests need (two at a time)"
 	@echo "make test      set up .venv and run the test suite (slow tests excluded)"
 	@echo "make test-all  the test suite including tests marked slow"
 	@echo "make wheel-check  build sdist + wheel, pip-install it and the zuko example into a fresh venv, run the README's bring-your-own-flow walk-through elsewhere (CI)"
@@ -52,6 +52,7 @@ paper-price: $(STAMP)
 
 # Reference data first, two data sets at a time (a fresh cache: ~13 min of Metropolis one after
 # the other, dominated by LJ-13; half that side by side on 2 cores); cached runs skip it in seconds.
+# Systems in eqbench.catalog.DATA_ON_REQUEST (lj13-single) are left out: `eqbench data lj13-single`.
 data: $(STAMP)
 	$(PY) -m eqbench data --jobs 2 > $(VENV)/data-diagnostics.txt
 	@echo "reference data ready (diagnostics: $(VENV)/data-diagnostics.txt)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -149,8 +150,9 @@ class ParticleSystem(ABC):
     def with_particles(self, n_particles: int) -> ParticleSystem:
         """The same potential (same kind, parameters and lengths) with ``n_particles`` particles.
 
-        Named for what it is: the name's trailing digits are replaced by the new count (``dw4``
-        -> ``dw8``, ``lj13`` -> ``lj55``, ``harmonic`` -> ``harmonic8``), so that nothing can
+        Named for what it is: the name's last run of digits is replaced by the new count (``dw4``
+        -> ``dw8``, ``lj13`` -> ``lj55``, ``lj13-single`` -> ``lj55-single``; a name without
+        digits gets the count appended, ``harmonic`` -> ``harmonic8``), so that nothing can
         mistake it for the registered system; models take their defaults from its kind and
         lengths, not its name. The data protocol is kept as it is (it was measured for the
         original count only). ``self`` when the count is unchanged.
@@ -159,7 +161,8 @@ class ParticleSystem(ABC):
             raise ConfigError(f"{self.name}: the number of particles must be an integer >= 2, got {n_particles!r}")
         if n_particles == self.n_particles:
             return self
-        name = f"{self.name.rstrip('0123456789') or self.name}{n_particles}"
+        head, digits, tail = re.fullmatch(r"(.*?)(\d*)(\D*)", self.name).groups()
+        name = f"{head}{n_particles}{tail}" if digits else f"{self.name}{n_particles}"
         return dataclasses.replace(self, name=name, n_particles=n_particles)
 
     def describe_scales(self) -> str:

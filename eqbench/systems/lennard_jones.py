@@ -6,7 +6,13 @@ The pair sum runs over **ordered** pairs: each unordered pair is counted twice. 
 formula (``ε/(2τ) Σ_{i,j}``) reads like the single count, but every LJ-13 number it reports
 (Table 1's energy bins, the global minimum -83.09 of Fig. 7) and the public LJ-13 data of
 later work follow the ordered-pair energy (SPEC §2). Libraries that count each pair once (e.g.
-bgflow) give pair energies half as large; compare with care.
+bgflow) give pair energies half as large; compare with care. That convention is registered as
+``lj13-single`` (:func:`make_lj13_single`): bgflow's ``LennardJonesPotential``
+(``bgflow/distribution/energy/lennard_jones.py``) sums ``ε [(rm/d)^12 - 2 (rm/d)^6]`` over ordered
+pairs and halves it, and adds ``½ oscillator_scale Σ_i |x_i - x̄|²`` with scale 1, as does the SE(3)
+augmented coupling flow's ``eacf/targets/target_energy/leonard_jones.py`` (``ε/(2τ) Σ_(i≠j)`` plus
+``0.5 Σ |x_i - x̄|²``): the same rm form, ε = rm = τ = 1 and oscillator as eqbench's, only the pair
+count differs.
 
 Kind ``lennard-jones``; length scale ``rm``, the distance of the pair minimum. Typical pair
 distances run from ``σ = 2^(-1/6) rm``, where the pair energy crosses zero (closer pairs cost
@@ -25,7 +31,7 @@ import torch
 from eqbench.errors import ConfigError
 from eqbench.systems.base import DataProtocol, ParticleSystem
 
-__all__ = ["LennardJones", "make_lennard_jones", "make_lj13"]
+__all__ = ["LJ_PROTOCOL", "LJ_SINGLE_PROTOCOL", "LennardJones", "make_lennard_jones", "make_lj13", "make_lj13_single"]
 
 #: Paper C.4: step 0.025, 20,000 burn-in steps. Measured at this step: acceptance 32 %; the
 #: loose-cluster starts sit ~44 kT above equilibrium and relax within ~15,000 steps (256 chains
@@ -39,6 +45,28 @@ __all__ = ["LennardJones", "make_lennard_jones", "make_lj13"]
 #: against 42 M for the former 1,000 chains x 20,000-step burn-in, stride 2,000).
 LJ_PROTOCOL = DataProtocol(step_size=0.025, burn_in=65_000, stride=4_000, n_chains=200, n_val_chains=50,
                            init_scale=1.0)
+
+#: ``lj13-single`` (bgflow's single-count energy, a hotter target than lj13's), measured with
+#: eqbench's generator. Step by the paper's rule (C.4: maximise acceptance x step from short
+#: trajectories; 256 chains equilibrated 20,000 steps at step 0.1, then 2,000-3,000 steps per
+#: step size): 0.025: α 0.610, α·s 0.0153; 0.035: 0.485, 0.0170; 0.040: 0.434, 0.0173 (the
+#: maximum); 0.045: 0.384, 0.0173; 0.050: 0.343-0.337, 0.0172-0.0168; 0.055: 0.300, 0.0165; 0.060:
+#: 0.268, 0.0161; 0.065: 0.239, 0.0155; 0.075: 0.187, 0.0140; 0.1: 0.104, 0.0104; 0.125: 0.061,
+#: 0.0077; 0.15: 0.036, 0.0054. The optimum is flat (0.04-0.05 within 1 %); 0.04 is its maximum.
+#: At 0.04: acceptance 43 %; the loose-cluster starts (~25 kT above equilibrium) relax within
+#: ~8,000 steps. Integrated autocorrelation times (Sokal window 5) on 256 chains x 250,000
+#: production steps after 50,000 burn-in (seed 11): energy 1,900, mean pair distance 2,123 (the
+#: slowest mode); the halves of the trace (125,000 steps) give 1,750-1,990, the two halves of the
+#: chains 1,895 / 1,905 and 2,118 / 2,128; an independent run of 128 chains x 120,000 steps
+#: (seed 7) gave 1,908 / 2,134. Burn-in 45,000 (21 of the slowest times), stride 2,800 (1.32 of
+#: them); 200 chains of 51 stored samples, 50 for the validation set, as for lj13 (same cost per
+#: step): 38 M chain-steps per 10,000 samples, 70 % of lj13's. Generated (`eqbench data
+#: lj13-single --jobs 2`, 296 s of CPU, 13.8 min wall on 2 cores shared with other jobs): train /
+#: val / test acceptance 0.433 / 0.431 / 0.433, configurational temperature 0.994 ± 0.010 / 0.982
+#: ± 0.025 / 0.995 ± 0.010, <u> 0.64 ± 0.07 / 0.42 ± 0.15 / 0.58 ± 0.07, autocorrelation times
+#: (energy / mean distance) 1,904 / 2,069, 1,868 / 2,081, 1,876 / 2,079; no duplicates, no overlap.
+LJ_SINGLE_PROTOCOL = DataProtocol(step_size=0.04, burn_in=45_000, stride=2_800, n_chains=200, n_val_chains=50,
+                                  init_scale=1.0)
 
 #: Packing fraction of equal spheres, densest known in 1-3 D (line, hexagonal, fcc): sizes the
 #: cluster diameter of :attr:`LennardJones.pair_distance_range`; higher dimensions use the 3-D one.
@@ -121,15 +149,43 @@ class LennardJones(ParticleSystem):
         return x - x.mean(dim=-2, keepdim=True)
 
     def describe(self) -> str:
+        single = self.pair_multiplicity == 1.0
+        pair_sum = "Σ_(i<j)" if single else "Σ_(i≠j)"
+        lj13_itself = self.n_particles == 13 and self.n_dims == 3 and self.pair_multiplicity in (1.0, 2.0)
+        if single:
+            convention = (
+                "  CONVENTION: the pair sum runs over UNORDERED pairs (each pair counted once), as in bgflow's\n"
+                "  LennardJonesPotential and the SE(3) augmented coupling flow's energy-only training (Midgley\n"
+                "  et al. 2023). Its pair part is exactly half the ordered-pair one of lj13 (Köhler et al. 2020;\n"
+                "  the E-NF / EFM / DEM data sets), the oscillator is the same: exp(-u) here is the ordered-pair\n"
+                "  energy with τ = 2 in the pair part and the oscillator still at τ = 1 (not lj13 at\n"
+                "  temperature 2, which would also halve the oscillator). A hotter, looser target: NLLs,\n"
+                "  energies and ESS on it cannot be compared with lj13's.\n"
+            )
+            if lj13_itself:
+                convention += ("  Global minimum -38.7722 (centred icosahedron; its pair part alone -44.3268,\n"
+                               "  the textbook LJ13 value in ε; lj13's is -83.09).\n")
+        else:
+            convention = (
+                "  CONVENTION: the pair sum runs over ORDERED pairs (each pair counted twice), as in every\n"
+                "  LJ-13 number of the paper (global minimum -83.09, Table 1's energy bins) and in the public\n"
+                "  LJ-13 data sets of later work. Single-count libraries give pair energies half as large.\n"
+            )
+            if lj13_itself:
+                convention += (
+                    "  Users: Köhler et al. 2020 and the E-NF / EFM / DEM LJ-13 data sets (their configurational\n"
+                    "  temperature is 1 with this energy, 0.5 with the single count: ../shared/reference_data/\n"
+                    "  README.md). bgflow and the SE(3) coupling flow's energy-only training use the single count\n"
+                    "  (`lj13-single`): its pair part is half this one, the oscillator the same, i.e. this energy\n"
+                    "  with τ = 2 in the pair part only; NLLs and energies of the two are not comparable.\n"
+                )
         return (
             f"{self.name}: {self.n_particles} Lennard-Jones particles in {self.n_dims}-D with a harmonic "
             "CoM oscillator (paper §6, C.6).\n"
-            "  u(x) = (ε/τ) Σ_(i≠j) [(rm/d_ij)^12 - 2 (rm/d_ij)^6] + ½ Σ_i |x_i - x̄|^2, "
+            f"  u(x) = (ε/τ) {pair_sum} [(rm/d_ij)^12 - 2 (rm/d_ij)^6] + ½ Σ_i |x_i - x̄|^2, "
             f"ε = {self.epsilon:g}, rm = {self.rm:g}, τ = {self.tau:g}.\n"
-            "  CONVENTION: the pair sum runs over ORDERED pairs (each pair counted twice), as in every\n"
-            "  LJ-13 number of the paper (global minimum -83.09, Table 1's energy bins) and in the public\n"
-            "  LJ-13 data sets of later work. Single-count libraries give pair energies half as large.\n"
-            "  Energies in kT; configurations are CoM-free; symmetries: "
+            + convention
+            + "  Energies in kT; configurations are CoM-free; symmetries: "
             + ", ".join(self.symmetries)
             + ".\n"
             f"  CoM-free dimension (N-1)D = {self.n_dof}; Gaussian NLL constant 0.5 (N-1) D log 2π = "
@@ -141,6 +197,14 @@ class LennardJones(ParticleSystem):
 def make_lj13() -> LennardJones:
     """LJ-13: 13 particles in 3-D, global minimum -83.09 (icosahedron, paper Fig. 7)."""
     return LennardJones(name="lj13", n_particles=13, n_dims=3)
+
+
+def make_lj13_single() -> LennardJones:
+    """LJ-13 in the single-count convention of bgflow and the SE(3) augmented coupling flow
+    (Midgley et al. 2023): pair sum over unordered pairs, the same CoM oscillator; global minimum
+    -38.7722 (-44.3268 without the oscillator). Its own data protocol, :data:`LJ_SINGLE_PROTOCOL`."""
+    return LennardJones(name="lj13-single", n_particles=13, n_dims=3, pair_multiplicity=1.0,
+                        data_protocol=LJ_SINGLE_PROTOCOL)
 
 
 def make_lennard_jones(n_particles: int, n_dims: int = 3) -> LennardJones:
