@@ -15,15 +15,6 @@ from eqbench.registry import MODELS, SYSTEMS, TASKS
 #: within its time limit, these systems' data are not needed by the tests, and lj13-single's cost
 #: ~70 % of lj13's chain-steps (measured: 296 s of CPU for its three splits, i.e. ~2.5 min more
 #: with --jobs 2 on 2 idle cores); a task that uses them generates them on first use like any other.
-DATA_ON_REQUEST: tuple[str, ...] = ("lj13-single",)
-
-
-def default_data_systems() -> list[str]:
-    """The systems ``eqbench data`` covers without arguments: every registered one (plugins
-    included) except :data:`DATA_ON_REQUEST`."""
-    return [name for name in SYSTEMS.names() if name not in DATA_ON_REQUEST]
-
-
 SYSTEMS.register("dw2", "eqbench.systems.double_well:make_dw2",
                  description="2 particles, 2-D double-well pair potential (paper §6, Fig. 3b)")
 SYSTEMS.register("dw4", "eqbench.systems.double_well:make_dw4",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from eqbench import catalog  # noqa: F401  (registers the built-ins)
+from eqbench import components
 from eqbench.config import TRAINING_DEFAULTS, TRAINING_HELP
 from eqbench.errors import EqbenchError, UnknownNameError
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
@@ -159,7 +160,7 @@ def _print_eqbench_diagnostics(name: str, split: str, d: dict[str, Any]) -> None
 
 def _print_on_request_note() -> None:
     """Say which registered systems a bare ``eqbench data`` / ``log-z`` leaves out, and how to make them."""
-    skipped = [name for name in catalog.DATA_ON_REQUEST if name in SYSTEMS.names()]
+    skipped = [name for name in components.DATA_ON_REQUEST if name in SYSTEMS.names()]
     if skipped:
         print(f"(not covered without arguments: {', '.join(skipped)}; name them to make theirs, e.g. "
               f"`python -m eqbench data {skipped[0]}`)")
@@ -170,7 +171,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from eqbench.data import diagnostics as diag
     from eqbench.data import external, store
 
-    systems = args.systems or catalog.default_data_systems()
+    systems = args.systems or components.default_data_systems()
     if not args.systems and not args.json:
         _print_on_request_note()
     exit_code = 0
@@ -239,7 +240,7 @@ def cmd_log_z(args: argparse.Namespace) -> int:
     from eqbench.components import get_system
     from eqbench.data import log_z
 
-    systems = [get_system(name) for name in (args.systems or catalog.default_data_systems())]  # bad names fail first
+    systems = [get_system(name) for name in (args.systems or components.default_data_systems())]  # bad names fail first
     if not args.systems and not args.json:
         _print_on_request_note()
     compute = "always" if args.recompute else ("never" if args.cached_only else "auto")
@@ -670,13 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate (once, cached in $EQBENCH_CACHE or ~/.cache/eqbench) and check "
                                    "the MCMC reference data of SPEC §3 (splits train, val, test: disjoint chains, "
                                    "own seeds), or inspect the community data files. Without SYSTEM: every registered "
-                                   "system except " + ", ".join(catalog.DATA_ON_REQUEST) + " (not needed by the test "
+                                   "system except " + ", ".join(components.DATA_ON_REQUEST) + " (not needed by the test "
                                    "suite or `make data`; its data are made when named, e.g. `eqbench data "
-                                   + catalog.DATA_ON_REQUEST[0] + "`, or on first use by a task).")
+                                   + components.DATA_ON_REQUEST[0] + "`, or on first use by a task).")
     p.add_argument("systems", nargs="*", metavar="SYSTEM",
-                   help="systems (default: every registered system except " + ", ".join(catalog.DATA_ON_REQUEST)
+                   help="systems (default: every registered system except " + ", ".join(components.DATA_ON_REQUEST)
                         + ", whose data are made only when named: `eqbench data "
-                        + " ".join(catalog.DATA_ON_REQUEST) + "`)")
+                        + " ".join(components.DATA_ON_REQUEST) + "`)")
     p.add_argument("--source", choices=("eqbench", "community"), default="eqbench",
                    help="eqbench's own MCMC data (default) or the public DEM/EFM files")
     p.add_argument("--regenerate", action="store_true", help="regenerate even if a verified copy is cached")
@@ -696,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "computes it.")
     p.add_argument("systems", nargs="*", metavar="SYSTEM",
                    help="systems (default: as for `eqbench data`: every registered system except "
-                        + ", ".join(catalog.DATA_ON_REQUEST) + ")")
+                        + ", ".join(components.DATA_ON_REQUEST) + ")")
     p.add_argument("--recompute", action="store_true", help="compute again even if a cached value exists")
     p.add_argument("--cached-only", action="store_true",
                    help="only print cached values; a missing one is an error (exit 2), nothing is computed")
@@ -715,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a task over many models x systems x grid points x seeds, resumable",
                        description="Expand the task's profile for every model and system (default: all that the "
                                    "task supports; for a task of any system, every registered one except "
-                                   + ", ".join(catalog.DATA_ON_REQUEST) + ", which runs when named), skip finished cells and run the rest on an executor. Killed "
+                                   + ", ".join(components.DATA_ON_REQUEST) + ", which runs when named), skip finished cells and run the rest on an executor. Killed "
                                    "sweeps resume: run the same command again.",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog="examples:\n"

@@ -18,8 +18,17 @@ if TYPE_CHECKING:
     from eqbench.flows.base import Flow
     from eqbench.systems.base import ParticleSystem
 
-__all__ = ["CAPABILITIES", "get_system", "build_model", "capabilities_of", "model_builder",
+__all__ = ["CAPABILITIES", "DATA_ON_REQUEST", "default_data_systems", "get_system", "build_model", "capabilities_of", "model_builder",
            "declared_capabilities", "model_capabilities", "validate_model_config"]
+
+DATA_ON_REQUEST: tuple[str, ...] = ("lj13-single",)
+
+
+def default_data_systems() -> list[str]:
+    """The systems ``eqbench data`` covers without arguments: every registered one (plugins
+    included) except :data:`DATA_ON_REQUEST`."""
+    return [name for name in SYSTEMS.names() if name not in DATA_ON_REQUEST]
+
 
 def get_system(name: str | ParticleSystem) -> ParticleSystem:
     """A registered system by name (``dw2``, ``dw4``, ``lj13``, or a plugin's).

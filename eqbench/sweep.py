@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eqbench.catalog import default_data_systems
+from eqbench.components import default_data_systems
 from eqbench.cost import CellEstimate, CostModel
 from eqbench.errors import ConfigError
 from eqbench.executors import CellJob, SlurmOptions, make_executor, remove_stale_claims, run_jobs
@@ -59,7 +59,7 @@ def plan_sweep(
     task_obj = TASKS.get(task)
     models = list(models) if models else [e.name for e in MODELS.entries() if e.origin == "eqbench"]
     # A task for any system sweeps every registered one except those whose data are made only on
-    # request (eqbench.catalog.DATA_ON_REQUEST: lj13-single), which run when named.
+    # request (eqbench.components.DATA_ON_REQUEST: lj13-single), which run when named.
     systems = list(systems) if systems else list(task_obj.systems or default_data_systems())
     for name in systems:
         SYSTEMS.get(name)

@@ -163,11 +163,11 @@ def test_energy_training_accepts_lj13_single() -> None:
 def test_data_without_arguments_leaves_lj13_single_to_be_named(tmp_path, monkeypatch, capsys) -> None:
     """``make data`` (``eqbench data`` without SYSTEM) covers what the tests need, not lj13-single;
     the output and ``--help`` say how to make it. ``--verify`` on an empty cache generates nothing."""
-    from eqbench import catalog
+    from eqbench import catalog, components  # noqa: F401  (catalog registers the built-ins)
 
     monkeypatch.setenv("EQBENCH_CACHE", str(tmp_path))
-    assert catalog.DATA_ON_REQUEST == ("lj13-single",)
-    defaults = catalog.default_data_systems()
+    assert components.DATA_ON_REQUEST == ("lj13-single",)
+    defaults = components.default_data_systems()
     assert "lj13-single" not in defaults and {"dw2", "dw4", "lj13", "harmonic"} <= set(defaults)
     assert main(["data", "--verify"]) == 2  # everything missing in an empty cache
     out = capsys.readouterr().out
