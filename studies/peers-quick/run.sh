@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The quick-profile study of the peer families (README "The architectures the field compares
+# against"), cells in studies/peers-quick/cells/. The cells were made by eqbench at commit
+# 10946e0: a cell's id hashes eqbench's source, so to add seeds or sizes to THESE cells (and have
+# them aggregate with them) run from a worktree of that commit:
+#
+#   git worktree add ../eqbench-10946e0 10946e0
+#   cd ../eqbench-10946e0 && PYTHONPATH=$PWD RESULTS=<repo>/studies/peers-quick bash <repo>/studies/peers-quick/run.sh
+#
+# Rerunning skips finished cells (resumable). Newer code makes new cells, which the report keeps
+# apart (their code version differs). One thread per cell; --jobs as the cores allow.
+set -euo pipefail
+PY=${PY:-python}
+R=${RESULTS:-studies/peers-quick}
+JOBS=${JOBS:-1}
+S="$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 3600 --results $R --jobs $JOBS"
+# en-flow scores and samples with the exact trace (~0.8 s per LJ-13 configuration on one core): its
+# scoring sets are cut the same way on every system, as the quick profile now does by default.
+EN=(--set 'n_val={default=500, en-flow=100}' --set 'validate_every={default=50, en-flow=100}'
+    --set 'n_test={default=2000, en-flow=500}' --set 'n_train_eval={default=1000, en-flow=100}')
+$S --task density-estimation --model g-resflow kernel-flow --system dw4 lj13
+$S --task density-estimation --model se3-acf en-flow --system dw4 "${EN[@]}"
+$S --task density-estimation --model se3-acf --system lj13
+$S --task density-estimation --model en-flow --system lj13 "${EN[@]}"
+$S --task bg-reweighting --model g-resflow se3-acf kernel-flow --system dw4
+# The coupling flow at its authors' budget (~3,200 iterations of batch 32; quick runs 400 of 64):
+$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 5400 --jobs "$JOBS" \
+  --results "${R%/}-budget" --task density-estimation --model se3-acf --system dw4 \
+  --set n_train=[1000] --set iterations=3200 --set batch_size=32 --set validate_every=400
