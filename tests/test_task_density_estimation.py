@@ -177,3 +177,29 @@ def test_smoke_cells_do_not_need_log_z():
     assert {p.params["kl_divergence"] for p in plan_cells("density-estimation", "kernel-flow", "lj13", "quick")} == {True}
     with pytest.raises(ConfigError, match="kl_divergence"):
         plan_cells("density-estimation", "kernel-flow", "dw4", "smoke", overrides={"kl_divergence": 1})
+
+
+def test_community_test_split_scores_the_same_metrics(tmp_path):
+    """test_source = community: the test NLL is scored on the EFM/DEM test split (its unit says so)
+    and the sample metrics are recorded against it; a system without such a split is refused
+    with the reason, an unknown source with the valid ones."""
+    from eqbench.data.external import reference_data_dir
+
+    if reference_data_dir() is None:
+        pytest.skip("the community reference data (../shared/reference_data) are not beside this checkout")
+    results, table = run_task_smoke("density-estimation", "gaussian", "dw4", tmp_path,
+                                    overrides={"test_source": "community", "augment": [False]},
+                                    expect_metrics=("nll_test", "dist_tv_flow", "coord_w2_flow"))
+    unit = table.loc[table["metric"] == "nll_test", "unit"].iloc[0]
+    assert "community test split" in unit
+    params = results[0].config["params"]
+    assert params["test_source"] == "community"
+    community = eqbench.load_data("dw4", "test", n=params["n_test"], seed=0, source="community").numpy()
+    own = eqbench.load_data("dw4", "test", n=params["n_test"], seed=0).numpy()
+    assert not np.allclose(community, own)
+    from eqbench.planning import NoCellsError
+
+    with pytest.raises(NoCellsError, match="no community test split for harmonic; available for dw4, lj13"):
+        plan_cells("density-estimation", "gaussian", "harmonic", "smoke", overrides={"test_source": "community"})
+    with pytest.raises(ConfigError, match="test_source"):
+        plan_cells("density-estimation", "gaussian", "dw4", "smoke", overrides={"test_source": "efm"})

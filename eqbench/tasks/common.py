@@ -263,7 +263,7 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str) ->
     gap = record.get("bidirectional_gap")
     estimate = f", from an NLL that is an {flow.density_estimate}" if flow.iw_draws is not None else ""
     unit = (f"nats, KL(p‖q) = NLL_test - H(p), H(p) = {h.entropy:.4f} ± {h.entropy_stderr:.4f} "
-            f"(⟨u⟩ of the test split + log Z by forward AIS, a lower bound"
+            f"(⟨u⟩ of eqbench's test split + log Z by forward AIS, a lower bound"
             + (f"; reverse AIS {gap:+.3f} above it" if gap is not None else "") + f"){estimate}")
     return [ctx.record("kl_test", kl.kl, unit),
             ctx.record("kl_test_stderr", kl.stderr, "nats, standard error of kl_test: NLL over the scored test "

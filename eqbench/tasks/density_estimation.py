@@ -7,6 +7,10 @@ seeded by the cell's seed, fit the model by maximum likelihood (AdamW, lr 5e-3, 
 with one Hutchinson probe), then
 score ``-log q`` with the *exact* divergence on the training set and on the independent test set
 (SPEC §1: nats per configuration on the CoM-free subspace, Gaussian constant included).
+``test_source = "community"`` scores the test NLL and the sample metrics on the community (EFM/DEM)
+test split of the same target instead (dw4, lj13; ``eqbench data --source community`` reports
+its flaws), so that numbers sit beside that lineage's; training and validation stay on eqbench's
+splits, and the test records' units name the split.
 
 Non-equivariant models (no claimed rotation + permutation symmetry) run twice per size: as they
 are (variant ``""``) and with data augmentation (variant ``"aug"``: each batch rotated/reflected
@@ -85,6 +89,13 @@ __all__ = ["DensityEstimation", "TASK"]
 #: importance-weighted CoM marginal is "nats, IW estimate K=64", paper B.2).
 NLL_UNIT = "nats, exact"
 
+#: ``test_source``: eqbench's own test split, or the community (EFM/DEM) test split of the same
+#: target (``eqbench data --source community``; CoM removed on load, flaws reported there).
+TEST_SOURCES = ("eqbench", "community")
+#: Appended to the unit of every test-split record scored on the community split.
+COMMUNITY_TEST_DETAIL = ("community test split (EFM/DEM files via DEM, CoM removed on load; DW-4: rows repeat "
+                         "and ~89 % also occur in its train split)")
+
 
 class DensityEstimation(Task):
     """NLL on train and test after maximum-likelihood training on 10 .. 10,000 samples."""
@@ -110,11 +121,21 @@ class DensityEstimation(Task):
                               f"got {params.get('model_selection')!r}")
         if not isinstance(params.get("augment"), bool):
             raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
+        if params.get("test_source", "eqbench") not in TEST_SOURCES:
+            raise ConfigError(f"test_source must be one of {', '.join(TEST_SOURCES)}, got {params.get('test_source')!r}")
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        if _community_missing(params, system):
+            return []
         return augmentation_cells(params, model, system)
 
     def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        if _community_missing(params, system):
+            from eqbench.data.external import REFERENCE_FILES
+
+            have = sorted({name for name, split in REFERENCE_FILES if split == "test"})
+            return (f"test_source = community: no community test split for {system}; available for "
+                    f"{', '.join(have)}")
         return augmentation_reason(params, model)
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
@@ -139,7 +160,9 @@ class DensityEstimation(Task):
         flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)
         dtype = next(flow.parameters()).dtype
         train = load_data(ctx.system, split="train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
-        test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device)
+        source = p.get("test_source", "eqbench")
+        test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device,
+                         source=source)
         val = load_data(ctx.system, split="val", n=p["n_val"], seed=ctx.seed, dtype=dtype, device=ctx.device)
         torch.manual_seed(ctx.seed)
         start = time.perf_counter()
@@ -157,7 +180,8 @@ class DensityEstimation(Task):
         start = time.perf_counter()
         records += nll_records(ctx, flow, train[:p["n_train_eval"]], "nll_train")
         records += nll_records(ctx, flow, val, "nll_val")
-        records += nll_records(ctx, flow, test, "nll_test")
+        records += nll_records(ctx, flow, test, "nll_test",
+                               detail=COMMUNITY_TEST_DETAIL if source == "community" else "")
         records.append(ctx.record("eval_wall_s", time.perf_counter() - start, "s"))
         records += self.sample_records(ctx, flow, test)
         check_finite(records)
@@ -291,6 +315,15 @@ def claim_generalisation(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> C
                                          "model were scored.")
     return ClaimResult(REPRODUCED if passed else NOT_REPRODUCED, "; ".join(parts) + ".", tuple(points),
                        "test NLL at the smallest n_train (nats)")
+
+
+def _community_missing(params: Mapping[str, Any], system: str) -> bool:
+    """``test_source = community`` asked for a system without a community test split."""
+    if params.get("test_source", "eqbench") != "community":
+        return False
+    from eqbench.data.external import REFERENCE_FILES
+
+    return (system, "test") not in REFERENCE_FILES
 
 
 #: Training-set size of the peers' density-estimation protocol (E-NF data sets: 1,000 training
