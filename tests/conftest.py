@@ -101,3 +101,52 @@ def live_processes() -> list[tuple[int, str, int, int]]:
         if state not in ("Z", "X"):
             found.append((int(stat.parent.name), text[text.index("(") + 1:text.rindex(")")], int(ppid), int(session)))
     return found
+
+
+def centred_icosahedron(radius: float):
+    """Centred icosahedron ``[1, 13, 3]`` (float64): one particle at the origin, 12 at the cyclic
+    permutations of (0, ±1, ±φ) scaled to ``radius``; relaxes to the LJ-13 global minimum."""
+    import math
+
+    import torch
+
+    phi = (1.0 + math.sqrt(5.0)) / 2.0
+    verts = []
+    for a in (-1.0, 1.0):
+        for b in (-phi, phi):
+            verts += [(0.0, a, b), (a, b, 0.0), (b, 0.0, a)]
+    v = torch.tensor(verts, dtype=torch.float64)
+    v = radius * v / v.norm(dim=-1, keepdim=True)
+    return torch.cat([torch.zeros(1, 3, dtype=torch.float64), v]).unsqueeze(0)
+
+
+def report_cell(task: str, model: str, system: str, profile: str, seed: int, values: list[tuple], *,
+                caps: str = "cnf;equivariant;trainable", variant: str = "", n_train: int | None = 1000,
+                third: str = "step", **params) -> list[dict]:
+    """Long-table rows of one ok cell for report tests: ``values`` are ``(metric, value[, x])``
+    where the optional ``x`` is the row's ``third`` column ("step" or "unit"); ``params`` go into
+    the cell's config (and so into its settings key)."""
+    from eqbench.records import canonical_json, cell_id
+
+    params = {"variant": variant, "n_train": n_train, "iterations": 5 if profile == "smoke" else 500, **params}
+    config = {"task": task, "model": model, "system": system, "profile": profile, "seed": seed,
+              "params": params, "code": {"eqbench": "test"}}
+    key = cell_id({k: v for k, v in config.items() if k != "seed"})
+    rows = []
+    for metric, value, *rest in values:
+        row = {"cell_id": cell_id(config), "task": task, "system": system, "model": model, "variant": variant,
+               "n_train": n_train, "seed": seed, "metric": metric, "value": value, "unit": "", "step": None,
+               "profile": profile, "settings_key": key, "capabilities": caps, "code_version": "eqbench=test",
+               "status": "ok", "reason": "", "duration_s": 1.0, "config_json": canonical_json(config)}
+        if rest:
+            row[third] = rest[0]
+        rows.append(row)
+    return rows
+
+
+def write_results(tmp_path: Path, *cells: list[dict]) -> Path:
+    """``results.csv`` of the given cells' rows in ``tmp_path``; returns ``tmp_path``."""
+    import pandas as pd
+
+    pd.DataFrame([r for c in cells for r in c]).to_csv(tmp_path / "results.csv", index=False)
+    return tmp_path

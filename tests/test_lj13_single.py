@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import centred_icosahedron
 
 from eqbench.api import get_system
 from eqbench.cli import main
@@ -30,15 +31,7 @@ def _pair(d: float) -> float:
     return d ** -12 - 2.0 * d ** -6
 
 
-def _icosahedron(radius: float) -> torch.Tensor:
-    phi = (1.0 + math.sqrt(5.0)) / 2.0
-    verts = []
-    for a in (-1.0, 1.0):
-        for b in (-phi, phi):
-            verts += [(0.0, a, b), (a, b, 0.0), (b, 0.0, a)]
-    v = torch.tensor(verts, dtype=F64)
-    v = radius * v / v.norm(dim=-1, keepdim=True)
-    return torch.cat([torch.zeros(1, 3, dtype=F64), v]).unsqueeze(0)
+_icosahedron = centred_icosahedron
 
 
 def test_three_particles_by_hand_in_both_conventions() -> None:

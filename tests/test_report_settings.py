@@ -15,34 +15,15 @@ import pandas as pd
 import pytest
 
 from eqbench import report
-from eqbench.records import canonical_json, cell_id
 from eqbench.tasks.reporting import with_settings
+from conftest import report_cell, write_results
 
 EQ = "cnf;equivariant;trainable"
 NEQ = "cnf;trainable"
 
 
-def cell(task: str, model: str, system: str, profile: str, seed: int, values: list[tuple], *,
-         caps: str = EQ, variant: str = "", n_train: int | None = 1000, **params: Any) -> list[dict[str, Any]]:
-    """Rows of one ok cell: ``values`` are ``(metric, value[, step])``; ``params`` go into the config."""
-    params = {"variant": variant, "n_train": n_train, "iterations": 5 if profile == "smoke" else 500, **params}
-    config = {"task": task, "model": model, "system": system, "profile": profile, "seed": seed,
-              "params": params, "code": {"eqbench": "test"}}
-    key = cell_id({k: v for k, v in config.items() if k != "seed"})
-    rows = []
-    for metric, value, *rest in values:
-        rows.append({"cell_id": cell_id(config), "task": task, "system": system, "model": model, "variant": variant,
-                     "n_train": n_train, "seed": seed, "metric": metric, "value": value, "unit": "",
-                     "step": rest[0] if rest else None, "profile": profile, "settings_key": key,
-                     "capabilities": caps, "code_version": "eqbench=test", "status": "ok", "reason": "",
-                     "duration_s": 1.0, "config_json": canonical_json(config)})
-    return rows
-
-
-def write(tmp_path: Path, *cells: list[dict[str, Any]]) -> Path:
-    table = pd.DataFrame([r for c in cells for r in c])
-    table.to_csv(tmp_path / "results.csv", index=False)
-    return tmp_path
+cell = report_cell
+write = write_results
 
 
 def verdicts(results: Path) -> dict[tuple[str, str], report.ClaimVerdict]:

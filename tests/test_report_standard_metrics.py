@@ -7,15 +7,17 @@ cells share a settings key (the cell config without its seed) and which do not.
 
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from eqbench import report
-from eqbench.records import canonical_json, cell_id
 from eqbench.standard_metrics_table import StandardMetricsBlock, standard_metrics
 from eqbench.tasks.reporting import HtmlTable, with_settings
+from conftest import report_cell, write_results
 
 EQ = "cnf;equivariant;trainable"
 NEQ = "cnf;trainable"
@@ -23,27 +25,8 @@ EXACT = "nats, exact"
 IW20 = "nats, IW estimate K=20"
 
 
-def cell(task: str, model: str, system: str, profile: str, seed: int, values: list[tuple], *,
-         caps: str = EQ, variant: str = "", n_train: int | None = 1000, **params: Any) -> list[dict[str, Any]]:
-    """Rows of one ok cell: ``values`` are ``(metric, value[, unit])``; ``params`` go into the config."""
-    params = {"variant": variant, "n_train": n_train, "iterations": 5 if profile == "smoke" else 500, **params}
-    config = {"task": task, "model": model, "system": system, "profile": profile, "seed": seed,
-              "params": params, "code": {"eqbench": "test"}}
-    key = cell_id({k: v for k, v in config.items() if k != "seed"})
-    rows = []
-    for metric, value, *unit in values:
-        rows.append({"cell_id": cell_id(config), "task": task, "system": system, "model": model, "variant": variant,
-                     "n_train": n_train, "seed": seed, "metric": metric, "value": value,
-                     "unit": unit[0] if unit else "", "step": None, "profile": profile, "settings_key": key,
-                     "capabilities": caps, "code_version": "eqbench=test", "status": "ok", "reason": "",
-                     "duration_s": 1.0, "config_json": canonical_json(config)})
-    return rows
-
-
-def write(tmp_path: Path, *cells: list[dict[str, Any]]) -> Path:
-    table = pd.DataFrame([r for c in cells for r in c])
-    table.to_csv(tmp_path / "results.csv", index=False)
-    return tmp_path
+cell = functools.partial(report_cell, third="unit")
+write = write_results
 
 
 def density(model: str, profile: str, seed: int, nll: float, *, unit: str = EXACT, system: str = "dw4",

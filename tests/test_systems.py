@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import centred_icosahedron
 
 from eqbench.api import get_system
 from eqbench.errors import ConfigError
@@ -244,17 +245,7 @@ def test_configurational_temperature_of_exact_dw2_samples() -> None:
 
 
 # --------------------------------------------------------------------------- minima (SPEC §2)
-def _icosahedron(radius: float) -> torch.Tensor:
-    """Centred icosahedron: one particle at the origin, 12 at the cyclic permutations of
-    (0, ±1, ±φ) scaled to ``radius``."""
-    phi = (1.0 + math.sqrt(5.0)) / 2.0
-    verts = []
-    for a in (-1.0, 1.0):
-        for b in (-phi, phi):
-            verts += [(0.0, a, b), (a, b, 0.0), (b, 0.0, a)]
-    v = torch.tensor(verts, dtype=F64)
-    v = radius * v / v.norm(dim=-1, keepdim=True)
-    return torch.cat([torch.zeros(1, 3, dtype=F64), v]).unsqueeze(0)
+_icosahedron = centred_icosahedron
 
 
 def test_lj13_icosahedral_global_minimum() -> None:
