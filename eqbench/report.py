@@ -54,6 +54,8 @@ from typing import TYPE_CHECKING, Any
 
 from eqbench.errors import EqbenchError
 from eqbench.tasks.reporting import (
+    no_verdict_note,
+    profiles_in_order,
     NO_VERDICT,
     NOT_MEASURED,
     NOT_REPRODUCED,
@@ -99,27 +101,7 @@ __all__ = [
     "write_report",
 ]
 
-#: Order of profiles on the page; profiles not listed follow, sorted.
-PROFILE_ORDER = ("paper", "quick", "smoke", "calibrate")
-
-#: Why a profile decides nothing, shown where its rows are.
-NO_VERDICT_WHY = {
-    "smoke": "a plumbing check (a few iterations, tiny data)",
-    "calibrate": "a cost calibration (sized to time the phases, not to converge)",
-}
-
 _fmt, _pm = fmt, pm
-
-
-def _profiles(rows: pandas.DataFrame) -> list[str]:
-    present = set(rows["profile"].astype(str)) if "profile" in rows.columns else {""}
-    return [p for p in PROFILE_ORDER if p in present] + sorted(present - set(PROFILE_ORDER))
-
-
-def _no_verdict_note(profile: str) -> str:
-    why = NO_VERDICT_WHY.get(profile, "not a profile a verdict may rest on")
-    return (f"Profile {profile or '(none)'}: {why}; its numbers give no verdict (claims are judged on "
-            f"{' and '.join(VERDICT_PROFILES)} only).")
 
 
 # -- the tasks' declarations ----------------------------------------------------------------------
@@ -499,7 +481,7 @@ def evaluate_claims(table: pandas.DataFrame, baselines: pandas.DataFrame | None 
     results = []
     for section, claim in claims():
         task_rows = ok[ok["task"] == section.task]
-        profiles = _profiles(task_rows) if not task_rows.empty else []
+        profiles = profiles_in_order(task_rows) if not task_rows.empty else []
         if not profiles:
             results.append(ClaimVerdict(claim, section.task, "", ClaimResult(
                 NOT_MEASURED, f"no ok {section.task} rows in this results table.")))
@@ -507,7 +489,7 @@ def evaluate_claims(table: pandas.DataFrame, baselines: pandas.DataFrame | None 
         for profile in profiles:
             rows = ok[ok["profile"] == profile]
             if profile not in VERDICT_PROFILES:
-                res = ClaimResult(NO_VERDICT, _no_verdict_note(profile))
+                res = ClaimResult(NO_VERDICT, no_verdict_note(profile))
             elif claim.needs and not capabilities_known(task_rows[task_rows["profile"] == profile]):
                 res = ClaimResult(NOT_MEASURED, f"{profile} profile: capabilities not recorded (this table predates "
                                                 f"the capabilities column; collect it again to judge models by "
@@ -850,7 +832,7 @@ def _section_context(section: TaskSection, table: pandas.DataFrame, ok: pandas.D
                            "empty": rows.empty, "profiles": [], "published": []}
     if rows.empty:
         return ctx
-    for k, profile in enumerate(_profiles(rows)):
+    for k, profile in enumerate(profiles_in_order(rows)):
         prows = rows[rows["profile"] == profile]
         ptable = table[(table["task"] == section.task) & (table["profile"].astype(str) == profile)]
         figures, note = _figures(section.task, ptable, work_dir / f"t{index}p{k}", f"t{index}p{k}")
@@ -873,7 +855,7 @@ def _section_context(section: TaskSection, table: pandas.DataFrame, ok: pandas.D
             beside += section.extra_tables(prows, baselines)
         ctx["profiles"].append({
             "name": profile or "(none)",
-            "note": "" if profile in VERDICT_PROFILES else _no_verdict_note(profile),
+            "note": "" if profile in VERDICT_PROFILES else no_verdict_note(profile),
             "figures": figures, "figure_note": note,
             "tables": [t for t in tables + beside if t is not None],
         })

@@ -37,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eqbench.tasks.reporting import VERDICT_PROFILES, HtmlTable, fmt, pm, seed_stats, with_settings
+from eqbench.tasks.reporting import (VERDICT_PROFILES, HtmlTable, fmt, no_verdict_note, pm, profiles_in_order,
+                                     seed_stats, with_settings)
 
 if TYPE_CHECKING:
     import pandas
@@ -213,8 +214,6 @@ def standard_metrics(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[
     """The standard-metrics blocks of ``ok`` (the ok rows of a results table), one per (profile,
     system) that has rows of a source task, profiles in ``profile_order`` of :mod:`eqbench.report`
     and systems sorted; ``baselines``: the published numbers (may be empty)."""
-    from eqbench.report import _no_verdict_note, _profiles
-
     if ok.empty or "task" not in ok.columns:
         return []
     ok = with_settings(ok) if "settings" not in ok.columns else ok
@@ -224,12 +223,12 @@ def standard_metrics(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> list[
     published = [] if baselines.empty else [r for r in baselines.to_dict("records")
                                             if r.get("metric") in PUBLISHED_METRICS]
     blocks = []
-    for profile in _profiles(ok) if not ok.empty else []:
+    for profile in profiles_in_order(ok) if not ok.empty else []:
         prows = ok[ok["profile"].astype(str) == profile]
         for system in sorted(set(prows["system"].astype(str))):
             srows = prows[prows["system"].astype(str) == system]
             block = StandardMetricsBlock(profile, system,
-                                         "" if profile in VERDICT_PROFILES else _no_verdict_note(profile))
+                                         "" if profile in VERDICT_PROFILES else no_verdict_note(profile))
             for source in SOURCES:
                 trows = srows[srows["task"] == source.task]
                 if trows.empty:

@@ -69,6 +69,28 @@ VERDICTS = (REPRODUCED, NOT_REPRODUCED, NOT_MEASURED, NO_VERDICT)
 #: ``calibrate`` (cost measurement) are shown in tables and figures but judge nothing.
 VERDICT_PROFILES: tuple[str, ...] = ("quick", "paper")
 
+#: Order of profiles on the page; profiles not listed follow, sorted.
+PROFILE_ORDER = ("paper", "quick", "smoke", "calibrate")
+
+#: Why a profile decides nothing, shown where its rows are.
+NO_VERDICT_WHY = {
+    "smoke": "a plumbing check (a few iterations, tiny data)",
+    "calibrate": "a cost calibration (sized to time the phases, not to converge)",
+}
+
+
+def profiles_in_order(rows: pandas.DataFrame) -> list[str]:
+    """The profiles present in ``rows``, in :data:`PROFILE_ORDER`, others after them sorted."""
+    present = set(rows["profile"].astype(str)) if "profile" in rows.columns else {""}
+    return [p for p in PROFILE_ORDER if p in present] + sorted(present - set(PROFILE_ORDER))
+
+
+def no_verdict_note(profile: str) -> str:
+    """Why ``profile``'s numbers decide no claim, as the report shows it beside them."""
+    why = NO_VERDICT_WHY.get(profile, "not a profile a verdict may rest on")
+    return (f"Profile {profile or '(none)'}: {why}; its numbers give no verdict (claims are judged on "
+            f"{' and '.join(VERDICT_PROFILES)} only).")
+
 #: The NLL convention shared by the tasks that score likelihoods (SPEC §1).
 NLL_CONVENTION = (
     "NLL is −log q(x) in nats per configuration on the centre-of-mass-free subspace, including the "
