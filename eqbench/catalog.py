@@ -9,12 +9,12 @@ from __future__ import annotations
 from eqbench.registry import MODELS, SYSTEMS, TASKS
 
 #: Registered systems whose reference data ``eqbench data`` (and ``eqbench log-z``) make only when
-#: named, e.g. ``eqbench data lj13-single``; without arguments they cover every other registered
+#: named, e.g. ``eqbench data lj13-single``, ``eqbench data lj55``; without arguments they cover every other registered
 #: system (what the test suite and ``make data`` need), and a sweep of a task for any system
 #: (``systems = None``) leaves them out unless named. Why: CI runs ``make data`` on a fresh cache
 #: within its time limit, these systems' data are not needed by the tests, and lj13-single's cost
 #: ~70 % of lj13's chain-steps (measured: 296 s of CPU for its three splits, i.e. ~2.5 min more
-#: with --jobs 2 on 2 idle cores); a task that uses them generates them on first use like any other.
+#: with --jobs 2 on 2 idle cores), lj55's about an hour (its protocol's comment); a task that uses them generates them on first use like any other.
 SYSTEMS.register("dw2", "eqbench.systems.double_well:make_dw2",
                  description="2 particles, 2-D double-well pair potential (paper §6, Fig. 3b)")
 SYSTEMS.register("dw4", "eqbench.systems.double_well:make_dw4",
@@ -24,6 +24,9 @@ SYSTEMS.register("lj13", "eqbench.systems.lennard_jones:make_lj13",
 SYSTEMS.register("lj13-single", "eqbench.systems.lennard_jones:make_lj13_single",
                  description="LJ-13 with each pair counted once (bgflow; Midgley et al. 2023's energy-only "
                              "training): half lj13's pair energy, same oscillator; not comparable with lj13")
+SYSTEMS.register("lj55", "eqbench.systems.lennard_jones:make_lj55",
+                 description="55 Lennard-Jones particles in 3-D + CoM oscillator, lj13's ordered-pair convention "
+                             "(the LJ-55 of the flow-matching / diffusion lineage); minimum: Mackay icosahedron")
 SYSTEMS.register("harmonic", "eqbench.systems.harmonic:make_harmonic",
                  description="known answer: 4 particles in 3-D, u = ½|x|² on the CoM-free subspace (target = prior)")
 

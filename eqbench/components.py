@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["CAPABILITIES", "DATA_ON_REQUEST", "default_data_systems", "get_system", "build_model", "capabilities_of", "model_builder",
            "declared_capabilities", "model_capabilities", "validate_model_config"]
 
-DATA_ON_REQUEST: tuple[str, ...] = ("lj13-single",)
+DATA_ON_REQUEST: tuple[str, ...] = ("lj13-single", "lj55")
 
 
 def default_data_systems() -> list[str]:

@@ -159,7 +159,7 @@ def test_data_without_arguments_leaves_lj13_single_to_be_named(tmp_path, monkeyp
     from eqbench import catalog, components  # noqa: F401  (catalog registers the built-ins)
 
     monkeypatch.setenv("EQBENCH_CACHE", str(tmp_path))
-    assert components.DATA_ON_REQUEST == ("lj13-single",)
+    assert components.DATA_ON_REQUEST == ("lj13-single", "lj55")
     defaults = components.default_data_systems()
     assert "lj13-single" not in defaults and {"dw2", "dw4", "lj13", "harmonic"} <= set(defaults)
     assert main(["data", "--verify"]) == 2  # everything missing in an empty cache

@@ -47,6 +47,10 @@ DATA_SPLITS = ("train", "val", "test")
 SYSTEM_KINDS = ("double-well", "lennard-jones", "harmonic", "other")
 
 
+#: Most pairs :meth:`ParticleSystem.energy` evaluates in one block (about 25 LJ-55 configurations).
+PAIR_BLOCK = 32_768
+
+
 @dataclass(frozen=True)
 class DataProtocol:
     """How the reference data of a system is generated (paper C.4, SPEC §3).
@@ -199,6 +203,11 @@ class ParticleSystem(ABC):
     def pair_potential(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(f(d), f'(d), f''(d))`` of the pair potential for distances ``d``."""
 
+    def pair_energy(self, d: torch.Tensor) -> torch.Tensor:
+        """``f(d)`` alone, for :meth:`energy`. Override where ``f`` is much cheaper than the three
+        derivatives together: Metropolis sampling evaluates nothing else."""
+        return self.pair_potential(d)[0]
+
     def external_energy(self, x: torch.Tensor) -> torch.Tensor:
         """Energy of a one-body term (none by default)."""
         return x.new_zeros(x.shape[:-2])
@@ -211,12 +220,25 @@ class ParticleSystem(ABC):
 
     # ----------------------------------------------------------------- public physics
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """Reduced energy ``u(x)`` in kT, shape ``x.shape[:-2]``."""
+        """Reduced energy ``u(x)`` in kT, shape ``x.shape[:-2]``.
+
+        Large batches are evaluated in blocks of at most :data:`PAIR_BLOCK` pairs: the pair
+        tensors of a whole batch of a large cluster (200 LJ-55 chains: 300,000 pairs) fall out of
+        the CPU caches, and blocks of ~25 such configurations were 3x faster. Each row's result is
+        the same either way.
+        """
         self.check_shape(x)
+        n_pairs = self.n_particles * (self.n_particles - 1) // 2
+        rows = max(1, PAIR_BLOCK // max(n_pairs, 1))
+        flat = x.reshape(-1, *self.event_shape)
+        if flat.shape[0] <= rows:
+            return self._energy(x)
+        return torch.cat([self._energy(block) for block in flat.split(rows)]).reshape(x.shape[:-2])
+
+    def _energy(self, x: torch.Tensor) -> torch.Tensor:
         r, _, _ = pair_vectors(x)
         d = torch.linalg.vector_norm(r, dim=-1)
-        f, _, _ = self.pair_potential(d)
-        return self.pair_multiplicity * f.sum(-1) + self.external_energy(x)
+        return self.pair_multiplicity * self.pair_energy(d).sum(-1) + self.external_energy(x)
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
         """``∇u(x)``, same shape as ``x``."""

@@ -31,7 +31,8 @@ import torch
 from eqbench.errors import ConfigError
 from eqbench.systems.base import DataProtocol, ParticleSystem
 
-__all__ = ["LJ_PROTOCOL", "LJ_SINGLE_PROTOCOL", "LennardJones", "make_lennard_jones", "make_lj13", "make_lj13_single"]
+__all__ = ["LJ55_PROTOCOL", "LJ_PROTOCOL", "LJ_SINGLE_PROTOCOL", "LennardJones", "mackay_icosahedron", "make_lennard_jones",
+           "make_lj13", "make_lj13_single", "make_lj55"]
 
 #: Paper C.4: step 0.025, 20,000 burn-in steps. Measured at this step: acceptance 32 %; the
 #: loose-cluster starts sit ~44 kT above equilibrium and relax within ~15,000 steps (256 chains
@@ -68,6 +69,10 @@ LJ_PROTOCOL = DataProtocol(step_size=0.025, burn_in=65_000, stride=4_000, n_chai
 LJ_SINGLE_PROTOCOL = DataProtocol(step_size=0.04, burn_in=45_000, stride=2_800, n_chains=200, n_val_chains=50,
                                   init_scale=1.0)
 
+#: ``lj55``: measured with eqbench's generator (see the study in ``studies/lj55-data``).
+LJ55_PROTOCOL = DataProtocol(step_size=0.01, burn_in=60_000, stride=10_000, n_chains=50, n_val_chains=25,
+                             n_train=2_000, n_val=500, n_test=2_000, init_scale=1.0)
+
 #: Packing fraction of equal spheres, densest known in 1-3 D (line, hexagonal, fcc): sizes the
 #: cluster diameter of :attr:`LennardJones.pair_distance_range`; higher dimensions use the 3-D one.
 _PACKING = {1: 1.0, 2: math.pi / (2.0 * math.sqrt(3.0)), 3: math.pi / (3.0 * math.sqrt(2.0))}
@@ -93,6 +98,13 @@ class LennardJones(ParticleSystem):
         df = k * (-12.0 * q12 + 12.0 * q6) / d
         d2f = k * (156.0 * q12 - 84.0 * q6) / (d * d)
         return f, df, d2f
+
+    def pair_energy(self, d: torch.Tensor) -> torch.Tensor:
+        # The same expression as pair_potential's f, without the two derivatives (a third of
+        # the cost of an energy evaluation in Metropolis sampling).
+        q2 = (self.rm / d).square()
+        q6 = q2 * q2 * q2
+        return (self.epsilon / self.tau) * (q6 * q6 - 2.0 * q6)
 
     @property
     def length_scale(self) -> float:
@@ -171,6 +183,12 @@ class LennardJones(ParticleSystem):
                 "  LJ-13 number of the paper (global minimum -83.09, Table 1's energy bins) and in the public\n"
                 "  LJ-13 data sets of later work. Single-count libraries give pair energies half as large.\n"
             )
+            if self.n_particles == 55 and self.n_dims == 3 and self.pair_multiplicity == 2.0:
+                convention += (
+                    "  Users: the LJ-55 of the flow-matching and diffusion-sampler lineage (EFM, Klein et al.\n"
+                    "  2023; iDEM / DEM), with lj13's energy. Global minimum -491.6413: the two-shell Mackay\n"
+                    "  icosahedron, whose pair part alone is 2 x -279.248470 (Cambridge Cluster Database).\n"
+                )
             if lj13_itself:
                 convention += (
                     "  Users: Köhler et al. 2020 and the E-NF / EFM / DEM LJ-13 data sets (their configurational\n"
@@ -205,6 +223,57 @@ def make_lj13_single() -> LennardJones:
     -38.7722 (-44.3268 without the oscillator). Its own data protocol, :data:`LJ_SINGLE_PROTOCOL`."""
     return LennardJones(name="lj13-single", n_particles=13, n_dims=3, pair_multiplicity=1.0,
                         data_protocol=LJ_SINGLE_PROTOCOL)
+
+
+def mackay_icosahedron(n_shells: int, spacing: float = 1.0) -> torch.Tensor:
+    """Mackay icosahedron of ``n_shells`` shells around a central particle, ``[1, N, 3]``
+    float64 with ``N = 1 + Σ_k (10 k² + 2)``: 13 (one shell), 55 (two), 147 (three).
+
+    Shell ``k`` holds the points ``(a v_i + b v_j + c v_l) / k · k·spacing`` with ``a + b + c = k``
+    on every face ``(v_i, v_j, v_l)`` of the unit icosahedron (vertices, edge points and face
+    points, each once), i.e. the vertices sit at radius ``k · spacing``. Relaxed, it is the
+    global minimum of LJ-13 and LJ-55 (Wales & Doye 1997, Cambridge Cluster Database: -44.326801
+    and -279.248470 ε for the single-count pair energy alone).
+
+    Example:
+        >>> mackay_icosahedron(2).shape
+        torch.Size([1, 55, 3])
+    """
+    if isinstance(n_shells, bool) or not isinstance(n_shells, int) or n_shells < 1:
+        raise ConfigError(f"a Mackay icosahedron needs an integer number of shells >= 1, got {n_shells!r}")
+    phi = (1.0 + math.sqrt(5.0)) / 2.0
+    corners = []
+    for a in (-1.0, 1.0):
+        for b in (-phi, phi):
+            corners += [(0.0, a, b), (a, b, 0.0), (b, 0.0, a)]
+    v = torch.tensor(corners, dtype=torch.float64)
+    v = v / v.norm(dim=-1, keepdim=True)
+    edge = float((v[0] - v[1:]).norm(dim=-1).min())
+    near = (torch.cdist(v, v) - edge).abs() < 1e-9
+    faces = [(i, j, k) for i in range(12) for j in range(i + 1, 12) for k in range(j + 1, 12)
+             if near[i, j] and near[j, k] and near[i, k]]
+    points = [torch.zeros(3, dtype=torch.float64)]
+    for shell in range(1, n_shells + 1):
+        seen: set[tuple[int, ...]] = set()
+        for i, j, k in faces:
+            for a in range(shell + 1):
+                for b in range(shell + 1 - a):
+                    c = shell - a - b
+                    # A point is identified by its barycentric weights on the 12 vertices.
+                    weights = [0] * 12
+                    weights[i], weights[j], weights[k] = a, b, c
+                    key = tuple(weights)
+                    if key not in seen:
+                        seen.add(key)
+                        points.append(spacing * (a * v[i] + b * v[j] + c * v[k]))
+    return torch.stack(points).unsqueeze(0)
+
+
+def make_lj55() -> LennardJones:
+    """LJ-55: 55 particles in 3-D, lj13's convention (ordered pairs, CoM oscillator) and its
+    own measured data protocol, :data:`LJ55_PROTOCOL`. Its global minimum is the two-shell Mackay
+    icosahedron (:func:`mackay_icosahedron`)."""
+    return LennardJones(name="lj55", n_particles=55, n_dims=3, data_protocol=LJ55_PROTOCOL)
 
 
 def make_lennard_jones(n_particles: int, n_dims: int = 3) -> LennardJones:
