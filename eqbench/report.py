@@ -31,7 +31,8 @@ over the registered tasks and renders. The page, top to bottom:
 2. the field's standard metrics (test NLL and KL at the peers' training size, sample-quality
    distances, reverse and forward ESS, reverse KL) per profile and system, one table per source
    task, one row per settings key, with the peers' published numbers beside them
-   (:mod:`eqbench.standard_metrics_table`);
+   (:mod:`eqbench.standard_metrics_table`); then the conventions of every published row, once
+   (data set, pair counting, NLL constant, estimator: ``published.csv``'s structured columns);
 3. failed cells with their reasons (a failure must never hide behind a missing row), and the
    cell files not used, with theirs (a skipped file must never hide either);
 4. per task and profile: the conventions its numbers follow, its figures, the measured headline
@@ -151,7 +152,11 @@ class BaselinesWarning(UserWarning):
 
 
 #: The columns of ``baselines/published.csv`` (tests/test_baselines.py checks the file's schema).
-BASELINE_COLUMNS = ("source", "table", "system", "model", "metric", "value", "error", "unit", "convention", "note")
+BASELINE_COLUMNS = ("source", "table", "system", "model", "metric", "value", "error", "unit", "convention",
+                    "data_set", "pair_counting", "nll_constant", "estimator", "note")
+#: The structured convention columns (baselines/README.md): what the report's "Conventions of the
+#: published rows" table shows beside each row's key, one cell each.
+CONVENTION_COLUMNS = ("data_set", "pair_counting", "nll_constant", "estimator")
 
 
 def load_baselines(path: Path | None = None) -> pandas.DataFrame:
@@ -447,6 +452,20 @@ def _baseline_table(baselines: pandas.DataFrame, section: TaskSection, systems: 
                      rows=rows)
 
 
+def _conventions_table(baselines: pandas.DataFrame) -> HtmlTable | None:
+    """Every published row once, with its structured conventions (data set, pair counting, NLL
+    constant, estimator): what a reader needs before putting any published number beside a
+    measured one. ``None`` when no published numbers could be read."""
+    if baselines.empty:
+        return None
+    rows = [[str(r[c]) for c in ("source", "table", "system", "model", "metric", *CONVENTION_COLUMNS)]
+            for r in baselines.to_dict("records")]
+    return HtmlTable(caption=f"Conventions of the published rows ({len(rows)} rows of baselines/published.csv)",
+                     header=["source", "table", "system", "model", "metric", "data set", "pair counting",
+                             "NLL constant", "estimator"],
+                     rows=rows)
+
+
 # -- claims ---------------------------------------------------------------------------------------
 
 
@@ -664,6 +683,7 @@ Densities”, ICML 2020. Generated {{ generated }} from <code>results.csv</code>
 shows the measured numbers only: no published number is placed beside them or in a verdict.</p>{% endif %}
 
 <nav><strong>Contents:</strong> <a href="#claims">claims</a> · <a href="#standard-metrics">standard metrics</a>
+· <a href="#published-conventions">conventions of the published rows</a>
 · <a href="#failed-cells">failed cells</a>
 · <a href="#skipped-cells">cell files not used</a>
 {% for s in sections %} · <a href="#task-{{ s.task }}">{{ s.task }}</a>{% endfor %} · <a href="#provenance">provenance</a>
@@ -730,6 +750,23 @@ with their convention: they use other data sets and protocols.</p>
 {% else %}
 <p class="muted">No density-estimation, bg-reweighting or energy-training results in this table.</p>
 {% endfor %}
+</section>
+
+<section id="published-conventions">
+<h2>Conventions of the published rows</h2>
+{% if conventions %}
+<p class="muted">Every row of <code>baselines/published.csv</code> once, whether or not a measured number sits
+beside it: the data set it was measured on, how its energy counts particle pairs (“ordered pairs (each twice)”:
+a sum over i ≠ j, eqbench's Lennard-Jones convention; “unordered pairs (each once)”: a sum over i &lt; j, as the
+double well's and the single-count Lennard-Jones energy's), whether an
+NLL includes the Gaussian normalising constant ½ (N-1) D log 2π, and the estimator behind the number. “n/a”: that
+convention does not enter the number; “not stated”: the source does not say. The task sections show each row's
+free-text convention and note beside the measured numbers it belongs to; baselines/README.md says where each number
+comes from.</p>
+{{ data_table(conventions, 'published-conventions') }}
+{% else %}
+<p class="muted">No published numbers could be read, so there are no conventions to list.</p>
+{% endif %}
 </section>
 
 <section id="failed-cells">
@@ -920,6 +957,7 @@ def render_report(results_dir: Path | str, *, baselines: pandas.DataFrame | None
         note=loaded.note,
         sections=contexts,
         standard_metrics=standard_metrics(ok, baselines),
+        conventions=_conventions_table(baselines),
         peer_n_train=f"{peer_n_train():,}",
         other_tasks=sorted(set(table["task"].dropna().astype(str)) - known),
         provenance=_provenance(table),

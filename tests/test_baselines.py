@@ -24,8 +24,18 @@ COLUMNS = [
     "error",
     "unit",
     "convention",
+    "data_set",
+    "pair_counting",
+    "nll_constant",
+    "estimator",
     "note",
 ]
+#: The structured convention columns the report's "Conventions of the published rows" table shows.
+CONVENTION_COLUMNS = ["data_set", "pair_counting", "nll_constant", "estimator"]
+ORDERED = "ordered pairs (each twice)"
+UNORDERED = "unordered pairs (each once)"
+#: baselines/README.md: the only values pair_counting may take.
+PAIR_COUNTING = {ORDERED, UNORDERED, "n/a", "not stated"}
 KEY = ["source", "table", "system", "model", "metric"]
 SOURCES = {"kohler2020", "midgley2023", "satorras2021"}
 #: The peers whose own tables rows may come from (baselines/README.md, "Rules for rows typed from
@@ -53,6 +63,13 @@ MODELS = {
 @pytest.fixture(scope="module")
 def table() -> pd.DataFrame:
     return pd.read_csv(CSV)
+
+
+@pytest.fixture(scope="module")
+def text_table() -> pd.DataFrame:
+    """The file as strings, "n/a" kept as written (pandas would read it as missing), as the report
+    reads it."""
+    return pd.read_csv(CSV, dtype=str, keep_default_na=False)
 
 
 def lookup(
@@ -237,3 +254,78 @@ def test_midgley_table_nll_rows_are_marked_as_iw_estimates(table: pd.DataFrame) 
     for _, row in rows.iterrows():
         assert "K = 20" in str(row.convention), f"{tuple(row[KEY])}: K = 20 not stated"
 
+
+
+# -- the structured conventions (issue 16, item 5) ------------------------------------------------
+
+
+def test_every_row_fills_the_structured_conventions(text_table: pd.DataFrame) -> None:
+    """Every row states data set, pair counting, NLL constant and estimator; "n/a" or "not stated"
+    where nothing else can be said, never an empty cell."""
+    from eqbench.report import BASELINE_COLUMNS, CONVENTION_COLUMNS as REPORTED
+
+    assert list(BASELINE_COLUMNS) == COLUMNS, "report.BASELINE_COLUMNS disagrees with the file's schema"
+    assert list(REPORTED) == CONVENTION_COLUMNS
+    for column in CONVENTION_COLUMNS:
+        assert column in text_table.columns, f"published.csv lacks {column!r}"
+        empty = text_table[text_table[column].str.strip() == ""]
+        assert empty.empty, f"{column} empty for {[tuple(r) for r in empty[KEY].values]}"
+
+
+def test_pair_counting_vocabulary(text_table: pd.DataFrame) -> None:
+    unknown = set(text_table.pair_counting) - PAIR_COUNTING
+    assert not unknown, f"pair_counting outside {sorted(PAIR_COUNTING)}: {sorted(unknown)}"
+    # an energy enters these numbers: energy bins, minimum energies, minimisation, an ESS
+    energy = text_table.metric.str.contains("minim|energy|ess")
+    assert (text_table[energy].pair_counting != "n/a").all()
+    # and none enters an NLL, a timing or a parameter count
+    none = text_table.metric.str.startswith(("nll", "loglik", "n_parameters", "train_time", "sample_time"))
+    assert (text_table[none].pair_counting == "n/a").all()
+
+
+def test_kohler_lj13_rows_count_ordered_pairs(text_table: pd.DataFrame) -> None:
+    """Table 1's energy bins and Fig. 7's -83.09 use the ordered-pair LJ energy (SPEC §2)."""
+    rows = text_table[(text_table.source == "kohler2020") & (text_table.system == "lj13")]
+    with_energy = rows[rows.pair_counting != "n/a"]
+    assert set(with_energy.table) == {"Table 1", "Fig. 7"}
+    assert len(with_energy) == 13
+    assert (with_energy.pair_counting == ORDERED).all()
+
+
+def test_dw4_energies_count_unordered_pairs(text_table: pd.DataFrame) -> None:
+    """The double well sums over i < j (SPEC §2; the paper's 1/(2τ) Σ_{i,j})."""
+    rows = text_table[(text_table.system == "dw4") & (text_table.pair_counting != "n/a")]
+    assert not rows.empty
+    assert (rows.pair_counting == UNORDERED).all()
+    assert set(rows[rows.source == "kohler2020"].table) == {"SPEC §2", "§7.5"}
+
+
+def test_peer_lj13_rows_name_the_enf_data_set(text_table: pd.DataFrame) -> None:
+    rows = text_table[(text_table.source == "midgley2023") & (text_table.system == "lj13")]
+    assert len(rows) == 2
+    assert rows.data_set.str.contains("E-NF data sets").all()
+    assert rows.data_set.str.contains("idx_LJ13").all()
+    nll = rows[rows.metric == "nll_test"].iloc[0]
+    assert nll.data_set.startswith("E-NF data sets")
+    assert nll.pair_counting == "n/a", "no energy enters an NLL"
+    # the ESS row's flow: the summary gives no training setup, so the data set is not stated
+    ess = rows[rows.metric == "reverse_ess"].iloc[0]
+    assert ess.data_set.startswith("not stated")
+    assert ess.pair_counting == UNORDERED, "their LJ-13 energy is single-count"
+
+
+def test_nll_constant_and_estimator(text_table: pd.DataFrame) -> None:
+    nll = text_table.metric.str.startswith(("nll", "loglik"))
+    assert text_table.nll_constant.str.startswith(("included", "omitted", "not stated", "n/a")).all()
+    assert (text_table[~nll].nll_constant == "n/a").all()
+    assert (text_table[nll].nll_constant != "n/a").all()
+    peer = text_table[nll & (text_table.source == "midgley2023")]
+    assert peer.nll_constant.str.startswith("included").all()
+    assert peer.estimator.str.startswith("importance-weighted, K = 20").all()
+    # §7.4: the paper says neither the sign nor the constant
+    kohler = text_table[nll & (text_table.source == "kohler2020")]
+    assert len(kohler) == 2 and kohler.nll_constant.str.startswith("not stated").all()
+    timings = text_table[text_table.unit == "s"]
+    assert timings.estimator.str.startswith("wall clock").all()
+    counts = text_table[text_table.metric == "n_parameters"]
+    assert counts.estimator.str.startswith("count").all() and (counts.data_set == "n/a").all()

@@ -365,3 +365,65 @@ def test_claim_coupling_samples_faster_needs_both_systems_and_the_peer() -> None
     mixed = pd.concat([table(0.05), table(0.5).assign(model="other")], ignore_index=True)
     mixed = with_settings(mixed.drop(columns=["settings_key", "settings"], errors="ignore"))
     assert claim_coupling_samples_faster(mixed, baselines).verdict == report.NOT_REPRODUCED
+
+
+# -- the conventions of the published rows (issue 16, item 5) ---------------------------------------
+
+
+def _conventions_rows(page: str) -> list[list[str]]:
+    """The body rows of the page's "Conventions of the published rows" table, cells unescaped."""
+    import html as htmllib
+
+    section = page.split('<section id="published-conventions">')[1].split("</section>")[0]
+    body = section.split("<tbody>")[1].split("</tbody>")[0]
+    return [[htmllib.unescape(c) for c in re.findall(r"<td>(.*?)</td>", row, flags=re.S)]
+            for row in re.findall(r"<tr>(.*?)</tr>", body, flags=re.S)]
+
+
+def test_conventions_table_lists_every_published_row_once(tmp_path: Path) -> None:
+    """One row per published row, with its data set, pair counting, NLL constant and estimator,
+    rendered once per page whatever was measured; a column missing from published.csv would leave
+    the page without published numbers, and so without this table."""
+    from conftest import report_cell, write_results
+
+    results = write_results(tmp_path, report_cell("density-estimation", "kernel-flow", "dw4", "smoke", 0,
+                                                  [("nll_test", 7.5)]))
+    page = report.render_report(results)
+    assert page.count('id="published-conventions"') == 1 and 'href="#published-conventions"' in page
+    assert page.count("Conventions of the published rows (") == 1
+    published = report.load_baselines()
+    shown = _conventions_rows(page)
+    keys = ["source", "table", "system", "model", "metric"]
+    expected = [[str(r[c]) for c in (*keys, "data_set", "pair_counting", "nll_constant", "estimator")]
+                for r in published.to_dict("records")]
+    assert shown == expected
+    header = page.split('<section id="published-conventions">')[1].split("</thead>")[0]
+    for name in ("data set", "pair counting", "NLL constant", "estimator"):
+        assert f"<th>{name}</th>" in header
+    by_key = {tuple(row[:5]): row for row in shown}
+    assert "E-NF data sets" in by_key[("midgley2023", "summary", "lj13", "se3-acf", "nll_test")][5]
+    assert by_key[("kohler2020", "Fig. 7", "lj13", "system", "global_minimum_energy")][6] == \
+        "ordered pairs (each twice)"
+
+
+def test_conventions_table_without_published_numbers(tmp_path: Path) -> None:
+    """A baselines file that lacks one of the convention columns is not read (one warning), and the
+    page says there are no conventions to list."""
+    import warnings
+
+    from conftest import report_cell, write_results
+
+    full = pd.read_csv(report.baselines_path(), dtype=str, keep_default_na=False)
+    for column in report.CONVENTION_COLUMNS:
+        path = tmp_path / f"without-{column}.csv"
+        full.drop(columns=[column]).to_csv(path, index=False)
+        with pytest.warns(report.BaselinesWarning, match=f"lack the columns {column}"):
+            baselines = report.load_baselines(path)
+        assert baselines.empty
+    results = write_results(tmp_path, report_cell("density-estimation", "kernel-flow", "dw4", "smoke", 0,
+                                                  [("nll_test", 7.5)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", report.BaselinesWarning)
+        page = report.render_report(results, baselines=baselines)
+    section = page.split('<section id="published-conventions">')[1].split("</section>")[0]
+    assert "No published numbers could be read" in section and "<table" not in section
