@@ -181,3 +181,43 @@ def test_evaluate_command_scores_a_kept_cell_and_lands_in_the_report(tmp_path, b
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--system" in bad.stderr
     json.loads(cell_json.read_text())  # the source cell is untouched and readable
+
+
+def test_community_test_split_scores_the_same_metrics(tmp_path):
+    """test_source = community (issue 16): nll_test and the reference of the reweighting metrics
+    come from the EFM/DEM test split, named in the units; the flow samples and the train / val NLLs
+    do not change; a system without the split and an unknown source are refused with the reason."""
+    from eqbench.data.external import reference_data_dir
+    from eqbench.planning import NoCellsError
+    from eqbench.runner import plan_cells
+
+    if reference_data_dir() is None:
+        pytest.skip("the community reference data (../shared/reference_data) are not beside this checkout")
+    flow = eqbench.build_model("gaussian", "dw4")
+    with torch.no_grad():
+        flow.log_scale.fill_(np.log(1.3))
+    (own,) = eqbench.evaluate(flow, "dw4", name="g", results_dir=tmp_path / "own")
+    (cell,) = eqbench.evaluate(flow, "dw4", name="g", overrides={"test_source": "community"},
+                               results_dir=tmp_path / "community")
+    assert own.status == "ok" and cell.status == "ok", (own.reason, cell.reason)
+    params = cell.config["params"]
+    assert params["test_source"] == "community" and own.config["params"]["test_source"] == "eqbench"
+    community = eqbench.load_data("dw4", "test", n=params["n_test"], seed=0, source="community")
+    ours, theirs = _scalars(cell), _scalars(own)
+    assert ours["nll_test"] == pytest.approx(float(-flow.log_prob(community).mean().detach()), rel=1e-12)
+    units = {r.metric: r.unit for r in cell.records if r.step is None}
+    for metric in ("nll_test", "mean_energy_mcmc", "energy_w2_flow", "distance_w2_flow", "dist_tv_flow",
+                   "coord_w2_flow"):
+        assert "community test split (EFM/DEM" in units[metric], metric
+        assert ours[metric] != pytest.approx(theirs[metric], rel=1e-9), metric
+    assert "compared with mean_energy_mcmc of the community test split" in units["mean_energy_reweighted"]
+    for metric in ("nll_train", "nll_val", "ess_fraction", "mean_energy_reweighted"):
+        assert ours[metric] == pytest.approx(theirs[metric], rel=1e-12), metric
+    assert not any("community" in r.unit for r in own.records)
+    with pytest.raises(NoCellsError, match="no community test split for harmonic; available for dw4, lj13"):
+        plan_cells("evaluate", "gaussian", "harmonic", "smoke", overrides={"test_source": "community"})
+    (missing,) = eqbench.evaluate("gaussian", "harmonic", overrides={"test_source": "community"},
+                                  results_dir=tmp_path / "missing")
+    assert missing.status != "ok" and "no community test split for harmonic" in missing.reason
+    with pytest.raises(ConfigError, match="test_source must be one of eqbench, community, got 'efm'"):
+        eqbench.evaluate(flow, "dw4", name="g", overrides={"test_source": "efm"}, results_dir=tmp_path / "bad")

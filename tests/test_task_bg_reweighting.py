@@ -259,3 +259,55 @@ def test_harmonic_prior_flow_end_to_end(tmp_path):
     # A sign error in log w (log w = -u + log q = -|x|² - const) gives ESS (E w)² / E w² = (5/9)^(k/2) ≈ 0.07:
     z = np.random.default_rng(0).standard_normal((n_samples, k))
     assert metrics.ess_fraction(-(z**2).sum(1)) == pytest.approx((5 / 9) ** (k / 2), abs=0.05)
+
+
+def test_community_test_split_scores_the_same_metrics(tmp_path):
+    """test_source = community (issue 16): the same trained flow and the same flow samples, scored
+    against the EFM/DEM test split instead of eqbench's. What is computed on or compared with the
+    test split changes and says so in its unit; what depends on the flow samples alone does not
+    change; eqbench's units stay as they were; systems without the split and unknown sources are
+    refused with the reason."""
+    from eqbench.data.external import reference_data_dir
+    from eqbench.planning import NoCellsError
+
+    if reference_data_dir() is None:
+        pytest.skip("the community reference data (../shared/reference_data) are not beside this checkout")
+    overrides = {"augment": [False]}
+    expect = SCALARS + SAMPLE_QUALITY + HISTOGRAMS
+    _, own = run_task_smoke("bg-reweighting", "kernel-flow", "dw4", tmp_path / "eqbench", overrides=overrides,
+                            expect_metrics=expect)
+    results, table = run_task_smoke("bg-reweighting", "kernel-flow", "dw4", tmp_path / "community",
+                                    overrides={**overrides, "test_source": "community"}, expect_metrics=expect)
+    assert results[0].config["params"]["test_source"] == "community"
+    assert not own["unit"].str.contains("community").any()
+    units = table[table["step"].isna()].set_index("metric")["unit"]
+    on_split = ("nll_test", "forward_ess_fraction", "forward_log_w_std", "mean_energy_mcmc", "mean_energy_mcmc_std",
+                "energy_w1_flow", "energy_w2_flow", "energy_w1_reweighted", "energy_w2_reweighted",
+                "distance_w2_flow", "distance_w2_reweighted", "dist_tv_flow", "dist_tv_reweighted",
+                "coord_w2_flow", "coord_w2_aligned_flow")
+    for metric in on_split:
+        assert "community test split (EFM/DEM" in units[metric], (metric, units[metric])
+    for metric in ("mean_energy_flow", "mean_energy_reweighted", "mean_energy_reweighted_std"):
+        assert "compared with mean_energy_mcmc of the community test split" in units[metric], metric
+    for metric in ("energy_hist_flow", "energy_hist_mcmc", "energy_edge"):
+        assert table.loc[table["metric"] == metric, "unit"].str.contains("community test split").all(), metric
+    for metric in ("ess_fraction", "nll_train", "n_samples"):
+        assert "community" not in units[metric], metric
+    # Same training data and seed: the same flow and samples; only the reference differs.
+    for metric in ("nll_train", "ess_fraction", "mean_energy_flow", "mean_energy_reweighted"):
+        assert _scalar(table, metric) == pytest.approx(_scalar(own, metric), rel=1e-6), metric
+    for metric in ("nll_test", "forward_ess_fraction", "mean_energy_mcmc", "energy_w2_flow", "energy_w1_reweighted",
+                   "dist_tv_flow", "coord_w2_flow"):
+        assert _scalar(table, metric) != pytest.approx(_scalar(own, metric), rel=1e-9), metric
+    # the community reference is the same target: DW-4 energies near -22.5 kT
+    assert -24.5 < _scalar(table, "mean_energy_mcmc") < -20.5
+    for system in ("harmonic", "dw2"):
+        with pytest.raises(NoCellsError, match=f"no community test split for {system}; available for dw4, lj13"):
+            plan_cells("bg-reweighting", "kernel-flow", system, "smoke", overrides={"test_source": "community"})
+    with pytest.raises(ConfigError, match="test_source must be one of eqbench, community, got 'efm'"):
+        plan_cells("bg-reweighting", "kernel-flow", "dw4", "smoke", overrides={"test_source": "efm"})
+
+
+def test_every_profile_declares_its_test_split():
+    for profile in ("smoke", "quick", "paper", "calibrate"):
+        assert TASK.profile(profile)["test_source"] == "eqbench", profile

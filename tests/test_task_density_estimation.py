@@ -192,6 +192,9 @@ def test_community_test_split_scores_the_same_metrics(tmp_path):
                                     expect_metrics=("nll_test", "dist_tv_flow", "coord_w2_flow"))
     unit = table.loc[table["metric"] == "nll_test", "unit"].iloc[0]
     assert "community test split" in unit
+    for metric in ("dist_tv_flow", "coord_w2_flow", "energy_w2_flow"):  # compared with the same split
+        assert table.loc[table["metric"] == metric, "unit"].str.contains("community test split").all(), metric
+    assert not table.loc[table["metric"] == "nll_train", "unit"].str.contains("community").any()
     params = results[0].config["params"]
     assert params["test_source"] == "community"
     community = eqbench.load_data("dw4", "test", n=params["n_test"], seed=0, source="community").numpy()
@@ -201,5 +204,5 @@ def test_community_test_split_scores_the_same_metrics(tmp_path):
 
     with pytest.raises(NoCellsError, match="no community test split for harmonic; available for dw4, lj13"):
         plan_cells("density-estimation", "gaussian", "harmonic", "smoke", overrides={"test_source": "community"})
-    with pytest.raises(ConfigError, match="test_source"):
+    with pytest.raises(ConfigError, match="test_source must be one of eqbench, community, got 'efm'"):
         plan_cells("density-estimation", "gaussian", "dw4", "smoke", overrides={"test_source": "efm"})

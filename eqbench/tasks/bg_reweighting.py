@@ -77,6 +77,18 @@ continuous flows ``ess_fraction_hutchinson``, ``mean_energy_hutchinson(_std)``,
 ``n_samples_undefined_hutchinson`` and ``log_q_hutchinson_error_std`` (std of Hutchinson minus
 exact ``log q`` over the samples where both are finite).
 
+**Test split** (``test_source``, :func:`eqbench.tasks.common.load_test_split`): ``"eqbench"``
+(every profile) scores on eqbench's own MCMC test split; ``"community"`` on the community (EFM/DEM)
+test split of the same target (dw4, lj13; CoM removed on load, its flaws reported by ``eqbench
+data --source community``), so that the numbers sit beside that lineage's. Training stays on
+eqbench's training split. What changes with the split: ``nll_test`` (and ``kl_test``), the forward
+ESS, the reference energies (``mean_energy_mcmc``, ``energy_hist_mcmc``, the energy bins) and every
+sample metric against the test set (energy W1/W2, distance W2 and TV, coordinate W2s, flow and
+reweighted); their units end with the split's description. The reverse ESS and the flow /
+reweighted mean energies are of the flow samples alone and do not change, but the units of the
+mean energies and of the flow / reweighted histograms name the reference they are compared with.
+Other systems have no community split and make no cell (the request is refused with the reason).
+
 **Known answer** (``harmonic``, :mod:`eqbench.systems.harmonic`): the target is the prior, so a
 flow equal to its prior has ESS 1 and reweighted ``⟨u⟩ = (N-1) D / 2``; tests run it end to end.
 
@@ -98,9 +110,11 @@ from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (DISTANCE_UNIT, FINITE_ENERGY_UNIT, augmentation_cells, augmentation_reason,
-                                  check_finite, check_kl_setting, check_sample_metric_settings, forward_ess_records,
-                                  fraction, nll_records, positive_int, sample_quality_records, sample_with_log_q, score_log_q,
-                                  show_progress, train_flow)
+                                  check_finite, check_kl_setting, check_sample_metric_settings, check_test_source,
+                                  community_missing, community_missing_reason, forward_ess_records, fraction,
+                                  load_test_split, nll_records, positive_int, sample_quality_records,
+                                  sample_with_log_q, score_log_q, show_progress, split_detail, train_flow,
+                                  with_detail)
 
 from eqbench.tasks.reporting import (
     NLL_CONVENTION,
@@ -192,8 +206,8 @@ def sample_cnf_log_q(
 
 def check_reweighting_settings(params: Mapping[str, Any]) -> None:
     """The settings :meth:`BGReweighting.reweighting_records` and the solver override read
-    (``solver_steps``, ``free_energy_window``, ``distance_range``, ``model_config``), shared
-    with the ``evaluate`` task, which scores flows the same way."""
+    (``solver_steps``, ``free_energy_window``, ``distance_range``, ``model_config``,
+    ``test_source``), shared with the ``evaluate`` task, which scores flows the same way."""
     steps = params.get("solver_steps")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ConfigError(f"solver_steps must be 0 (the model's default) or a positive integer, got {steps!r}")
@@ -209,6 +223,7 @@ def check_reweighting_settings(params: Mapping[str, Any]) -> None:
         raise ConfigError(f"model_config must be a table of model settings, got {params.get('model_config')!r}")
     check_sample_metric_settings(params)
     check_kl_setting(params)
+    check_test_source(params)
 
 
 class BGReweighting(Task):
@@ -235,9 +250,13 @@ class BGReweighting(Task):
         check_reweighting_settings(params)
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        if community_missing(params, system):
+            return []
         return augmentation_cells(params, model, system)
 
     def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        if community_missing(params, system):
+            return community_missing_reason(system)
         return augmentation_reason(params, model)
 
     # ------------------------------------------------------------------ one cell
@@ -266,7 +285,7 @@ class BGReweighting(Task):
             flow.with_solver(steps=p["solver_steps"])
         dtype = next(flow.parameters()).dtype
         train = load_data(ctx.system, split="train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
-        test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=torch.float64)
+        test = load_test_split(ctx, p["n_test"])  # float64 on the CPU: the reference statistics
         torch.manual_seed(ctx.seed)
         records = [ctx.record("n_parameters", flow.n_parameters, "count")]
 
@@ -286,8 +305,8 @@ class BGReweighting(Task):
         records += nll_records(ctx, flow, train, "nll_train")
         test_on_device = test.to(device=ctx.device, dtype=dtype)
         scored_test = score_log_q(ctx, flow, test_on_device)
-        records += nll_records(ctx, flow, test_on_device, "nll_test", scored=scored_test)
-        records += forward_ess_records(ctx, flow, scored_test, ctx.system.energy(test))
+        records += nll_records(ctx, flow, test_on_device, "nll_test", scored=scored_test, detail=split_detail(p))
+        records += forward_ess_records(ctx, flow, scored_test, ctx.system.energy(test), detail=split_detail(p))
         records.append(ctx.record("score_wall_s", time.perf_counter() - start, "s"))
 
         # -- sampling with exact log q (and the Hutchinson log q of the same samples on DW-2)
@@ -311,7 +330,9 @@ class BGReweighting(Task):
     def reweighting_records(self, ctx: CellContext, x: torch.Tensor, log_q: np.ndarray, test: torch.Tensor,
                             log_q_hutchinson: np.ndarray | None = None) -> list[Record]:
         """Everything computed from the flow samples ``x`` and their ``log q`` against the MCMC
-        ``test`` set: counts, ESS, mean energies, histograms, W2s and (DW-2) free energies.
+        ``test`` set: counts, ESS, mean energies, histograms, W2s and (DW-2) free energies. The
+        cell's ``test_source`` says which test split ``test`` is, for the units (see the module
+        docstring; the caller loads it, :func:`eqbench.tasks.common.load_test_split`).
 
         Separate from :meth:`run_cell` so the counting convention of the module docstring (zero
         weights stay, undefined ones are left out and counted) is testable on hand-made samples.
@@ -343,7 +364,8 @@ class BGReweighting(Task):
         x_mcmc = metrics.as_array(test)
         records += self._energy_records(ctx, u_ok, log_w, u_mcmc, n)
         # energy W1/W2, distance W2, distance-histogram TV (flow and reweighted), coordinate W2s
-        records += sample_quality_records(ctx, x_ok, u_ok, x_mcmc, u_mcmc, log_w=log_w)
+        records += sample_quality_records(ctx, x_ok, u_ok, x_mcmc, u_mcmc, log_w=log_w,
+                                          detail=split_detail(ctx.params))
         d = metrics.pair_distances(x_np)[:, 0] if ctx.system.name == FREE_ENERGY_SYSTEM else None
         estimates: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         if d is not None:
@@ -367,6 +389,10 @@ class BGReweighting(Task):
 
         ``u`` and ``log_w`` are of the samples with a defined weight (``u`` may be ``+inf`` where
         the weight is zero); ``n_total`` counts every sample drawn (the ESS denominator).
+        On the community test split (``test_source``) the units of the reference statistics end
+        with the split's description, and those of the flow statistics compared with them (mean
+        energies, the flow / reweighted histograms on the reference's bins) name the reference;
+        the reverse ESS depends on the flow samples alone and keeps its unit.
         """
         import numpy as np
 
@@ -374,24 +400,30 @@ class BGReweighting(Task):
 
         p = ctx.params
         boot = {"n_resamples": p["n_bootstrap"], "seed": ctx.seed}
+        on = split_detail(p)  # statistics of the test split itself
+        vs = f"compared with mean_energy_mcmc of the {on}" if on else ""  # flow statistics beside them
+        bins = f"bins from the energies of the {on}" if on else ""
         finite_u = u[np.isfinite(u)]
         records = [
             ctx.record("ess_fraction", metrics.ess_fraction(log_w, n_total=n_total), ESS_UNIT),
-            ctx.record("mean_energy_flow", finite_u.mean(), f"kT, {FINITE_ENERGY_UNIT}"),
+            ctx.record("mean_energy_flow", finite_u.mean(), with_detail(f"kT, {FINITE_ENERGY_UNIT}", vs)),
             ctx.record("mean_energy_flow_std", metrics.bootstrap_std(np.mean, finite_u, **boot),
-                       f"kT, bootstrap std, {FINITE_ENERGY_UNIT}"),
-            ctx.record("mean_energy_reweighted", metrics.weighted_mean(u, log_w), "kT"),
+                       with_detail(f"kT, bootstrap std, {FINITE_ENERGY_UNIT}", vs)),
+            ctx.record("mean_energy_reweighted", metrics.weighted_mean(u, log_w), with_detail("kT", vs)),
             ctx.record("mean_energy_reweighted_std", metrics.bootstrap_std(_reweighted_mean, u, log_w, **boot),
-                       "kT, bootstrap std"),
-            ctx.record("mean_energy_mcmc", u_mcmc.mean(), "kT"),
-            ctx.record("mean_energy_mcmc_std", metrics.bootstrap_std(np.mean, u_mcmc, **boot), "kT, bootstrap std"),
+                       with_detail("kT, bootstrap std", vs)),
+            ctx.record("mean_energy_mcmc", u_mcmc.mean(), with_detail("kT", on)),
+            ctx.record("mean_energy_mcmc_std", metrics.bootstrap_std(np.mean, u_mcmc, **boot),
+                       with_detail("kT, bootstrap std", on)),
         ]
         edges = energy_edges(u_mcmc, p["energy_bins"])
-        records.append(ctx.record("energy_fraction_above_range", float((u > edges[-1]).mean()), "fraction of samples"))
-        records += [ctx.record("energy_edge", e, "kT", step=k) for k, e in enumerate(edges)]
+        records.append(ctx.record("energy_fraction_above_range", float((u > edges[-1]).mean()),
+                                  with_detail("fraction of samples", bins)))
+        records += [ctx.record("energy_edge", e, with_detail("kT", bins), step=k) for k, e in enumerate(edges)]
         for name, values, weights in (("flow", u, None), ("reweighted", u, log_w), ("mcmc", u_mcmc, None)):
             density = metrics.histogram_density(values, edges, weights)
-            records += [ctx.record(f"energy_hist_{name}", v, "1/kT (density)", step=k) for k, v in enumerate(density)]
+            unit = with_detail("1/kT (density)", on if name == "mcmc" else bins)
+            records += [ctx.record(f"energy_hist_{name}", v, unit, step=k) for k, v in enumerate(density)]
         return records
 
     def _hutchinson_records(self, ctx: CellContext, u: np.ndarray, log_w: np.ndarray, log_q_error: np.ndarray,

@@ -53,6 +53,15 @@ __all__ = [
     "SAMPLE_METRIC_SETTINGS",
     "check_sample_metric_settings",
     "sample_quality_records",
+    "TEST_SOURCES",
+    "COMMUNITY_TEST_DETAIL",
+    "split_source",
+    "check_test_source",
+    "community_missing",
+    "community_missing_reason",
+    "split_detail",
+    "with_detail",
+    "load_test_split",
 ]
 
 
@@ -166,7 +175,7 @@ def score_log_q(ctx: CellContext, flow: Flow, x: torch.Tensor, batch_size: int =
 
 
 def forward_ess_records(ctx: CellContext, flow: Flow, log_q: ScoredLogQ, energies: Any,
-                        metric: str = "forward_ess_fraction") -> list[Record]:
+                        metric: str = "forward_ess_fraction", *, detail: str = "") -> list[Record]:
     """The forward ESS fraction (:func:`eqbench.metrics.forward_ess_fraction`) of target samples
     (an MCMC test set) with energies ``energies`` and log-densities ``log_q`` under the flow.
 
@@ -174,7 +183,8 @@ def forward_ess_records(ctx: CellContext, flow: Flow, log_q: ScoredLogQ, energie
     ``<metric>_undefined``; the unit says how log q was computed (exact, or the one-draw
     extended-space density of an augmented flow). ``forward_log_w_std``, the spread of the finite
     log-weights, says how far a forward ESS of ~0 is from useful (for lognormal weights the
-    fraction is ``exp(-σ²)``).
+    fraction is ``exp(-σ²)``). ``detail`` (:func:`split_detail`) is appended to the units
+    of the records computed on the test configurations.
     """
     import numpy as np
 
@@ -186,16 +196,17 @@ def forward_ess_records(ctx: CellContext, flow: Flow, log_q: ScoredLogQ, energie
     how = ("exact log q" if log_q.extended is None
            else "extended-space one-draw density log q(x,a) - log π(a|x), a ~ π(a|x)")
     n = len(log_w)
+    unit = (f"fraction, forward ESS n²/(Σw·Σ1/w) (Midgley et al. 2023), w = exp(-u - log q) at the "
+            f"{int(defined.sum())} of {n} MCMC test-split configurations with a defined weight (x ~ p); {how}")
     records = [ctx.record(metric, metrics.forward_ess_fraction(log_w[defined]) if defined.any() else 0.0,
-                          f"fraction, forward ESS n²/(Σw·Σ1/w) (Midgley et al. 2023), w = exp(-u - log q) at the "
-                          f"{int(defined.sum())} of {n} MCMC test-split configurations with a defined weight "
-                          f"(x ~ p); {how}")]
-    records.append(ctx.record(f"{metric}_undefined", float((~defined).sum()), "count (NaN weight, left out)"))
+                          with_detail(unit, detail))]
+    records.append(ctx.record(f"{metric}_undefined", float((~defined).sum()),
+                              with_detail("count (NaN weight, left out)", detail)))
     finite = log_w[np.isfinite(log_w)]
     if finite.size > 1:
         records.append(ctx.record("forward_log_w_std", float(finite.std()),
-                                  f"nats, std of log w = -u - log q over the {finite.size} test configurations "
-                                  f"with a finite weight, {how}"))
+                                  with_detail(f"nats, std of log w = -u - log q over the {finite.size} test "
+                                              f"configurations with a finite weight, {how}", detail)))
     return records
 
 
@@ -216,7 +227,7 @@ def nll_records(ctx: CellContext, flow: Flow, x: torch.Tensor, metric: str, *, d
     k = flow.iw_draws
     scored = scored if scored is not None else score_log_q(ctx, flow, x, batch_size)
     value = float(-scored.scored.mean())
-    kl = kl_records(ctx, flow, scored, metric)
+    kl = kl_records(ctx, flow, scored, metric, detail=detail)
     if k is None:
         return [ctx.record(metric, value, nll_unit(flow, detail)), *kl]
     one = float(-scored.extended.mean())
@@ -235,7 +246,7 @@ def check_kl_setting(params: Mapping[str, Any]) -> None:
         raise ConfigError(f"{KL_SETTING} must be true or false, got {params[KL_SETTING]!r}")
 
 
-def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str) -> list[Record]:
+def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str, *, detail: str = "") -> list[Record]:
     """``KL(p‖q) = NLL_test - H(p)`` beside a test NLL, when the cell's ``kl_divergence`` is true.
 
     Why: an NLL alone has no absolute meaning (it moves with the data set and its constant);
@@ -248,6 +259,8 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str) ->
     configurations, of log Z and of ``⟨u⟩`` added in quadrature); the unit names the estimator,
     H(p), and the forward/reverse AIS gap, which bounds the bias of log Z (0.26 nats on LJ-13, far
     above its standard error). A flow whose NLL is an estimate gets an estimated KL, and says so.
+    ``detail``: what the NLL's unit adds (the community test split, :func:`split_detail`),
+    named in the KL's unit as the split NLL_test was scored on.
     """
     if metric != "nll_test" or ctx.params.get(KL_SETTING) is not True:
         return []
@@ -264,7 +277,8 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str) ->
     estimate = f", from an NLL that is an {flow.density_estimate}" if flow.iw_draws is not None else ""
     unit = (f"nats, KL(p‖q) = NLL_test - H(p), H(p) = {h.entropy:.4f} ± {h.entropy_stderr:.4f} "
             f"(⟨u⟩ of eqbench's test split + log Z by forward AIS, a lower bound"
-            + (f"; reverse AIS {gap:+.3f} above it" if gap is not None else "") + f"){estimate}")
+            + (f"; reverse AIS {gap:+.3f} above it" if gap is not None else "") + f"){estimate}"
+            + (f"; NLL_test on the {detail}" if detail else ""))
     return [ctx.record("kl_test", kl.kl, unit),
             ctx.record("kl_test_stderr", kl.stderr, "nats, standard error of kl_test: NLL over the scored test "
                                                    "configurations, log Z and ⟨u⟩ in quadrature")]
@@ -388,7 +402,7 @@ def check_sample_metric_settings(params: Mapping[str, Any]) -> None:
 
 
 def sample_quality_records(ctx: CellContext, x: np.ndarray, u: np.ndarray, x_ref: np.ndarray, u_ref: np.ndarray,
-                           *, log_w: np.ndarray | None = None) -> list[Record]:
+                           *, log_w: np.ndarray | None = None, detail: str = "") -> list[Record]:
     """The sample-quality numbers later work reports (iDEM 2024, Midgley et al. 2023, Klein et al.
     2023), flow samples ``x`` against reference configurations ``x_ref`` (the MCMC test set).
 
@@ -406,7 +420,11 @@ def sample_quality_records(ctx: CellContext, x: np.ndarray, u: np.ndarray, x_ref
       most ``coord_w2_samples`` / ``coord_w2_aligned_samples`` configurations per set (seeded by
       the cell's seed; the unit gives the counts used);
     - ``sample_metrics_wall_s``: seconds spent on all of the above.
+
+    ``detail`` (:func:`split_detail`) is appended to the unit of every record compared with
+    ``x_ref`` (the community test split, where the cell scores on it).
     """
+    import dataclasses
     import time
 
     import numpy as np
@@ -449,5 +467,72 @@ def sample_quality_records(ctx: CellContext, x: np.ndarray, u: np.ndarray, x_ref
         counts = f"{min(len(x), n_max)}x{min(len(x_ref), n_max)} configurations"
         how = "no alignment" if align == "none" else "each pair aligned (permutation, rotation/reflection)"
         records.append(ctx.record(metric, value, f"{DISTANCE_UNIT}, W2 (not squared), exact OT, {counts}, {how}"))
+    if detail:
+        records = [dataclasses.replace(r, unit=with_detail(r.unit, detail)) for r in records]
     records.append(ctx.record("sample_metrics_wall_s", time.perf_counter() - start, "s"))
     return records
+
+
+# -- the test split a task scores on: eqbench's own or the community's (density-estimation,
+#    bg-reweighting, evaluate)
+
+#: ``test_source``: eqbench's own test split, or the community (EFM/DEM) test split of the same
+#: target (``eqbench data --source community``; CoM removed on load, flaws reported there), so
+#: that a model's numbers sit beside the published ones of that lineage.
+TEST_SOURCES = ("eqbench", "community")
+#: Appended to the unit of every record scored on, or compared with, the community test split.
+COMMUNITY_TEST_DETAIL = ("community test split (EFM/DEM files via DEM, CoM removed on load; DW-4: rows repeat "
+                         "and ~89 % also occur in its train split)")
+
+
+def split_source(params: Mapping[str, Any]) -> str:
+    """The cell's ``test_source`` (``"eqbench"`` where a profile predates the setting)."""
+    return params.get("test_source", "eqbench")
+
+
+def check_test_source(params: Mapping[str, Any]) -> None:
+    """``test_source`` is one of :data:`TEST_SOURCES`."""
+    if split_source(params) not in TEST_SOURCES:
+        raise ConfigError(f"test_source must be one of {', '.join(TEST_SOURCES)}, got {params.get('test_source')!r}")
+
+
+def community_missing(params: Mapping[str, Any], system: str) -> bool:
+    """``test_source = community`` asked for a system without a community test split (a task
+    makes no cell of it, and says why with :func:`community_missing_reason`)."""
+    if split_source(params) != "community":
+        return False
+    from eqbench.data.external import REFERENCE_FILES
+
+    return (system, "test") not in REFERENCE_FILES
+
+
+def community_missing_reason(system: str) -> str:
+    """Why a ``test_source = community`` request of ``system`` made no cell, naming the systems that have one."""
+    from eqbench.data.external import REFERENCE_FILES
+
+    have = sorted({name for name, split in REFERENCE_FILES if split == "test"})
+    return f"test_source = community: no community test split for {system}; available for {', '.join(have)}"
+
+
+def split_detail(params: Mapping[str, Any]) -> str:
+    """What the units of records scored on the test split add: :data:`COMMUNITY_TEST_DETAIL` on
+    the community split, nothing on eqbench's own (its units stay as they were)."""
+    return COMMUNITY_TEST_DETAIL if split_source(params) == "community" else ""
+
+
+
+def with_detail(unit: str, detail: str) -> str:
+    """``unit`` with ``detail`` appended (``"unit, detail"``), or ``unit`` unchanged when there is none."""
+    return f"{unit}, {detail}" if detail else unit
+
+
+def load_test_split(ctx: CellContext, n: int, *, dtype: Any = None, device: Any = "cpu") -> torch.Tensor:
+    """``n`` configurations of the cell's test split (``test_source``: eqbench's or the
+    community's), drawn with the cell's seed; float64 unless ``dtype`` says otherwise."""
+    import torch
+
+    from eqbench.data.loading import load_data
+
+    return load_data(ctx.system, split="test", n=n, seed=ctx.seed, dtype=torch.float64 if dtype is None else dtype,
+                     device=device, source=split_source(ctx.params))
+

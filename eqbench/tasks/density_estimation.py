@@ -52,11 +52,16 @@ from eqbench.tasks.common import (
     check_finite,
     check_kl_setting,
     check_sample_metric_settings,
+    check_test_source,
+    community_missing,
+    community_missing_reason,
+    load_test_split,
     nll_records,
     positive_int,
     sample_quality_records,
     sample_with_log_q,
     selection_records,
+    split_detail,
     train_flow,
 )
 
@@ -89,13 +94,6 @@ __all__ = ["DensityEstimation", "TASK"]
 #: importance-weighted CoM marginal is "nats, IW estimate K=64", paper B.2).
 NLL_UNIT = "nats, exact"
 
-#: ``test_source``: eqbench's own test split, or the community (EFM/DEM) test split of the same
-#: target (``eqbench data --source community``; CoM removed on load, flaws reported there).
-TEST_SOURCES = ("eqbench", "community")
-#: Appended to the unit of every test-split record scored on the community split.
-COMMUNITY_TEST_DETAIL = ("community test split (EFM/DEM files via DEM, CoM removed on load; DW-4: rows repeat "
-                         "and ~89 % also occur in its train split)")
-
 
 class DensityEstimation(Task):
     """NLL on train and test after maximum-likelihood training on 10 .. 10,000 samples."""
@@ -121,21 +119,16 @@ class DensityEstimation(Task):
                               f"got {params.get('model_selection')!r}")
         if not isinstance(params.get("augment"), bool):
             raise ConfigError(f"augment must be true or false (or a list of them), got {params.get('augment')!r}")
-        if params.get("test_source", "eqbench") not in TEST_SOURCES:
-            raise ConfigError(f"test_source must be one of {', '.join(TEST_SOURCES)}, got {params.get('test_source')!r}")
+        check_test_source(params)
 
     def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
-        if _community_missing(params, system):
+        if community_missing(params, system):
             return []
         return augmentation_cells(params, model, system)
 
     def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
-        if _community_missing(params, system):
-            from eqbench.data.external import REFERENCE_FILES
-
-            have = sorted({name for name, split in REFERENCE_FILES if split == "test"})
-            return (f"test_source = community: no community test split for {system}; available for "
-                    f"{', '.join(have)}")
+        if community_missing(params, system):
+            return community_missing_reason(system)
         return augmentation_reason(params, model)
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
@@ -160,9 +153,7 @@ class DensityEstimation(Task):
         flow = build_model(ctx.model, ctx.system, p.get("model_config", {})).to(ctx.device)
         dtype = next(flow.parameters()).dtype
         train = load_data(ctx.system, split="train", n=p["n_train"], seed=ctx.seed, dtype=dtype, device=ctx.device)
-        source = p.get("test_source", "eqbench")
-        test = load_data(ctx.system, split="test", n=p["n_test"], seed=ctx.seed, dtype=dtype, device=ctx.device,
-                         source=source)
+        test = load_test_split(ctx, p["n_test"], dtype=dtype, device=ctx.device)
         val = load_data(ctx.system, split="val", n=p["n_val"], seed=ctx.seed, dtype=dtype, device=ctx.device)
         torch.manual_seed(ctx.seed)
         start = time.perf_counter()
@@ -180,8 +171,7 @@ class DensityEstimation(Task):
         start = time.perf_counter()
         records += nll_records(ctx, flow, train[:p["n_train_eval"]], "nll_train")
         records += nll_records(ctx, flow, val, "nll_val")
-        records += nll_records(ctx, flow, test, "nll_test",
-                               detail=COMMUNITY_TEST_DETAIL if source == "community" else "")
+        records += nll_records(ctx, flow, test, "nll_test", detail=split_detail(p))
         records.append(ctx.record("eval_wall_s", time.perf_counter() - start, "s"))
         records += self.sample_records(ctx, flow, test)
         check_finite(records)
@@ -210,7 +200,7 @@ class DensityEstimation(Task):
             raise FloatingPointError(f"every one of the {len(x_np)} flow samples has a non-finite coordinate")
         u = metrics.as_array(ctx.system.energy(x64[torch.from_numpy(ok)]))
         records += sample_quality_records(ctx, x_np[ok], u, metrics.as_array(test64),
-                                          metrics.as_array(ctx.system.energy(test64)))
+                                          metrics.as_array(ctx.system.energy(test64)), detail=split_detail(p))
         return records
 
     def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
@@ -315,15 +305,6 @@ def claim_generalisation(ok: pandas.DataFrame, baselines: pandas.DataFrame) -> C
                                          "model were scored.")
     return ClaimResult(REPRODUCED if passed else NOT_REPRODUCED, "; ".join(parts) + ".", tuple(points),
                        "test NLL at the smallest n_train (nats)")
-
-
-def _community_missing(params: Mapping[str, Any], system: str) -> bool:
-    """``test_source = community`` asked for a system without a community test split."""
-    if params.get("test_source", "eqbench") != "community":
-        return False
-    from eqbench.data.external import REFERENCE_FILES
-
-    return (system, "test") not in REFERENCE_FILES
 
 
 #: Training-set size of the peers' density-estimation protocol (E-NF data sets: 1,000 training

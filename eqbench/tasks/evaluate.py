@@ -18,6 +18,15 @@ Per cell (one flow, one system, one seed):
   and on DW-2 the free-energy profile along the distance
   (:meth:`eqbench.tasks.bg_reweighting.BGReweighting.reweighting_records`).
 
+``test_source`` (:func:`eqbench.tasks.common.load_test_split`): ``"eqbench"`` (every profile)
+scores ``nll_test`` and takes the ``n_reference`` configurations from eqbench's own test split;
+``"community"`` takes both from the community (EFM/DEM) test split of the same target (dw4, lj13;
+CoM removed on load, its flaws reported by ``eqbench data --source community``), so a flow trained
+elsewhere can be placed beside that lineage's published numbers. The records computed on or
+compared with that split say so in their units, as in ``bg-reweighting``; ``nll_train`` and
+``nll_val`` stay on eqbench's splits. A system without a community split makes no cell (the
+request is refused with the reason).
+
 What was scored is part of the cell's identity (``source``: the checkpoint's or kept model's
 SHA-256, or the state of a Python object), so two different checkpoints never share a cell and the
 same checkpoint is never scored twice.
@@ -33,7 +42,8 @@ from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.bg_reweighting import check_reweighting_settings
-from eqbench.tasks.common import check_finite, nll_records, positive_int, sample_with_log_q
+from eqbench.tasks.common import (check_finite, community_missing, community_missing_reason, load_test_split,
+                                  nll_records, positive_int, sample_with_log_q, split_detail)
 from eqbench.tasks.reporting import NLL_CONVENTION, TaskSection
 
 if TYPE_CHECKING:
@@ -76,7 +86,15 @@ class Evaluate(Task):
                               "or `eqbench evaluate --checkpoint/--cell`")
         if params["samples"] == "saved" and source.get("kind") != "cell":
             raise ConfigError("samples = \"saved\" re-scores a cell's kept samples: evaluate a cell (--cell)")
-        check_reweighting_settings(params)  # scored as bg-reweighting scores: the same settings
+        check_reweighting_settings(params)  # scored as bg-reweighting scores: the same settings (test_source too)
+
+    def expand_cell(self, params: Mapping[str, Any], model: str, system: str) -> list[dict[str, Any]]:
+        return [] if community_missing(params, system) else [dict(params)]
+
+    def no_cells_reason(self, params: Mapping[str, Any], model: str, system: str) -> str:
+        if community_missing(params, system):
+            return community_missing_reason(system)
+        return super().no_cells_reason(params, model, system)
 
     def cost_phases(self, params: Mapping[str, Any], system: str) -> dict[str, float]:
         return {"score_wall_s": params["n_train_eval"] + params["n_val"] + params["n_test"],
@@ -113,16 +131,19 @@ class Evaluate(Task):
         from eqbench.tasks.bg_reweighting import TASK as REWEIGHTING
 
         p = ctx.params
+        if community_missing(p, ctx.system.name):  # eqbench.evaluate plans its cell without expand_cell
+            raise ConfigError(community_missing_reason(ctx.system.name))
         flow = self.load_flow(ctx).eval()
         if isinstance(flow, CNF) and p["solver_steps"]:
             flow.with_solver(steps=p["solver_steps"])
         dtype = next(flow.parameters()).dtype
         records = [ctx.record("n_parameters", flow.n_parameters, "count")]
         start = time.perf_counter()
-        for split, key, metric in (("train", "n_train_eval", "nll_train"), ("val", "n_val", "nll_val"),
-                                   ("test", "n_test", "nll_test")):
+        for split, key, metric in (("train", "n_train_eval", "nll_train"), ("val", "n_val", "nll_val")):
             x = load_data(ctx.system, split=split, n=p[key], seed=ctx.seed, dtype=dtype, device=ctx.device)
             records += nll_records(ctx, flow, x, metric)
+        test = load_test_split(ctx, p["n_test"], dtype=dtype, device=ctx.device)
+        records += nll_records(ctx, flow, test, "nll_test", detail=split_detail(p))
         records.append(ctx.record("score_wall_s", time.perf_counter() - start, "s"))
 
         start = time.perf_counter()
@@ -136,7 +157,7 @@ class Evaluate(Task):
             log_q = metrics.as_array(log_q_t)
             records.append(ctx.record("sample_wall_s", time.perf_counter() - start, "s"))
             ctx.keep_samples(x, log_q)
-        reference = load_data(ctx.system, split="test", n=p["n_reference"], seed=ctx.seed, dtype=torch.float64)
+        reference = load_test_split(ctx, p["n_reference"])  # float64 on the CPU
         records += REWEIGHTING.reweighting_records(ctx, x, log_q, reference)
         check_finite(records)
         return records
