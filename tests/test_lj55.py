@@ -67,6 +67,10 @@ def test_blocked_energy_equals_the_unblocked_one() -> None:
     assert blocked.shape == (1, 2 * rows + 3)
     alone = torch.stack([system._energy(x[0, k]) for k in range(x.shape[1])])
     torch.testing.assert_close(blocked[0], alone, rtol=0, atol=1e-9)
+    grad = system.gradient(x)
+    assert grad.shape == x.shape
+    grad_alone = torch.stack([system._gradient(x[0, k]) for k in range(x.shape[1])])
+    torch.testing.assert_close(grad[0], grad_alone, rtol=0, atol=1e-9)
     # pair_energy is pair_potential's f
     d = torch.linspace(0.8, 3.0, 50, dtype=torch.float64)
     torch.testing.assert_close(system.pair_energy(d), system.pair_potential(d)[0], rtol=0, atol=0)
@@ -85,3 +89,7 @@ def test_step_size_scan_picks_the_largest_acceptance_times_step() -> None:
     assert best_step_size([StepSizeProbe(1.0, 0.1, 0.1, 1, 1), StepSizeProbe(0.5, 0.5, 0.25, 1, 1)]).step_size == 0.5
     with pytest.raises(ValueError):
         scan_step_sizes(get_system("dw2"), [])
+    # From given states: their batch is the number of chains, and nothing is equilibrated.
+    _, states, _ = scan_step_sizes(get_system("dw2"), [0.5], n_chains=8, equilibration_steps=0, n_steps=5, seed=2)
+    probes, again, _ = scan_step_sizes(get_system("dw2"), [0.5], equilibration_steps=0, n_steps=5, start=states)
+    assert probes[0].n_chains == 8 and torch.equal(again, states)

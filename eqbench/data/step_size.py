@@ -41,10 +41,12 @@ def scan_step_sizes(
     equilibration_step: float | None = None,
     n_steps: int = 2_000,
     seed: int = 0,
+    start: torch.Tensor | None = None,
 ) -> tuple[list[StepSizeProbe], torch.Tensor, float]:
     """Acceptance and ``α·s`` of each step size, measured from equilibrated chains.
 
-    The chains start from :meth:`~ParticleSystem.initial_configurations`, run
+    The chains start from ``start`` (e.g. the end of an earlier equilibration; its batch size is
+    then the number of chains) or else from :meth:`~ParticleSystem.initial_configurations`, run
     ``equilibration_steps`` at ``equilibration_step`` (default the system's protocol step), then
     each step size runs ``n_steps`` from those same states. Returns the probes, the equilibrated
     states (to continue from) and the equilibration's wall time in seconds.
@@ -60,14 +62,15 @@ def scan_step_sizes(
         raise ValueError(f"step sizes must be a non-empty list of positive numbers, got {step_sizes!r}")
     generator = torch.Generator().manual_seed(seed)
     step = system.data_protocol.step_size if equilibration_step is None else equilibration_step
-    start = time.perf_counter()
+    began = time.perf_counter()
     with torch.no_grad():
-        x = system.initial_configurations(n_chains, generator)
+        x = system.initial_configurations(n_chains, generator) if start is None else start.clone()
+        n_chains = x.shape[0]
         u = system.energy(x)
         for _ in range(equilibration_steps):
             x, u, _ = _metropolis_step(system, x, u, step, generator)
         equilibrated = x.clone()
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - began
         probes = []
         for k, s in enumerate(step_sizes):
             g = torch.Generator().manual_seed(seed * 1_000 + k + 1)

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -228,12 +229,17 @@ class ParticleSystem(ABC):
         the same either way.
         """
         self.check_shape(x)
+        return self._in_blocks(self._energy, x, x.shape[:-2])
+
+    def _in_blocks(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                   out_shape: torch.Size) -> torch.Tensor:
+        """``fn(x)`` over blocks of at most :data:`PAIR_BLOCK` pairs along the flattened batch."""
         n_pairs = self.n_particles * (self.n_particles - 1) // 2
         rows = max(1, PAIR_BLOCK // max(n_pairs, 1))
         flat = x.reshape(-1, *self.event_shape)
         if flat.shape[0] <= rows:
-            return self._energy(x)
-        return torch.cat([self._energy(block) for block in flat.split(rows)]).reshape(x.shape[:-2])
+            return fn(x)
+        return torch.cat([fn(block) for block in flat.split(rows)]).reshape(out_shape)
 
     def _energy(self, x: torch.Tensor) -> torch.Tensor:
         r, _, _ = pair_vectors(x)
@@ -241,8 +247,11 @@ class ParticleSystem(ABC):
         return self.pair_multiplicity * self.pair_energy(d).sum(-1) + self.external_energy(x)
 
     def gradient(self, x: torch.Tensor) -> torch.Tensor:
-        """``∇u(x)``, same shape as ``x``."""
+        """``∇u(x)``, same shape as ``x`` (in blocks, as :meth:`energy`)."""
         self.check_shape(x)
+        return self._in_blocks(self._gradient, x, x.shape)
+
+    def _gradient(self, x: torch.Tensor) -> torch.Tensor:
         r, i, j = pair_vectors(x)
         d = torch.linalg.vector_norm(r, dim=-1)
         _, df, _ = self.pair_potential(d)

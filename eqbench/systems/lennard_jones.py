@@ -69,9 +69,23 @@ LJ_PROTOCOL = DataProtocol(step_size=0.025, burn_in=65_000, stride=4_000, n_chai
 LJ_SINGLE_PROTOCOL = DataProtocol(step_size=0.04, burn_in=45_000, stride=2_800, n_chains=200, n_val_chains=50,
                                   init_scale=1.0)
 
-#: ``lj55``: measured with eqbench's generator (see the study in ``studies/lj55-data``).
-LJ55_PROTOCOL = DataProtocol(step_size=0.01, burn_in=60_000, stride=10_000, n_chains=50, n_val_chains=25,
-                             n_train=2_000, n_val=500, n_test=2_000, init_scale=1.0)
+#: ``lj55`` (lj13's convention), measured with eqbench's generator (``studies/lj55-data``). Start:
+#: lj13's loose cluster (radius 1.2 rm N^(1/3) = 4.6 rm) sits ~600 kT above equilibrium and had
+#: not collapsed after 50,000 steps (128 chains, step 0.012: <u> +288 -> -303); ``init_scale``
+#: 0.6 (radius 2.7 rm) starts at -47 and reaches -311 in 22,000 steps, -323 in 40,000. Step by the
+#: paper's rule (C.4), 64 chains after that 40,000-step equilibration, 1,000 steps per step size:
+#: 0.005: α 0.516, α·s 0.00258; 0.006: 0.438, 0.00263 (the maximum); 0.007: 0.366, 0.00256;
+#: 0.008: 0.303, 0.00242; 0.009: 0.240, 0.00216; 0.010: 0.198, 0.00198; 0.012: 0.123, 0.00148;
+#: 0.014: 0.072, 0.00100. At 0.006 (acceptance 0.436) a 100,000-step production of the same
+#: chains still drifted by ~2 kT (<u> -322.0 -> -324.1) and its integrated autocorrelation times
+#: grew with the trace (energy / mean pair distance: 900 / 1,000 from 10,000 steps, 3,700 / 4,100
+#: from 50,000, 5,500 / 6,400 from 90,000): a lower bound, the slowest mode (the mean pair
+#: distance, as for LJ-13) at least ~6,400 steps. Burn-in 150,000 (23 of those), stride 10,000
+#: (1.6 of them). A smaller pool than LJ-13's, stated: every step costs ~0.1 ms per chain (19x
+#: LJ-13's pairs), so 10,000 samples at this stride alone are 100 M chain-steps (~3 h on one
+#: core); 1,000 training and 1,000 test configurations from 25 chains each, 500 validation from 13.
+LJ55_PROTOCOL = DataProtocol(step_size=0.006, burn_in=150_000, stride=10_000, n_chains=25, n_val_chains=13,
+                             n_train=1_000, n_val=500, n_test=1_000, init_scale=0.6)
 
 #: Packing fraction of equal spheres, densest known in 1-3 D (line, hexagonal, fcc): sizes the
 #: cluster diameter of :attr:`LennardJones.pair_distance_range`; higher dimensions use the 3-D one.
@@ -136,8 +150,10 @@ class LennardJones(ParticleSystem):
 
         Gaussian starts put particles on top of each other (energies ~1e12), which Metropolis at
         step 0.025 escapes only slowly; starting from a loose cluster makes the burn-in count.
+        The ball's radius is ``1.2 rm N^(1/3)`` times the protocol's ``init_scale``: LJ-55's
+        loose start (radius 4.6 rm, the equilibrium cluster's ~2 rm) took ~40,000 steps to collapse.
         """
-        radius = 1.2 * self.rm * (self.n_particles ** (1.0 / 3.0))
+        radius = 1.2 * self.data_protocol.init_scale * self.rm * (self.n_particles ** (1.0 / 3.0))
         x = torch.zeros(n, self.n_particles, self.n_dims, dtype=torch.float64)
         for k in range(self.n_particles):
             pending = torch.ones(n, dtype=torch.bool)
