@@ -216,8 +216,9 @@ def test_community_test_split_scores_the_same_metrics(tmp_path):
     assert not any("community" in r.unit for r in own.records)
     with pytest.raises(NoCellsError, match="no community test split for harmonic; available for dw4, lj13"):
         plan_cells("evaluate", "gaussian", "harmonic", "smoke", overrides={"test_source": "community"})
-    (missing,) = eqbench.evaluate("gaussian", "harmonic", overrides={"test_source": "community"},
-                                  results_dir=tmp_path / "missing")
-    assert missing.status != "ok" and "no community test split for harmonic" in missing.reason
+    with pytest.raises(ConfigError, match="no community test split for harmonic; available for dw4, lj13"):
+        eqbench.evaluate("gaussian", "harmonic", overrides={"test_source": "community"},
+                         results_dir=tmp_path / "missing")
+    assert not (tmp_path / "missing").exists() or not list((tmp_path / "missing").rglob("*.json"))
     with pytest.raises(ConfigError, match="test_source must be one of eqbench, community, got 'efm'"):
         eqbench.evaluate(flow, "dw4", name="g", overrides={"test_source": "efm"}, results_dir=tmp_path / "bad")

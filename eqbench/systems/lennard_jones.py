@@ -79,9 +79,9 @@ LJ_SINGLE_PROTOCOL = DataProtocol(step_size=0.04, burn_in=45_000, stride=2_800, 
 #: 0.014: 0.072, 0.00100. At 0.006 (acceptance 0.436) a 100,000-step production of the same
 #: chains still drifted by ~2 kT (<u> -322.0 -> -324.1) and its integrated autocorrelation times
 #: grew with the trace (energy / mean pair distance: 900 / 1,000 from 10,000 steps, 3,700 / 4,100
-#: from 50,000, 5,500 / 6,400 from 90,000): a lower bound, the slowest mode (the mean pair
-#: distance, as for LJ-13) at least ~6,400 steps. Burn-in 150,000 (23 of those), stride 10,000
-#: (1.6 of them). A smaller pool than LJ-13's, stated: every step costs ~0.1 ms per chain (19x
+#: from 50,000, 5,840 / 6,920 from 100,000): a lower bound, the slowest mode (the mean pair
+#: distance, as for LJ-13) at least ~6,900 steps. Burn-in 150,000 (22 of those), stride 10,000
+#: (1.45 of them). A smaller pool than LJ-13's, stated: every step costs ~0.1 ms per chain (19x
 #: LJ-13's pairs), so 10,000 samples at this stride alone are 100 M chain-steps (~3 h on one
 #: core); 1,000 training and 1,000 test configurations from 25 chains each, 500 validation from 13.
 LJ55_PROTOCOL = DataProtocol(step_size=0.006, burn_in=150_000, stride=10_000, n_chains=25, n_val_chains=13,

@@ -234,7 +234,7 @@ class BGReweighting(Task):
     summary = ("ML then λ-mixed KL training; energy histograms, reweighting, ESS, W2; "
                "DW-2 free energy exact vs Hutchinson (paper §7.4, B.3, Fig. 3b, 6, 10)")
     #: ``harmonic``: the known-answer system (target = prior), for end-to-end checks.
-    systems = ("dw2", "dw4", "lj13", "harmonic")
+    systems = ("dw2", "dw4", "lj13", "lj55", "harmonic")
     grid_axes = ("augment",)
     requires = ("trainable",)
     data_splits = {"n_train": "train", "n_test": "test"}

@@ -102,7 +102,7 @@ class DensityEstimation(Task):
     trains = True
     summary = "NLL on train and test vs training-set size, with/without augmentation (paper §7.3, Fig. 5, 8, 9)"
     #: ``harmonic``: the known-answer system (target = prior; NLL of the prior known in closed form).
-    systems = ("dw2", "dw4", "lj13", "harmonic")
+    systems = ("dw2", "dw4", "lj13", "lj55", "harmonic")
     grid_axes = ("n_train", "augment")
     data_splits = {"n_train": "train", "n_test": "test", "n_val": "val"}
 
