@@ -201,9 +201,11 @@ class LennardJones(ParticleSystem):
             )
             if self.n_particles == 55 and self.n_dims == 3 and self.pair_multiplicity == 2.0:
                 convention += (
-                    "  Users: the LJ-55 of the flow-matching and diffusion-sampler lineage (EFM, Klein et al.\n"
-                    "  2023; iDEM / DEM), with lj13's energy. Global minimum -491.6413: the two-shell Mackay\n"
-                    "  icosahedron, whose pair part alone is 2 x -279.248470 (Cambridge Cluster Database).\n"
+                    "  lj13's energy with 55 particles, the size the flow-matching and diffusion-sampler papers\n"
+                    "  (EFM, Klein et al. 2023; iDEM / DEM) report on; their LJ-13 files follow this ordered-pair\n"
+                    "  count, their LJ-55 files are not in ../shared/reference_data and were not checked.\n"
+                    "  Global minimum -491.6413: the two-shell Mackay icosahedron, whose pair part alone is\n"
+                    "  2 x -279.248470 (Cambridge Cluster Database).\n"
                 )
             if lj13_itself:
                 convention += (
