@@ -14,7 +14,7 @@ from eqbench.registry import MODELS, SYSTEMS, TASKS
 #: (``systems = None``) leaves them out unless named. Why: CI runs ``make data`` on a fresh cache
 #: within its time limit, these systems' data are not needed by the tests, and lj13-single's cost
 #: ~70 % of lj13's chain-steps (measured: 296 s of CPU for its three splits, i.e. ~2.5 min more
-#: with --jobs 2 on 2 idle cores), lj55's about an hour (its protocol's comment); a task that uses them generates them on first use like any other.
+#: with --jobs 2 on 2 idle cores), lj55's hours (its protocol's comment); a task that uses them generates them on first use like any other.
 SYSTEMS.register("dw2", "eqbench.systems.double_well:make_dw2",
                  description="2 particles, 2-D double-well pair potential (paper §6, Fig. 3b)")
 SYSTEMS.register("dw4", "eqbench.systems.double_well:make_dw4",

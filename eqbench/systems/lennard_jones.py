@@ -87,8 +87,9 @@ LJ_SINGLE_PROTOCOL = DataProtocol(step_size=0.04, burn_in=45_000, stride=2_800, 
 #: stride check failed. Hence burn-in 300,000 (21 of 14,340) and stride 20,000 (1.4 of it). A
 #: smaller pool than LJ-13's, stated: every step costs ~0.07-0.1 ms per chain (19x LJ-13's pairs),
 #: so 10,000 samples at this stride alone are 200 M chain-steps (~5 h on one core); 1,000 training
-#: and 1,000 test configurations from 25 chains each, 500 validation from 13, ~28 M chain-steps
-#: per large split (~40 min of one core).
+#: and 1,000 test configurations from 25 chains each, 500 validation from 13: ~28 M chain-steps
+#: per large split. Budget hours: the first protocol's train and test splits (14 M chain-steps
+#: each, two workers on the 2 cores) had not finished after 46 min of CPU each.
 LJ55_PROTOCOL = DataProtocol(step_size=0.006, burn_in=300_000, stride=20_000, n_chains=25, n_val_chains=13,
                              n_train=1_000, n_val=500, n_test=1_000, init_scale=0.6)
 

@@ -10,7 +10,7 @@
 #   cd ../eqbench-sm && PYTHONPATH=$PWD RESULTS=<repo>/studies/standard-metrics bash <repo>/studies/standard-metrics/run.sh
 #
 # SYSTEMS picks the systems (default "dw4 lj13"; lj55 needs `eqbench data lj55` first, about an
-# hour). Rerunning skips finished cells. One thread per cell.
+# hours). Rerunning skips finished cells. One thread per cell.
 set -euo pipefail
 PY=${PY:-python}
 R=${RESULTS:-studies/standard-metrics}
