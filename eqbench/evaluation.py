@@ -158,10 +158,8 @@ def evaluate(
         raise ConfigError(f"cell {source['cell_id']} ({source['task']}) kept no samples: its task draws none, or it ran "
                           "without artifacts; evaluate it with samples='draw' (--samples draw)")
     task.validate(params)
-    from eqbench.tasks.common import community_missing, community_missing_reason
-
-    if community_missing(params, system_name):  # as `run --task evaluate` does: refuse before any work
-        raise ConfigError(community_missing_reason(system_name))
+    if not task.expand_cell(params, model, system_name):  # as `run --task evaluate` does: refuse before any work
+        raise ConfigError(task.no_cells_reason(params, model, system_name))
     check_sample_counts(task, params, get_system(system_name))  # no split holds more than its protocol's size
     check_data_for([CellPlan(TASK, model, system_name, profile, 0, params)])  # read-only cache: refuse up front
     seeds = seed_list(params, seed)

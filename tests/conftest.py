@@ -106,18 +106,9 @@ def live_processes() -> list[tuple[int, str, int, int]]:
 def centred_icosahedron(radius: float):
     """Centred icosahedron ``[1, 13, 3]`` (float64): one particle at the origin, 12 at the cyclic
     permutations of (0, ±1, ±φ) scaled to ``radius``; relaxes to the LJ-13 global minimum."""
-    import math
+    from eqbench.systems.lennard_jones import mackay_icosahedron
 
-    import torch
-
-    phi = (1.0 + math.sqrt(5.0)) / 2.0
-    verts = []
-    for a in (-1.0, 1.0):
-        for b in (-phi, phi):
-            verts += [(0.0, a, b), (a, b, 0.0), (b, 0.0, a)]
-    v = torch.tensor(verts, dtype=torch.float64)
-    v = radius * v / v.norm(dim=-1, keepdim=True)
-    return torch.cat([torch.zeros(1, 3, dtype=torch.float64), v]).unsqueeze(0)
+    return mackay_icosahedron(1, radius)
 
 
 def report_cell(task: str, model: str, system: str, profile: str, seed: int, values: list[tuple], *,

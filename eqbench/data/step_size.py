@@ -69,12 +69,12 @@ def scan_step_sizes(
         u = system.energy(x)
         for _ in range(equilibration_steps):
             x, u, _ = _metropolis_step(system, x, u, step, generator)
-        equilibrated = x.clone()
+        equilibrated, u_equilibrated = x.clone(), u.clone()
         wall = time.perf_counter() - began
         probes = []
         for k, s in enumerate(step_sizes):
             g = torch.Generator().manual_seed(seed * 1_000 + k + 1)
-            y, v = equilibrated.clone(), system.energy(equilibrated)
+            y, v = equilibrated.clone(), u_equilibrated.clone()
             accepted = 0
             for _ in range(n_steps):
                 y, v, accept = _metropolis_step(system, y, v, s, g)

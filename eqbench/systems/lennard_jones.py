@@ -253,9 +253,9 @@ def mackay_icosahedron(n_shells: int, spacing: float = 1.0) -> torch.Tensor:
     """Mackay icosahedron of ``n_shells`` shells around a central particle, ``[1, N, 3]``
     float64 with ``N = 1 + Σ_k (10 k² + 2)``: 13 (one shell), 55 (two), 147 (three).
 
-    Shell ``k`` holds the points ``(a v_i + b v_j + c v_l) / k · k·spacing`` with ``a + b + c = k``
-    on every face ``(v_i, v_j, v_l)`` of the unit icosahedron (vertices, edge points and face
-    points, each once), i.e. the vertices sit at radius ``k · spacing``. Relaxed, it is the
+    Shell ``k`` holds the points ``spacing · (a v_i + b v_j + c v_l)`` with ``a + b + c = k`` on
+    every face ``(v_i, v_j, v_l)`` of the unit icosahedron (vertices, edge points and face points,
+    each once), so its vertices sit at radius ``k · spacing``. Relaxed, it is the
     global minimum of LJ-13 and LJ-55 (Wales & Doye 1997, Cambridge Cluster Database: -44.326801
     and -279.248470 ε for the single-count pair energy alone).
 

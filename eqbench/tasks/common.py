@@ -520,7 +520,6 @@ def split_detail(params: Mapping[str, Any]) -> str:
     return COMMUNITY_TEST_DETAIL if split_source(params) == "community" else ""
 
 
-
 def with_detail(unit: str, detail: str) -> str:
     """``unit`` with ``detail`` appended (``"unit, detail"``), or ``unit`` unchanged when there is none."""
     return f"{unit}, {detail}" if detail else unit

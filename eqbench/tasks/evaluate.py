@@ -131,8 +131,6 @@ class Evaluate(Task):
         from eqbench.tasks.bg_reweighting import TASK as REWEIGHTING
 
         p = ctx.params
-        if community_missing(p, ctx.system.name):  # eqbench.evaluate plans its cell without expand_cell
-            raise ConfigError(community_missing_reason(ctx.system.name))
         flow = self.load_flow(ctx).eval()
         if isinstance(flow, CNF) and p["solver_steps"]:
             flow.with_solver(steps=p["solver_steps"])
