@@ -131,6 +131,24 @@ def test_lj_dimer_by_hand() -> None:
     )
 
 
+@pytest.mark.parametrize("name", (*SYSTEMS, "lj55"))
+def test_pair_energy_of_squared_distances_is_the_pair_potential(name: str) -> None:
+    """The energy's fast path (f at d², no square root) is the pair potential's f at d."""
+    system = get_system(name)
+    d = torch.linspace(0.6, 4.0, 97, dtype=torch.float64)
+    expected = system.pair_potential(d)[0]
+    assert torch.allclose(system.pair_energy_of_squared(d * d), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lj_pair_energy_of_squared_keeps_its_parameters() -> None:
+    """rm, ε and τ enter the squared-distance path as they enter pair_potential (by hand:
+    rm = 2, ε = 3, τ = 1.5 at d = 2: 2 (1 - 2) = -2; at d = 4: 2 (2^-12 - 2·2^-6))."""
+    lj = LennardJones(name="lj2", n_particles=2, n_dims=3, rm=2.0, epsilon=3.0, tau=1.5)
+    d2 = torch.tensor([4.0, 16.0], dtype=torch.float64)
+    expected = torch.tensor([-2.0, 2.0 * (2.0**-12 - 2.0 * 2.0**-6)], dtype=torch.float64)
+    assert torch.allclose(lj.pair_energy_of_squared(d2), expected, rtol=1e-14)
+
+
 def test_lj13_energy_matches_pure_python_and_counts_ordered_pairs() -> None:
     lj = get_system("lj13")
     x = lj.initial_configurations(4, torch.Generator().manual_seed(3))
