@@ -206,3 +206,26 @@ def test_community_test_split_scores_the_same_metrics(tmp_path):
         plan_cells("density-estimation", "gaussian", "harmonic", "smoke", overrides={"test_source": "community"})
     with pytest.raises(ConfigError, match="test_source must be one of eqbench, community, got 'efm'"):
         plan_cells("density-estimation", "gaussian", "dw4", "smoke", overrides={"test_source": "efm"})
+
+
+def test_nll_plot_keeps_the_community_split_apart_and_labels_only_estimators(tmp_path):
+    """A panel with NLLs on eqbench's and on the community test split draws them as separate
+    lines, and its y-label names the estimators only (an IW bound's K), never the split."""
+    import pandas
+
+    from eqbench.tasks.common import COMMUNITY_TEST_DETAIL
+    from eqbench.tasks.density_estimation import NLL_UNIT, TASK, nll_axis_label, nll_plot_rows
+
+    community = f"{NLL_UNIT}, {COMMUNITY_TEST_DETAIL}"
+    table = pandas.DataFrame({
+        "system": ["dw4"] * 4, "model": ["kernel-flow", "kernel-flow", "se3-acf", "se3-acf"],
+        "variant": ["", "", "", ""], "metric": ["nll_test"] * 4, "n_train": [1000] * 4, "seed": [0] * 4,
+        "value": [8.4, 8.9, 8.3, 8.8], "status": ["ok"] * 4,
+        "unit": [NLL_UNIT, community, "nats, IW estimate K=20", f"nats, IW estimate K=20, {COMMUNITY_TEST_DETAIL}"],
+    })
+    rows = nll_plot_rows(table)
+    assert sorted(rows["model variant"]) == ["kernel-flow", "kernel-flow [community test]", "se3-acf",
+                                             "se3-acf [community test]"]
+    assert nll_axis_label(rows) == "NLL (nats; se3-acf: IW estimate K=20)"
+    assert nll_axis_label(rows[rows["model"] == "kernel-flow"]) == "NLL (nats, exact)"
+    assert [path.suffix for path in TASK.plot(table, tmp_path)]  # draws without error

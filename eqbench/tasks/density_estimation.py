@@ -47,6 +47,7 @@ from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (
+    COMMUNITY_TEST_DETAIL,
     augmentation_cells,
     augmentation_reason,
     check_finite,
@@ -88,7 +89,7 @@ from eqbench.tasks.reporting import (
 if TYPE_CHECKING:
     import pandas
 
-__all__ = ["DensityEstimation", "TASK"]
+__all__ = ["DensityEstimation", "TASK", "nll_axis_label", "nll_plot_rows"]
 
 #: The unit of an exact NLL; an estimated one says so instead (``nll_records``: real NVP's
 #: importance-weighted CoM marginal is "nats, IW estimate K=64", paper B.2).
@@ -210,13 +211,9 @@ class DensityEstimation(Task):
 
         from eqbench.plots import metric_rows, new_figure, save_figure
 
-        rows = metric_rows(table, ["nll_train", "nll_test"]).copy()
+        rows = nll_plot_rows(metric_rows(table, ["nll_train", "nll_test"]))
         if rows.empty:
             return []
-        variant = rows["variant"].fillna("").astype(str)
-        rows["model variant"] = rows["model"].where(variant == "", rows["model"] + " (" + variant + ")")
-        rows["data"] = rows["metric"].map({"nll_train": "train", "nll_test": "test"})
-        rows["n_train"] = rows["n_train"].astype(float)
         systems = sorted(rows["system"].unique())
         variants = sorted(rows["model variant"].unique())
         palette = dict(zip(variants, sns.color_palette("colorblind", len(variants))))  # same colour in every panel
@@ -228,9 +225,7 @@ class DensityEstimation(Task):
                          style="data", style_order=["test", "train"], markers=True, errorbar="sd", ax=ax)
             ax.set_xscale("log")
             ax.set_xlabel("training-set size")
-            estimated = sorted({f"{m}: {u.removeprefix('nats, ')}" for m, u in zip(panel["model"], panel["unit"])
-                                if u != NLL_UNIT}) if "unit" in panel else []
-            ax.set_ylabel("NLL (nats, exact)" if not estimated else f"NLL (nats; {'; '.join(estimated)})")
+            ax.set_ylabel(nll_axis_label(panel))
             # An overfitted model's test NLL can be 100x the others' (real NVP without
             # augmentation, B.2); keep the informative range readable and say what is off scale.
             q1, q3 = panel["value"].quantile([0.25, 0.75])
@@ -348,3 +343,47 @@ def _report_section() -> TaskSection:
 
 
 TASK = DensityEstimation()
+
+
+def nll_plot_rows(rows: pandas.DataFrame) -> pandas.DataFrame:
+    """The NLL rows of the density-estimation plot with its ``model variant`` (hue) and ``data``
+    (train / test) columns.
+
+    Rows scored on the community test split are other numbers than those on eqbench's split, so
+    they get their own line (``[community test]`` in the variant) and the split's description
+    leaves their unit, which then names only the estimator (:func:`nll_axis_label`).
+
+    Example:
+        >>> import pandas
+        >>> rows = pandas.DataFrame({"model": ["a", "a"], "variant": ["", ""], "metric": ["nll_test"] * 2,
+        ...                          "n_train": [10, 10], "value": [1.0, 2.0],
+        ...                          "unit": [NLL_UNIT, NLL_UNIT + ", " + COMMUNITY_TEST_DETAIL]})
+        >>> list(nll_plot_rows(rows)["model variant"]), set(nll_plot_rows(rows)["unit"]) == {NLL_UNIT}
+        (['a', 'a [community test]'], True)
+    """
+    rows = rows.copy()
+    if rows.empty:
+        return rows
+    variant = rows["variant"].fillna("").astype(str)
+    rows["model variant"] = rows["model"].where(variant == "", rows["model"] + " (" + variant + ")")
+    rows["data"] = rows["metric"].map({"nll_train": "train", "nll_test": "test"})
+    rows["n_train"] = rows["n_train"].astype(float)
+    units = (rows["unit"] if "unit" in rows else rows["metric"].map(lambda _: "")).fillna("").astype(str)
+    community = units.str.contains(COMMUNITY_TEST_DETAIL, regex=False)
+    rows["model variant"] = rows["model variant"].where(~community, rows["model variant"] + " [community test]")
+    rows["unit"] = units.str.replace(", " + COMMUNITY_TEST_DETAIL, "", regex=False)
+    return rows
+
+
+def nll_axis_label(panel: pandas.DataFrame) -> str:
+    """The y-label of one panel: ``NLL (nats, exact)``, or the estimator of every model whose NLL
+    is an estimate (an importance-weighted bound names its K).
+
+    Example:
+        >>> import pandas
+        >>> nll_axis_label(pandas.DataFrame({"model": ["a", "b"], "unit": [NLL_UNIT, "nats, IW estimate K=20"]}))
+        'NLL (nats; b: IW estimate K=20)'
+    """
+    estimated = sorted({f"{m}: {u.removeprefix('nats, ')}" for m, u in zip(panel["model"], panel["unit"])
+                        if u not in ("", NLL_UNIT)})
+    return "NLL (nats, exact)" if not estimated else f"NLL (nats; {'; '.join(estimated)})"
