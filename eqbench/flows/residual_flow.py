@@ -304,9 +304,38 @@ class PairResidualBlock(nn.Module):
         jac = jac + torch.einsum("bpm,bp,bpn->bmn", v, drho - phi, v)
         return g, jac
 
+    def field_and_full_jacobian(self, x: torch.Tensor, params: _Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g(x)`` and ``∂g`` in all ``N·D`` coordinates, ``[B, N·D, N·D]`` (particle-major).
+
+        Pair ``p = (i, j)`` adds its ``D × D`` block ``M_p = φ_p I + (ρ'_p - φ_p) r̂_p r̂_pᵀ`` at
+        ``(i, i)`` and ``(j, j)`` and ``-M_p`` at ``(i, j)`` and ``(j, i)``: an ``O(P D²)``
+        scatter, where the ``U``-coordinate form of :meth:`field_and_jacobian` costs
+        ``O(P (N D)²)`` (its pair sum over outer products of ``c_p ⊗ r̂_p``; 4x slower on LJ-55).
+        """
+        r, d = self._pairs(x)
+        rho, drho = self.radial(d, params, derivative=True)
+        d_safe = d.clamp_min(torch.finfo(d.dtype).tiny)
+        phi = rho / d_safe
+        g = self._scatter(phi.unsqueeze(-1) * r)
+        n, n_dims = self.n_particles, self.n_dims
+        rhat = r / d_safe.unsqueeze(-1)
+        eye = torch.eye(n_dims, dtype=x.dtype, device=x.device)
+        blocks = (phi[..., None, None] * eye + (drho - phi)[..., None, None] * rhat[..., :, None] * rhat[..., None, :])
+        i, j = pair_indices(n, x.device)
+        target = torch.cat((i * n + i, j * n + j, i * n + j, j * n + i))
+        jac = x.new_zeros(x.shape[0], n * n, n_dims, n_dims).index_add(
+            1, target, torch.cat((blocks, blocks, -blocks, -blocks), dim=1))
+        jac = jac.view(-1, n, n, n_dims, n_dims).transpose(2, 3).reshape(-1, n * n_dims, n * n_dims)
+        return g, jac
+
     def field_and_logdet(self, x: torch.Tensor, params: _Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """``g(x)`` and the exact ``log det(I + ∂g)`` on U (Cholesky: ``I + ∂g`` is SPD)."""
-        g, jac = self.field_and_jacobian(x, params)
+        """``g(x)`` and the exact ``log det(I + ∂g)`` on U (Cholesky: ``I + ∂g`` is SPD).
+
+        Computed in all ``N·D`` coordinates (:meth:`field_and_full_jacobian`): ``∂g`` is symmetric
+        and kills the CoM directions, so U is invariant and ``I + ∂g`` is the identity on its
+        complement: ``det(I + ∂g)`` over ``R^{N·D}`` equals the determinant on U.
+        """
+        g, jac = self.field_and_full_jacobian(x, params)
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
         chol, info = torch.linalg.cholesky_ex(eye + jac)
         if bool((info > 0).any()) and bool(torch.isfinite(jac).all()):
