@@ -363,3 +363,32 @@ def test_parallel_generation_gives_the_same_bits(tmp_path, monkeypatch):
         digests[jobs] = {split: json.loads(store.dataset_paths(harmonic, split)[1].read_text())["sha256"]
                          for split in store.SPLITS}
     assert digests[1] == digests[2] and len(set(digests[1].values())) == 3
+
+
+def test_parallel_workers_generate_on_one_thread_and_a_lone_large_batch_on_every_core(monkeypatch, tmp_path):
+    """ensure_datasets' workers pin one torch thread even for a batch large enough that a lone
+    generation would use every core (LJ-55: 25 chains x 1,485 pairs), and the caller's count is
+    restored after either."""
+    import os
+
+    import torch
+
+    monkeypatch.setenv("EQBENCH_CACHE", str(tmp_path))
+    lj55 = eqbench.get_system("lj55")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_generate(system, split, *, progress=None):
+        seen.append(torch.get_num_threads())
+        raise Stop
+
+    monkeypatch.setattr(store, "generate_dataset", fake_generate)
+    previous = torch.get_num_threads()
+    with pytest.raises(Stop):
+        store._ensure_in_worker(lj55, "train", "auto")
+    with pytest.raises(Stop):
+        store.ensure_dataset(lj55, "train")
+    assert seen == [1, max(previous, os.cpu_count() or 1)]
+    assert torch.get_num_threads() == previous

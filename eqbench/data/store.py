@@ -233,6 +233,17 @@ def _all_cores(system: ParticleSystem, split: str) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Exactly ``n`` torch threads inside the block, the caller's count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -480,11 +491,14 @@ def ensure_dataset(
     *,
     regenerate: Regenerate = "auto",
     progress: bool | None = None,
+    threads: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Make sure a verified data set is in the cache; return ``(array_path, diagnostics)``.
 
     ``regenerate="auto"`` regenerates a missing or corrupt set (with a warning for a corrupt
     one), ``"never"`` raises :class:`DataError` instead, ``"always"`` regenerates regardless.
+    ``threads``: torch threads for generating; ``None`` lets a large batch use every core
+    (:func:`_all_cores`). Workers of :func:`ensure_datasets` pin 1: each core already runs one.
     A verified set is read without a lock and without writing anything, so a read-only cache
     works; one that must be generated in a cache that cannot be written is a :class:`DataError`.
     """
@@ -508,7 +522,7 @@ def ensure_dataset(
             raise DataError(f"{what} is {state}: {detail}; {repair_hint(system.name)}")
         if state == "corrupt":
             warnings.warn(f"{what} is corrupt ({detail}); regenerating", stacklevel=2)
-        with _all_cores(system, split):
+        with _all_cores(system, split) if threads is None else _threads(threads):
             samples, diagnostics = generate_dataset(system, split, progress=progress)
         try:
             atomic_save_npy(array_path, samples)
@@ -570,9 +584,14 @@ def subset(pool: np.ndarray, n: int | None, seed: int) -> np.ndarray:
 
 
 def _ensure_in_worker(system: ParticleSystem, split: str, regenerate: Regenerate) -> str:
-    """One data set in a worker process of :func:`ensure_datasets` (one torch thread)."""
-    torch.set_num_threads(1)
-    ensure_dataset(system, split, regenerate=regenerate, progress=False)
+    """One data set in a worker process of :func:`ensure_datasets`, on one torch thread.
+
+    Pinned, not left to :func:`_all_cores`: two workers that each raise their batch to every
+    core run 4 threads on 2 cores, and LJ-55's train and test splits (whose 25-chain batches pass
+    its threshold) then had not finished after 46 CPU-minutes each, their threads mostly waiting
+    at OpenMP barriers.
+    """
+    ensure_dataset(system, split, regenerate=regenerate, progress=False, threads=1)
     return f"{system.name} {split}"
 
 
