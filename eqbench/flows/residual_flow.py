@@ -93,15 +93,17 @@ CoM direction, the full-space trace is the trace on U). Its variance is finite o
 spectral radius ``λ`` of ``J`` obeys ``λ² < 1 - p`` (term ``k`` has second moment
 ``∝ (λ²/(1-p))^k``), i.e. ``λ < 0.71`` for p = 0.5: a reason to keep it out of scoring.
 
-**Training choice** (``train_logdet``, default ``"exact"``). Measured on this project's shared
-2-core CPU box (one thread, float32, batch 64, default 8 blocks / hidden [32, 32]; best of 3
-runs of 8 iterations of :func:`eqbench.train.fit`): one maximum-likelihood iteration takes
-0.049 s (DW-4) / 0.27 s (LJ-13) with the exact closed-form log-determinant and 0.11 s / 0.85 s
-with the power series (its ``n_exact + N`` vector-Jacobian products with ``create_graph``, then
-their backward, cost more than assembling a 36 × 36 matrix and its Cholesky). The closed form is
-cheaper *and* exact on both, so it is the default; ``"power-series"`` is there for systems so
-large that the ``(N-1)D``-sized Cholesky dominates, and records name it through
-:attr:`GResidualFlow.training_estimator`. (Kernel flow, same protocol: 0.093 s / 0.34 s.)
+**Training choice** (``train_logdet``, default ``"exact"``). Measured on one thread (float32,
+batch 64, default 8 blocks / hidden [32, 32]; best of 3 runs of 8 iterations of
+:func:`eqbench.train.fit`), a maximum-likelihood iteration with the exact closed-form
+log-determinant took 0.45x (DW-4) / 0.32x (LJ-13) the time of one with the power series (its
+``n_exact + N`` vector-Jacobian products with ``create_graph``, then their backward), and that
+was before the log-determinant moved to the full ``N·D`` Jacobian scattered from the pair blocks
+(:meth:`PairResidualBlock.field_and_full_jacobian`), which made LJ-55 scoring 2x faster again. On
+LJ-55 the power series was 2.3x slower per iteration (float64, before that move). The closed
+form is cheaper *and* exact, so it is the default; ``"power-series"`` is there for systems so
+large that the ``N·D``-sized Cholesky dominates, and records name it through
+:attr:`GResidualFlow.training_estimator`.
 
 **What the bound costs.** The bound must hold for the collective mode (uniform scaling, where
 all ``N`` pair terms add up), so each pair term gets only ``c/N``: the term through which one
