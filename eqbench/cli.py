@@ -181,7 +181,9 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.source == "eqbench" and not args.verify:  # a read-only cache lacking data: refuse up front
         store.check_data_available([get_system(name) for name in systems])
     if args.jobs > 1 and args.source == "eqbench" and not args.verify:
-        store.ensure_datasets([get_system(name) for name in systems], jobs=args.jobs, regenerate=regenerate)
+        store.ensure_datasets([get_system(name) for name in systems], jobs=args.jobs, regenerate=regenerate,
+                              on_done=lambda label, seconds: print(f"{label}: ready ({seconds:.0f} s)",
+                                                                   file=sys.stderr, flush=True))
         regenerate = "auto"  # made just now: the loop below only reads and prints them
     for name in systems:
         system = get_system(name)

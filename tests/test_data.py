@@ -356,13 +356,18 @@ def test_parallel_generation_gives_the_same_bits(tmp_path, monkeypatch):
     import json
 
     harmonic = eqbench.get_system("harmonic")
-    digests = {}
+    digests, reported = {}, {}
     for jobs in (1, 2):
         monkeypatch.setenv("EQBENCH_CACHE", str(tmp_path / f"jobs{jobs}"))
-        store.ensure_datasets([harmonic], jobs=jobs)
+        done = []
+        store.ensure_datasets([harmonic], jobs=jobs, on_done=lambda label, seconds: done.append((label, seconds)))
         digests[jobs] = {split: json.loads(store.dataset_paths(harmonic, split)[1].read_text())["sha256"]
                          for split in store.SPLITS}
+        reported[jobs] = done
     assert digests[1] == digests[2] and len(set(digests[1].values())) == 3
+    for done in reported.values():  # each set reported once as it became ready, with its wall time
+        assert sorted(label for label, _ in done) == sorted(f"harmonic {split}" for split in store.SPLITS)
+        assert all(seconds > 0 for _, seconds in done)
 
 
 def test_parallel_workers_generate_on_one_thread_and_a_lone_large_batch_on_every_core(monkeypatch, tmp_path):

@@ -31,8 +31,9 @@ import hashlib
 import json
 import math
 import os
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -583,7 +584,7 @@ def subset(pool: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     return pool[order[:n]]
 
 
-def _ensure_in_worker(system: ParticleSystem, split: str, regenerate: Regenerate) -> str:
+def _ensure_in_worker(system: ParticleSystem, split: str, regenerate: Regenerate) -> tuple[str, float]:
     """One data set in a worker process of :func:`ensure_datasets`, on one torch thread.
 
     Pinned, not left to :func:`_all_cores`: two workers that each raise their batch to every
@@ -591,12 +592,17 @@ def _ensure_in_worker(system: ParticleSystem, split: str, regenerate: Regenerate
     its threshold) then had not finished after 46 CPU-minutes each, their threads mostly waiting
     at OpenMP barriers.
     """
+    start = time.perf_counter()
     ensure_dataset(system, split, regenerate=regenerate, progress=False, threads=1)
-    return f"{system.name} {split}"
+    return f"{system.name} {split}", time.perf_counter() - start
 
 
-def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate: Regenerate = "auto") -> None:
+def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate: Regenerate = "auto",
+                    on_done: Callable[[str, float], None] | None = None) -> None:
     """Make sure every split of every system is cached, ``jobs`` data sets at a time.
+
+    ``on_done(label, seconds)`` is called as each data set is ready (``"lj55 train"``, the wall
+    time it took): workers show no progress bar, and an LJ-55 split takes tens of minutes.
 
     Why: one Metropolis run of LJ-13's small batches keeps one core busy (a second thread only
     adds synchronisation, see :func:`_all_cores`), so on a 2-core machine two splits generated
@@ -604,7 +610,7 @@ def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate:
     a spawned process with one torch thread; splits are started largest first. Generation is
     deterministic per data set, so the files are the same bits either way.
     """
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
 
     todo = [(system, split) for system in systems for split in SPLITS
@@ -615,9 +621,15 @@ def ensure_datasets(systems: list[ParticleSystem], *, jobs: int = 1, regenerate:
         _writable_or_raise(data_dir(), f"reference data {listing} must be generated", names)
     if jobs <= 1 or len(todo) <= 1:
         for system, split in todo:
+            start = time.perf_counter()
             ensure_dataset(system, split, regenerate=regenerate)
+            if on_done is not None:
+                on_done(f"{system.name} {split}", time.perf_counter() - start)
         return
     todo.sort(key=lambda pair: -pair[0].data_protocol.size(pair[1]) * pair[0].n_particles ** 2)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_ensure_in_worker, system, split, regenerate) for system, split in todo]:
-            future.result()
+        futures = [pool.submit(_ensure_in_worker, system, split, regenerate) for system, split in todo]
+        for future in as_completed(futures):
+            label, seconds = future.result()
+            if on_done is not None:
+                on_done(label, seconds)
