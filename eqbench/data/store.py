@@ -56,6 +56,7 @@ __all__ = [
     "data_dir",
     "dataset_paths",
     "ensure_dataset",
+    "checkpoint_path",
     "generate_dataset",
     "load_pool",
     "repair_hint",
@@ -261,8 +262,14 @@ def _trace_every(stride: int) -> int:
     return max(1, stride // 250)
 
 
+def checkpoint_path(system: ParticleSystem, split: str) -> Path:
+    """``<data set>.partial.npz``: the chains' state while a data set is generated (removed once
+    it is written), from which a killed ``eqbench data`` resumes."""
+    return dataset_paths(system, split)[0].with_suffix(".partial.npz")
+
+
 def generate_dataset(
-    system: ParticleSystem, split: str, *, progress: bool | None = None
+    system: ParticleSystem, split: str, *, progress: bool | None = None, checkpoint: Path | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Run the system's MCMC protocol for one split; return ``(samples [n, N, D], diagnostics)``.
 
@@ -272,6 +279,8 @@ def generate_dataset(
     stride makes them rare (DW-4: about 1 in 10,000 at stride 1,000, from chains resting in
     the narrowest minima), and each chain stores one sample more than needed so the split
     still has ``n`` rows; dropping 1e-4 of the rows biases nothing measurable.
+    ``checkpoint``: the chains' state file (:func:`eqbench.data.mcmc.run_metropolis`), so that a
+    killed generation resumes where it stopped, with the same bits.
     """
     _check_split(split)
     protocol = system.data_protocol
@@ -290,6 +299,7 @@ def generate_dataset(
         trace_every=_trace_every(protocol.stride),
         progress=progress,
         description=f"{system.name} {split} MCMC",
+        checkpoint=checkpoint,
     )
     flat = run.samples.reshape(-1, *system.event_shape)
     hashes = diag.row_hashes(flat)
@@ -524,12 +534,14 @@ def ensure_dataset(
         if state == "corrupt":
             warnings.warn(f"{what} is corrupt ({detail}); regenerating", stacklevel=2)
         with _all_cores(system, split) if threads is None else _threads(threads):
-            samples, diagnostics = generate_dataset(system, split, progress=progress)
+            samples, diagnostics = generate_dataset(system, split, progress=progress,
+                                                    checkpoint=checkpoint_path(system, split))
         try:
             atomic_save_npy(array_path, samples)
             diagnostics["sha256"] = diag.sha256_file(array_path)
             diagnostics["path"] = str(array_path)
             atomic_write_bytes(meta_path, (json.dumps(diagnostics, indent=2) + "\n").encode())
+            checkpoint_path(system, split).unlink(missing_ok=True)
         except OSError as exc:  # e.g. a full disk, or a network file system refusing what os.access allowed
             raise DataError(f"{what} was generated but cannot be written to {array_path.parent} "
                             f"({exc.strerror or type(exc).__name__}; {_cache_name()}); {_MOVE_CACHE}") from exc
