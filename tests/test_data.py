@@ -385,7 +385,7 @@ def test_parallel_workers_generate_on_one_thread_and_a_lone_large_batch_on_every
     class Stop(Exception):
         pass
 
-    def fake_generate(system, split, *, progress=None):
+    def fake_generate(system, split, *, progress=None, checkpoint=None):
         seen.append(torch.get_num_threads())
         raise Stop
 
