@@ -55,7 +55,8 @@ def test_a_killed_run_resumes_with_the_same_bits(monkeypatch, tmp_path, kill_at)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mcmc, "_metropolis_step", counting)
-    resumed = mcmc.run_metropolis(system, **SETTINGS, checkpoint=path, checkpoint_every=7)
+    with pytest.warns(UserWarning, match=f"resuming from its checkpoint at step {7 * ((kill_at - 1) // 7)} of 40"):
+        resumed = mcmc.run_metropolis(system, **SETTINGS, checkpoint=path, checkpoint_every=7)
     _same(resumed, reference)
     total = SETTINGS["burn_in"] + SETTINGS["samples_per_chain"] * SETTINGS["stride"]
     assert calls[0] == total - 7 * ((kill_at - 1) // 7)  # only the steps after the checkpoint ran again
@@ -95,6 +96,7 @@ def test_ensure_dataset_resumes_a_killed_generation_and_removes_its_checkpoint(m
         with pytest.raises(Killed):
             store.ensure_dataset(harmonic, "val")
     assert store.checkpoint_path(harmonic, "val").exists()
-    store.ensure_dataset(harmonic, "val")
+    with pytest.warns(UserWarning, match="resuming from its checkpoint"):
+        store.ensure_dataset(harmonic, "val")
     assert json.loads(store.dataset_paths(harmonic, "val")[1].read_text())["sha256"] == straight
     assert not store.checkpoint_path(harmonic, "val").exists()

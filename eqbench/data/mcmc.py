@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +141,8 @@ def run_metropolis(
         trace_t, distance_t = torch.from_numpy(state["trace"]), torch.from_numpy(state["distance_trace"])
         burn_in_means = list(state["burn_in_means"])
         accepted = torch.tensor(int(state["accepted"]))
+        warnings.warn(f"{description}: resuming from its checkpoint at step {done:,} of {total:,} ({checkpoint})",
+                      stacklevel=2)
     show = sys.stderr.isatty() if progress is None else progress
     start = time.perf_counter()
     with torch.no_grad(), tqdm(total=total, initial=done, desc=description, disable=not show,
