@@ -242,6 +242,9 @@ def fit(
             samples, log_q = flow.training_sample(config.kl_batch_size)
             kl = (system.energy(samples) + log_q).mean()
         loss = (1.0 - lam) * nll + lam * kl
+        penalty = flow.training_penalty()
+        if penalty is not None:
+            loss = loss + penalty
         if not torch.isfinite(loss):
             status = "failed"
             reason = f"non-finite loss at iteration {iteration} (nll={nll.item():.4g}, kl={kl.item():.4g}, λ={lam:.3f})"
@@ -260,6 +263,7 @@ def fit(
         done = iteration + 1
         if iteration % config.log_every == 0 or done == config.iterations:
             entry = {"iteration": iteration, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
+                     **({} if penalty is None else {"penalty": penalty.item()}),
                      "lambda": lam, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
                      "nfe": float(getattr(flow, "nfe", 0) - nfe_before),  # forward + backward, this iteration
                      "wall_s": time.perf_counter() - start}

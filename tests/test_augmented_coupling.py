@@ -4,6 +4,7 @@ frames, the importance-weighted marginal estimate, settings, and a short trainin
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -352,3 +353,58 @@ def test_a_plugin_augmented_flow_is_checked_the_same_way(dw4):
     assert torch.allclose(est, exact.detach(), atol=0.03)
     with pytest.raises(AssertionError, match="brute-force Jacobian"):
         check_flow(lambda: ScaledAugmented(dw4, forget_a_block=True), dw4)
+
+
+# ------------------------------------------------------------------------------------- frame penalty
+def test_frame_barrier_by_hand_and_its_invariances():
+    """-log(1 - |cos θ|): 0 at 90°, -log(1 - 1/√2) at 45° (either sign of the second vector),
+    switched off (0) within 1e-4 of parallel; the same after a rotation, a reflection and a
+    rescaling of either vector."""
+    from eqbench.flows.frames import frame_barrier
+
+    v = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]],
+                      [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]],
+                      [[1.0, 0.0, 0.0], [-3.0, 3.0, 0.0]],
+                      [[1.0, 0.0, 0.0], [1.0, 1e-3, 0.0]],   # 1 - cos ≈ 5e-7: off
+                      [[1.0, 0.0, 0.0], [1.0, 0.1, 0.0]]], dtype=F64)  # 1 - cos ≈ 4.97e-3: on
+    expected = torch.tensor([0.0, -math.log(1 - 1 / math.sqrt(2)), -math.log(1 - 1 / math.sqrt(2)), 0.0,
+                             -math.log(1 - 1 / math.sqrt(1.01))], dtype=F64)
+    torch.testing.assert_close(frame_barrier(v), expected, atol=1e-12, rtol=1e-10)
+    q = random_rotations(1, 3, torch.Generator().manual_seed(1))[0] @ random_reflections(1, 3, torch.Generator()
+                                                                                         .manual_seed(2))[0]
+    torch.testing.assert_close(frame_barrier(v @ q.T * torch.tensor([[2.0], [0.5]], dtype=F64)), expected,
+                               atol=1e-12, rtol=1e-10)
+
+
+def test_frame_penalty_enters_the_training_loss_only(lj13):
+    """frame_penalty = w adds w x the mean barrier of the last training pass to fit's loss (and its
+    history), reaches the EGNN parameters, and leaves every density unchanged; 0 (the default)
+    adds nothing."""
+    x = eqbench.load_data("lj13", "train", n=8, seed=0, dtype=torch.float32)
+    plain, penalised = _small(lj13), _small(lj13, frame_penalty=10.0)
+    assert plain.training_penalty() is None
+    penalised.train()
+    torch.manual_seed(5)  # the auxiliary draw a ~ π(· | x) of the training estimate
+    log_q = penalised.training_log_prob(x)
+    barriers = [c.last_barrier for c in penalised._couplings()]
+    assert all(b is not None and float(b.detach()) > 0 for b in barriers)
+    penalty = penalised.training_penalty()
+    torch.testing.assert_close(penalty, 10.0 * torch.stack(barriers).mean())
+    assert penalised.training_penalty() is None  # consumed
+    penalised.train()
+    penalised.training_log_prob(x)
+    penalised.training_penalty().backward()
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in penalised.blocks[0][0].egnn.parameters())
+    plain.train()
+    torch.manual_seed(5)
+    torch.testing.assert_close(plain.training_log_prob(x), log_q)  # same weights (same seed): same density
+    penalised.eval()
+    with torch.no_grad():
+        penalised.log_prob(x[:2], generator=torch.Generator().manual_seed(0))
+    assert penalised.training_penalty() is None  # scoring never records a barrier
+    result = fit(_small(lj13, frame_penalty=10.0), lj13, x,
+                 TrainConfig(iterations=2, batch_size=4, lr=1e-4, seed=0, log_every=1))
+    assert result.status == "ok" and all(entry["penalty"] > 0 for entry in result.history)
+    assert all(entry["loss"] > entry["nll"] for entry in result.history)
+    with pytest.raises(ConfigError, match="frame_penalty"):
+        build(lj13, {"frame_penalty": -1.0})

@@ -110,8 +110,12 @@ github.com/lollcat/se3-augmented-coupling-flows at ``beafab1``; file:line refer 
   (``max_lik_train_and_eval.py:68-73``), plus for LJ-13 a log-barrier on the angle between the
   two frame vectors, weight 10 (``lj13.yaml:26-27``; off for DW-4, ``dw4.yaml:30``;
   ``proj_coupling.py:164-200``). eqbench:
-  ``training_estimator = {"iw_draws": 1}`` (the same gradient); **no** barrier term (the shared
-  training loop has no auxiliary-loss hook; an open point for LJ-13).
+  ``training_estimator = {"iw_draws": 1}`` (the same gradient); the barrier is the setting
+  ``frame_penalty`` (:func:`~eqbench.flows.frames.frame_barrier`, averaged over the couplings of
+  each training pass and added by :func:`eqbench.train.fit` through
+  :meth:`~eqbench.flows.base.Flow.training_penalty`), 0 (off) by default on every system so
+  that the default objective is the likelihood alone; the authors' LJ-13 loss is
+  ``frame_penalty = 10``. It never enters a density.
 - **Marginal.** Code: ``K_marginal_log_lik: 20`` (``training/default.yaml:5``), IW estimate
   (``max_lik_train_and_eval.py:108-120``). eqbench: ``iw_draws = 20``.
 - **Optimiser** (code, for reference; eqbench's training settings are the task's): Adam, learning
@@ -147,7 +151,7 @@ from eqbench.errors import ConfigError
 from eqbench.flows.augmented import DEFAULT_IW_DRAWS, AugmentedFlow, GaussianAuxiliary, check_draws
 from eqbench.flows.cnf import parse_dtype
 from eqbench.flows.egnn import EGNN
-from eqbench.flows.frames import FRAMES, frame_vectors, gram_schmidt_frame, right_handed_frame
+from eqbench.flows.frames import FRAMES, frame_barrier, frame_vectors, gram_schmidt_frame, right_handed_frame
 from eqbench.flows.node import parse_hidden
 from eqbench.flows.settings import Setting, check_settings, choice, dtype_setting, integer, number, widths
 from eqbench.systems.base import ParticleSystem
@@ -174,6 +178,7 @@ DEFAULTS: dict[str, Any] = {
     "base_aux_scale": 0.1,
     "iw_draws": DEFAULT_IW_DRAWS,
     "init_scale": 0.01,
+    "frame_penalty": 0.0,
     "dtype": "float32",
 }
 _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
@@ -201,6 +206,9 @@ class FrameCoupling(nn.Module):
                  bins: int = 8, bound: float = 10.0, transform: str = "spline", frame: str = "right-handed",
                  init_scale: float = 0.01, dtype: torch.dtype = torch.float32):
         super().__init__()
+        #: Mean :func:`frame_barrier` of the last training-mode pass (only while ``track_barrier``).
+        self.track_barrier = False
+        self.last_barrier: torch.Tensor | None = None
         if transform not in TRANSFORMS:
             raise ConfigError(f"se3-acf setting transform must be one of {', '.join(TRANSFORMS)}; got {transform!r}")
         self.n_dims, self.bins, self.bound = n_dims, int(bins), float(bound)
@@ -216,6 +224,8 @@ class FrameCoupling(nn.Module):
         vectors, scalars = self.egnn(c, c.new_ones(*c.shape[:-1], 1))
         origin = c + vectors[:, :, 0]
         basis = vectors[:, :, 1:]
+        if self.track_barrier and self.training and basis.shape[-2] >= 2:
+            self.last_barrier = frame_barrier(basis).mean()
         frame = right_handed_frame(basis) if self.frame == "right-handed" else gram_schmidt_frame(basis)
         params = self.head(scalars).reshape(*c.shape, self.n_params)
         return origin, frame, params
@@ -259,7 +269,7 @@ class AugmentedCouplingFlow(AugmentedFlow):
                  head_hidden: Sequence[int] = (64, 64), bins: int = 8, bound: float = 10.0, transform: str = "spline",
                  projection: str = "cartesian", frame: str = "right-handed", aux_scale: float = 0.1,
                  base_aux_scale: float = 0.1, iw_draws: int = DEFAULT_IW_DRAWS, init_scale: float = 0.01,
-                 dtype: torch.dtype = torch.float32):
+                 frame_penalty: float = 0.0, dtype: torch.dtype = torch.float32):
         super().__init__(system)
         _check_system(system)
         if projection not in PROJECTIONS:
@@ -280,6 +290,25 @@ class AugmentedCouplingFlow(AugmentedFlow):
         self.blocks = nn.ModuleList(
             nn.ModuleList([FrameCoupling(system.n_dims, **kwargs), FrameCoupling(system.n_dims, **kwargs)])
             for _ in range(blocks))
+        #: Weight of the authors' frame barrier in the training loss (0: off).
+        self.frame_penalty = float(frame_penalty)
+        for coupling in self._couplings():
+            coupling.track_barrier = self.frame_penalty > 0.0
+
+    def _couplings(self) -> list[FrameCoupling]:
+        return [coupling for pair in self.blocks for coupling in pair]
+
+    def training_penalty(self) -> torch.Tensor | None:
+        """``frame_penalty`` x the mean :func:`~eqbench.flows.frames.frame_barrier` over the couplings
+        of the last training-mode pass (the authors' LJ-13 auxiliary loss, weight 10), then forgotten;
+        ``None`` when the setting is 0 or no pass has run since. A training loss term only: the
+        densities stay exact."""
+        barriers = [c.last_barrier for c in self._couplings() if c.last_barrier is not None]
+        for coupling in self._couplings():
+            coupling.last_barrier = None
+        if self.frame_penalty <= 0.0 or not barriers:
+            return None
+        return self.frame_penalty * torch.stack(barriers).mean()
 
     # ------------------------------------------------------------------ joint bijection
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,6 +399,7 @@ SETTINGS = {
     "base_aux_scale": Setting(_scalar_ok, "positive (a finite number > 0)"),
     "iw_draws": integer(1),
     "init_scale": number(above=0.0),
+    "frame_penalty": number(at_least=0.0),
     "dtype": dtype_setting(),
 }
 
@@ -389,7 +419,8 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Au
     Settings: ``blocks`` (12 pairs of couplings), ``hidden`` (EGNN width, 64), ``egnn_layers`` (3),
     ``head_hidden`` ([64, 64]), ``bins`` (8), ``bound`` (10), ``transform`` (spline | affine),
     ``projection`` (cartesian), ``frame`` (right-handed | gram-schmidt), ``aux_scale`` and
-    ``base_aux_scale`` (0.1), ``iw_draws`` (K = 20), ``init_scale`` (0.01), ``dtype``.
+    ``base_aux_scale`` (0.1), ``iw_draws`` (K = 20), ``init_scale`` (0.01), ``frame_penalty`` (0: off;
+    the authors' LJ-13 loss uses 10), ``dtype``.
 
     Example:
         >>> import eqbench
@@ -419,5 +450,6 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Au
         base_aux_scale=float(settings["base_aux_scale"]),
         iw_draws=check_draws(settings["iw_draws"], "se3-acf"),
         init_scale=float(settings["init_scale"]),
+        frame_penalty=float(settings["frame_penalty"]),
         dtype=parse_dtype(settings["dtype"], "se3-acf"),
     )

@@ -107,6 +107,12 @@ class Flow(nn.Module, ABC):
         """
         return self.log_prob(x, **self.training_estimator)
 
+    def training_penalty(self) -> torch.Tensor | None:
+        """An auxiliary term :func:`eqbench.train.fit` adds to the training loss after each pass,
+        or ``None`` (the default: the loss is the λ-mix of NLL and reverse KL alone). A model
+        setting switches it on (``se3-acf``'s ``frame_penalty``); it never enters a density."""
+        return None
+
     def training_sample(self, n: int, *, generator: torch.Generator | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples and ``log q`` as training computes them (the reverse-KL term of the λ-mix, B.3).

@@ -22,15 +22,15 @@ Norms are ``sqrt(max(|v|², ε²))`` with ε = 1e-12 (the authors use ``where(|v
 equivariant, smooth away from zero, and finite when an EGNN returns an exactly zero vector.
 Degenerate inputs (parallel vectors) give ill-conditioned frames; the authors add a log-barrier
 on the angle between the two 3-D vectors to the training loss for LJ-13 (``proj_coupling.py:
-164-200``, weight 10 in ``examples/config/lj13.yaml``), which eqbench does not (see
-:mod:`eqbench.flows.augmented_coupling`).
+164-200``, weight 10 in ``examples/config/lj13.yaml``): :func:`frame_barrier`, used by
+``se3-acf``'s ``frame_penalty`` setting (off by default).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["FRAMES", "frame_vectors", "gram_schmidt_frame", "right_handed_frame"]
+__all__ = ["FRAMES", "frame_barrier", "frame_vectors", "gram_schmidt_frame", "right_handed_frame"]
 
 #: Names of the frame constructions (the ``frame`` setting of ``se3-acf``).
 FRAMES = ("right-handed", "gram-schmidt")
@@ -50,6 +50,32 @@ def frame_vectors(frame: str, n_dims: int) -> int:
     if frame not in FRAMES:
         raise ValueError(f"frame must be one of {', '.join(FRAMES)}; got {frame!r}")
     return n_dims - 1 if frame == "right-handed" else n_dims
+
+
+#: Below this ``1 - |cos θ|`` the barrier is switched off (the authors' choice: gradients of a
+#: barrier at nearly parallel vectors would explode).
+BARRIER_FLOOR = 1e-4
+
+
+def frame_barrier(vectors: torch.Tensor) -> torch.Tensor:
+    """``-log(1 - |cos θ|)`` between the first two frame vectors ``[..., k >= 2, D]``, shape ``[...]``.
+
+    The authors' log-barrier that keeps the two vectors of a right-handed 3-D frame from turning
+    parallel (where the frame is ill-conditioned): 0 for orthogonal vectors, growing without
+    bound as they align, and 0 again where ``1 - |cos θ| < BARRIER_FLOOR`` (switched off there,
+    as in their code). Invariant under rotations, reflections and rescaling of either vector.
+
+    Example:
+        >>> v = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]])  # 45°: -log(1 - 1/√2)
+        >>> round(float(frame_barrier(v)), 6)
+        1.227947
+    """
+    if vectors.shape[-2] < 2:
+        raise ValueError(f"frame_barrier needs two vectors per frame, got {vectors.shape[-2]}")
+    v1, v2 = vectors[..., 0, :], vectors[..., 1, :]
+    norms = (v1.pow(2).sum(-1).clamp_min(_EPS2) * v2.pow(2).sum(-1).clamp_min(_EPS2)).sqrt()
+    gap = 1.0 - ((v1 * v2).sum(-1) / norms).abs()
+    return -torch.where(gap < BARRIER_FLOOR, torch.ones_like(gap), gap).log()
 
 
 def right_handed_frame(vectors: torch.Tensor) -> torch.Tensor:
