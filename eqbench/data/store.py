@@ -226,13 +226,11 @@ def _all_cores(system: ParticleSystem, split: str) -> Iterator[None]:
     so those keep the caller's thread count.
     """
     n_pairs = system.n_particles * (system.n_particles - 1) // 2
-    previous = torch.get_num_threads()
+    threads = torch.get_num_threads()
     if system.data_protocol.chains(split) * n_pairs >= _THREADED_MIN_PAIR_TERMS:
-        torch.set_num_threads(max(previous, os.cpu_count() or 1))
-    try:
+        threads = max(threads, os.cpu_count() or 1)
+    with _threads(threads):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager

@@ -288,20 +288,24 @@ class PairResidualBlock(nn.Module):
         phi = rho / d.clamp_min(torch.finfo(d.dtype).tiny)
         return self._scatter(phi.unsqueeze(-1) * r)
 
-    def field_and_jacobian(self, x: torch.Tensor, params: _Params) -> tuple[torch.Tensor, torch.Tensor]:
-        """``g(x)`` and ``∂g`` restricted to U in the :func:`com_free_basis` coordinates,
-        ``[B, (N-1)D, (N-1)D]``: ``Σ_p (c_p c_pᵀ) ⊗ [φ_p I + (ρ'_p - φ_p) r̂_p r̂_pᵀ]``."""
+    def _field_and_pair_terms(self, x: torch.Tensor, params: _Params
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``g(x)`` and, per pair, ``φ = ρ/d``, ``ρ'`` and ``r̂``: what both Jacobian forms assemble."""
         r, d = self._pairs(x)
         rho, drho = self.radial(d, params, derivative=True)
         d_safe = d.clamp_min(torch.finfo(d.dtype).tiny)
         phi = rho / d_safe
-        g = self._scatter(phi.unsqueeze(-1) * r)
+        return self._scatter(phi.unsqueeze(-1) * r), phi, drho, r / d_safe.unsqueeze(-1)
+
+    def field_and_jacobian(self, x: torch.Tensor, params: _Params) -> tuple[torch.Tensor, torch.Tensor]:
+        """``g(x)`` and ``∂g`` restricted to U in the :func:`com_free_basis` coordinates,
+        ``[B, (N-1)D, (N-1)D]``: ``Σ_p (c_p c_pᵀ) ⊗ [φ_p I + (ρ'_p - φ_p) r̂_p r̂_pᵀ]``."""
+        g, phi, drho, rhat = self._field_and_pair_terms(x, params)
         batch, n_dims, m = x.shape[0], self.n_dims, self.n_particles - 1
         c = self.pair_basis
         particle = torch.einsum("pa,bp,pc->bac", c, phi, c)  # [B, N-1, N-1]
         eye = torch.eye(n_dims, dtype=x.dtype, device=x.device)
         jac = (particle[:, :, None, :, None] * eye[None, None, :, None, :]).reshape(batch, m * n_dims, m * n_dims)
-        rhat = r / d_safe.unsqueeze(-1)
         v = (c[None, :, :, None] * rhat[:, :, None, :]).reshape(batch, -1, m * n_dims)  # c_p ⊗ r̂_p
         jac = jac + torch.einsum("bpm,bp,bpn->bmn", v, drho - phi, v)
         return g, jac
@@ -314,13 +318,8 @@ class PairResidualBlock(nn.Module):
         scatter, where the ``U``-coordinate form of :meth:`field_and_jacobian` costs
         ``O(P (N D)²)`` (its pair sum over outer products of ``c_p ⊗ r̂_p``; 4x slower on LJ-55).
         """
-        r, d = self._pairs(x)
-        rho, drho = self.radial(d, params, derivative=True)
-        d_safe = d.clamp_min(torch.finfo(d.dtype).tiny)
-        phi = rho / d_safe
-        g = self._scatter(phi.unsqueeze(-1) * r)
+        g, phi, drho, rhat = self._field_and_pair_terms(x, params)
         n, n_dims = self.n_particles, self.n_dims
-        rhat = r / d_safe.unsqueeze(-1)
         eye = torch.eye(n_dims, dtype=x.dtype, device=x.device)
         blocks = (phi[..., None, None] * eye + (drho - phi)[..., None, None] * rhat[..., :, None] * rhat[..., None, :])
         i, j = pair_indices(n, x.device)
