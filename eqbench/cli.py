@@ -254,17 +254,20 @@ def cmd_log_z(args: argparse.Namespace) -> int:
             continue
         fwd = record["forward"]
         settings = record["settings"]
+        smc = settings.get("n_groups") is not None
+        method, units = ("SMC", f"{settings.get('n_groups')} populations") if smc else ("AIS", "chains")
         rows = [
-            ("log Z (forward AIS)", f"{record['log_z']:.4f} ± {record['log_z_stderr']:.4f}  (bootstrap over chains; "
-                                    f"10-group spread {fwd['group_stderr']:.4f})"),
+            (f"log Z (forward {method})",
+             f"{record['log_z']:.4f} ± {record['log_z_stderr']:.4f}  (bootstrap over {units}; "
+             + (f"spread over populations {fwd['group_stderr']:.4f}; {fwd.get('resamplings', 0)} resamplings)" if smc
+                else f"10-group spread {fwd['group_stderr']:.4f})")),
         ]
         if "reverse" in record:
             rev = record["reverse"]
-            rows.append(("log Z (reverse AIS)", f"{rev['log_z']:.4f} ± {rev['log_z_stderr']:.4f}  (from the test data; "
-                                                f"upper - lower bound {record['bidirectional_gap']:+.4f}, "
-                                                f"ESS {rev['ess_fraction']:.3f})"))
-        rows += [
-        ]
+            rows.append((f"log Z (reverse {method})",
+                         f"{rev['log_z']:.4f} ± {rev['log_z_stderr']:.4f}  (from the test data; "
+                         f"upper - lower bound {record['bidirectional_gap']:+.4f}, ESS {rev['ess_fraction']:.3f} "
+                         f"of {units})"))
         if system.n_particles == 2:  # a known answer: 1-D radial quadrature on U
             from eqbench.free_energy import pair_log_z_quadrature
 
@@ -275,14 +278,18 @@ def cmd_log_z(args: argparse.Namespace) -> int:
             ("<u>_p (test data)", f"{record['mean_energy']:.4f} ± {record['mean_energy_stderr']:.4f}  (batch means)"),
             ("H(p) = <u> + log Z", f"{record['entropy']:.4f} ± {record['entropy_stderr']:.4f}  nats; "
                                    f"KL(p||q) = test NLL - H(p)"),
-            ("ESS of the weights", f"{fwd['ess_fraction']:.4f} of {fwd['n_chains']} chains "
+            ("ESS of the weights", f"{fwd['ess_fraction']:.4f} of {settings['n_groups']} populations' estimates "
+                                   f"(their std {fwd['log_weight_std']:.3g} nats)" if smc else
+                                   f"{fwd['ess_fraction']:.4f} of {fwd['n_chains']} chains "
                                    f"(log-weight std {fwd['log_weight_std']:.3g})"),
             ("acceptance (MALA)", f"min {fwd['acceptance_min']:.3f}, mean {fwd['acceptance_mean']:.3f}, "
                                   f"max {fwd['acceptance_max']:.3f} over {fwd['n_temperatures']} temperatures "
                                   f"(target {settings['target_acceptance']})"),
             ("settings", f"{settings['n_chains']} chains, {settings['n_temperatures']} temperatures "
                          f"beta=(t/K)^{settings['schedule_power']:g}, base sigma {settings['base_scale']:g}, "
-                         f"{settings['n_steps']} MALA step(s), seed {settings['seed']}"),
+                         f"{settings['n_steps']} MALA step(s), seed {settings['seed']}"
+                         + (f", resampled below ESS {settings['resample_ess']} in {settings['n_groups']} populations"
+                            if smc else "")),
             ("wall time", f"{record['wall_s']:.1f} s (forward {fwd['wall_s']:.1f} s)"),
             ("file", record["path"]),
         ]

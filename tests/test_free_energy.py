@@ -246,3 +246,19 @@ def test_cli_log_z(harmonic_cache, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown system 'nope'" in err[0] and "dw2, dw4, harmonic, lj13" in err[0]
     assert main(["log-z", "dw4", "--cached-only"]) == 2  # nothing computed in a fresh cache
+
+
+def test_cli_log_z_names_smc(harmonic_cache, capsys, monkeypatch):
+    """A system whose production setting resamples prints SMC, populations and resamplings."""
+    from eqbench.cli import main
+    from eqbench.data import log_z
+
+    smc = AISSettings(n_chains=200, n_temperatures=50, base_scale=1.5, n_pilot_chains=32, resample_ess=0.95, n_groups=10)
+    monkeypatch.setitem(log_z.PRODUCTION_SETTINGS, "harmonic", smc)
+    assert main(["log-z", "harmonic"]) == 0
+    out = capsys.readouterr().out
+    assert "log Z (forward SMC)" in out and "log Z (reverse SMC)" in out
+    assert "of 10 populations' estimates" in out and "resampled below ESS 0.95 in 10 populations" in out
+    record = log_z.load_log_z(get_system("harmonic"), compute="never")
+    assert record["forward"]["resamplings"] > 0 and len(record["forward"]["population_log_z"]) == 10
+    assert abs(record["log_z"] - 4.5 * math.log(2 * math.pi)) < 0.1
