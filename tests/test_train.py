@@ -8,6 +8,8 @@ import torch
 import eqbench
 from eqbench.errors import ConfigError
 from eqbench.geometry import pairwise_distances
+from eqbench.tasks.base import CellContext
+from eqbench.tasks.common import selection_records
 from eqbench.train import TrainConfig, augment, fit, lambda_at
 
 
@@ -120,6 +122,9 @@ def test_model_selection_returns_the_checkpoint_it_names(dw4, train_data, select
     scores = [value for _, value in result.validation]
     assert scores[-1] > scores[0] + 0.1, scores  # the premise: training moves away from the validation set
     now = _exact_nll(flow, validation)
+    ctx = CellContext(task="density-estimation", model="kernel-flow", system=dw4,
+                      params={"model_selection": selection}, seed=1)
+    recorded = {r.metric: r.value for r in selection_records(ctx, result) if r.step is None}
     if selection == "best-validation":
         assert result.selected_iteration == 0
         assert all(torch.equal(p, q) for p, q in zip(flow.parameters(), initial))
@@ -127,6 +132,8 @@ def test_model_selection_returns_the_checkpoint_it_names(dw4, train_data, select
     else:
         assert result.selected_iteration == 20
         assert now == pytest.approx(scores[-1], abs=1e-6)
+    # The record names the checkpoint scored, also when that is the untrained flow (iteration 0).
+    assert recorded["selected_iteration"] == result.selected_iteration
     assert result.validation_wall_s > 0
 
 

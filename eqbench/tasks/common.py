@@ -350,8 +350,9 @@ def selection_records(ctx: CellContext, result: TrainResult) -> list[Record]:
         rule = "last" if result.iterations_done else "closed-form fit"
     records = [ctx.record("nll_val", value, "nats, exact, validation split", step=step)
                for step, value in result.validation]
-    records.append(ctx.record("selected_iteration", result.selected_iteration or result.iterations_done,
-                              f"iteration, {rule}"))
+    # With validation, iteration 0 (the untrained flow) is a legitimate choice: never fall back.
+    selected = result.selected_iteration if result.validation else result.iterations_done
+    records.append(ctx.record("selected_iteration", selected, f"iteration, {rule}"))
     if result.validation:
         records.append(ctx.record("validation_wall_s", result.validation_wall_s, "s"))
     return records

@@ -9,8 +9,9 @@
 #   git worktree add ../eqbench-sm <commit>
 #   cd ../eqbench-sm && PYTHONPATH=$PWD RESULTS=<repo>/studies/standard-metrics bash <repo>/studies/standard-metrics/run.sh
 #
-# SYSTEMS picks the systems (default "dw4 lj13"; lj55 needs `eqbench data lj55` first, ~1.5 h on
-# 2 cores). Rerunning skips finished cells. One thread per cell.
+# SYSTEMS picks the systems (default "dw4 lj13"). lj55 needs `eqbench data lj55 --jobs 3` (~1 h
+# on 2 cores) and `eqbench log-z lj55` (~20 min) first, and its cells come from another commit
+# (studies/README.md). Rerunning skips finished cells. One thread per cell.
 set -euo pipefail
 PY=${PY:-python}
 R=${RESULTS:-studies/standard-metrics}
@@ -25,7 +26,8 @@ if [[ -n "${PAPER_SYSTEMS// /}" ]]; then
 fi
 # lj55 (make its data first: `python -m eqbench data lj55 --jobs 3`): its pool holds 1,000 test
 # configurations, and one training iteration costs ~10-20x LJ-13's (float32, batch 64, one core:
-# kernel flow ~3-4 s, g-resflow ~8-9 s, real NVP ~0.1 s), so these cells run half the quick budget
+# kernel flow ~3-4 s, g-resflow ~6-9 s, real NVP ~0.1 s; a g-resflow process holds ~6.5 GB), so
+# these cells run half the quick budget
 # (200 iterations) and align 100 configurations per set (recorded in every cell's settings).
 # se3-acf does not fit: one training batch of 64 LJ-55 configurations needed more than 20 GB
 # (float32; its EGNNs keep ~12,000 edge features per configuration for backpropagation).
