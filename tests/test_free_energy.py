@@ -262,3 +262,7 @@ def test_cli_log_z_names_smc(harmonic_cache, capsys, monkeypatch):
     record = log_z.load_log_z(get_system("harmonic"), compute="never")
     assert record["forward"]["resamplings"] > 0 and len(record["forward"]["population_log_z"]) == 10
     assert abs(record["log_z"] - 4.5 * math.log(2 * math.pi)) < 0.1
+    # The units built on it (kl_test, reverse_kl) name the estimator: SMC here, AIS for a plain record.
+    assert log_z.log_z_method(record) == "forward SMC (AIS with resampling)"
+    plain = log_z.load_log_z(get_system("harmonic"), AISSettings(n_chains=100, n_temperatures=5))
+    assert log_z.log_z_method(plain) == "forward AIS"

@@ -40,8 +40,8 @@ from eqbench.errors import ConfigError, DataError
 from eqbench.free_energy import AISSettings
 from eqbench.systems.base import ParticleSystem
 
-__all__ = ["LOG_Z_FORMAT_VERSION", "PRODUCTION_SETTINGS", "compute_log_z", "load_log_z", "log_z_path",
-           "mean_test_energy", "production_settings"]
+__all__ = ["LOG_Z_FORMAT_VERSION", "PRODUCTION_SETTINGS", "compute_log_z", "load_log_z", "log_z_method",
+           "log_z_path", "mean_test_energy", "production_settings"]
 
 #: Bump when the estimate changes in a way the settings do not capture.
 LOG_Z_FORMAT_VERSION = 1
@@ -206,6 +206,20 @@ def _check(record: Any, system: ParticleSystem, settings: AISSettings) -> str | 
     if not all(math.isfinite(record[k]) for k in ("log_z", "log_z_stderr", "entropy")):
         return "holds a non-finite log Z"
     return None
+
+
+def log_z_method(record: dict[str, Any]) -> str:
+    """How a cached record's log Z was estimated, for the units of the numbers built on it:
+    ``"forward AIS"``, or ``"forward SMC (AIS with resampling)"`` where the record's forward run
+    resampled its populations (:class:`eqbench.free_energy.AISSettings` ``resample_ess``; LJ-55).
+    Both are lower bounds in expectation of log Z.
+
+    Example:
+        >>> log_z_method({"forward": {"resamplings": 12}}), log_z_method({"forward": {}})
+        ('forward SMC (AIS with resampling)', 'forward AIS')
+    """
+    forward = record.get("forward") or {}
+    return "forward SMC (AIS with resampling)" if forward.get("resamplings") is not None else "forward AIS"
 
 
 def load_log_z(system: ParticleSystem, settings: AISSettings | None = None, *,

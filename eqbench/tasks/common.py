@@ -265,7 +265,7 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str, *,
     if metric != "nll_test" or ctx.params.get(KL_SETTING) is not True:
         return []
     from eqbench import free_energy
-    from eqbench.data.log_z import load_log_z
+    from eqbench.data.log_z import load_log_z, log_z_method
 
     record = load_log_z(ctx.system)
     h = free_energy.entropy(ctx.system, record["log_z"], record["mean_energy"], log_z_stderr=record["log_z_stderr"],
@@ -276,8 +276,8 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str, *,
     gap = record.get("bidirectional_gap")
     estimate = f", from an NLL that is an {flow.density_estimate}" if flow.iw_draws is not None else ""
     unit = (f"nats, KL(p‖q) = NLL_test - H(p), H(p) = {h.entropy:.4f} ± {h.entropy_stderr:.4f} "
-            f"(⟨u⟩ of eqbench's test split + log Z by forward AIS, a lower bound"
-            + (f"; reverse AIS {gap:+.3f} above it" if gap is not None else "") + f"){estimate}"
+            f"(⟨u⟩ of eqbench's test split + log Z by {log_z_method(record)}, a lower bound"
+            + (f"; reverse {log_z_method(record).split(' ', 1)[1]} {gap:+.3f} above it" if gap is not None else "") + f"){estimate}"
             + (f"; NLL_test on the {detail}" if detail else ""))
     return [ctx.record("kl_test", kl.kl, unit),
             ctx.record("kl_test_stderr", kl.stderr, "nats, standard error of kl_test: NLL over the scored test "

@@ -256,13 +256,13 @@ class EnergyTraining(Task):
                                       f"kT, mean of u + log q over the {log_w.size} of {n} flow samples of finite "
                                       "energy and log q (KL(q‖p) - log Z)"))
             if ctx.params.get(KL_SETTING) is True:
-                from eqbench.data.log_z import load_log_z
+                from eqbench.data.log_z import load_log_z, log_z_method
 
                 log_z = load_log_z(ctx.system)
                 records.append(ctx.record(
                     "reverse_kl", float(-log_w.mean()) + log_z["log_z"],
                     f"nats, KL(q‖p) = kl_estimate + log Z over the same {log_w.size} samples; log Z = "
-                    f"{log_z['log_z']:.4f} ± {log_z['log_z_stderr']:.4f} by forward AIS (a lower bound, so this "
+                    f"{log_z['log_z']:.4f} ± {log_z['log_z_stderr']:.4f} by {log_z_method(log_z)} (a lower bound, so this "
                     "KL is too)"))
         return records
 
