@@ -266,3 +266,14 @@ def test_cli_log_z_names_smc(harmonic_cache, capsys, monkeypatch):
     assert log_z.log_z_method(record) == "forward SMC (AIS with resampling)"
     plain = log_z.load_log_z(get_system("harmonic"), AISSettings(n_chains=100, n_temperatures=5))
     assert log_z.log_z_method(plain) == "forward AIS"
+
+
+def test_every_registered_system_has_a_production_log_z_setting():
+    """A system's log Z (and with it every KL of its NLLs) comes from a setting measured for it,
+    never from the generic defaults (σ = 1 fits neither LJ-13's 0.71 nor lj13-single's 0.91)."""
+    import eqbench.components  # noqa: F401  (registers the built-in systems)
+    from eqbench.data import log_z
+    from eqbench.registry import SYSTEMS
+
+    builtin = {name for name in SYSTEMS.names() if SYSTEMS.entry(name).origin == "eqbench"}
+    assert builtin and builtin <= set(log_z.PRODUCTION_SETTINGS), builtin - set(log_z.PRODUCTION_SETTINGS)
