@@ -46,6 +46,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "constant",
     "lr_warmup": 0,
     "kl_batch_size": 64,
+    "kl_energy_cut": "off",
 }
 
 #: One line per training setting, for ``eqbench describe`` and error messages.
@@ -57,6 +58,9 @@ TRAINING_HELP: dict[str, str] = {
     "schedule": f"one of {', '.join(SCHEDULES)} (paper: constant)",
     "lr_warmup": "iterations of linear warm-up from lr 0, >= 0 (paper: 0)",
     "kl_batch_size": "flow samples per reverse-KL step, >= 1 (paper: 64)",
+    "kl_energy_cut": "\"off\" (the raw energy) or u_high in kT: the reverse-KL term's energy grows as "
+                     "u_high + log(1 + u - u_high) above it (Boltzmann generators' regularisation; bgflow uses "
+                     "1000) (paper: off)",
 }
 
 
@@ -171,6 +175,9 @@ def check_training_settings(params: Mapping[str, Any]) -> None:
     clip = params["grad_clip"]
     if clip != "off" and not (not isinstance(clip, bool) and isinstance(clip, int | float) and 0 < clip < math.inf):
         raise ConfigError(f"grad_clip must be \"off\" or a number > 0 (finite), got {clip!r}")
+    cut = params.get("kl_energy_cut", "off")
+    if cut != "off" and not (not isinstance(cut, bool) and isinstance(cut, int | float) and math.isfinite(cut)):
+        raise ConfigError(f"kl_energy_cut must be \"off\" or a finite energy in kT, got {cut!r}")
     for key, least in (("lr_warmup", 0), ("kl_batch_size", 1)):
         value = params[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -56,6 +56,45 @@ def test_reverse_kl_training_runs_without_data(dw4):
     assert result.history[-1]["kl"] < result.history[0]["kl"]
 
 
+def test_kl_energy_cut_is_the_linlog_energy_with_a_finite_gradient():
+    """Below u_high the raw energy, above it u_high + log(1 + u - u_high), value and gradient
+    (by hand); on overlapping LJ particles the float32 raw gradient overflows while the cut's is
+    finite and points the pair apart."""
+    from eqbench.systems.lennard_jones import mackay_icosahedron
+    from eqbench.train import kl_energy
+
+    lj = eqbench.get_system("lj13")
+    x = 1.2 * torch.randn(3, 13, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x[1, 1] = x[1, 0] + torch.tensor([1e-4, 0.0, 0.0], dtype=torch.float64)  # u ~ 1e48: beyond float32
+    x[2] = mackay_icosahedron(1).to(torch.float64)
+    x = x - x.mean(dim=1, keepdim=True)
+    raw = lj.energy(x)
+    cut = 50.0
+    assert raw[1] > 1e40 and raw[2] < cut  # a clash and a low-energy cluster
+    expected = torch.where(raw > cut, cut + torch.log1p(raw - cut), raw)
+    torch.testing.assert_close(kl_energy(lj, x, cut), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl_energy(lj, x, None), raw)
+    assert kl_energy(lj, x, cut)[2] == raw[2]
+    # Gradient: du/dx · 1/(1 + u - u_high) above the cut, du/dx below it.
+    y = x.clone().requires_grad_(True)
+    kl_energy(lj, y, cut).sum().backward()
+    z = x.clone().requires_grad_(True)
+    lj.energy(z).sum().backward()
+    scale = torch.where(raw > cut, 1.0 / (1.0 + raw - cut), torch.ones_like(raw))
+    torch.testing.assert_close(y.grad, z.grad * scale[:, None, None], rtol=1e-9, atol=1e-12)
+    # float32 samples: the raw gradient overflows, the cut's is finite, and descent separates the pair.
+    w = x.to(torch.float32).requires_grad_(True)
+    lj.energy(w)[1].backward()
+    assert not torch.isfinite(w.grad).all()
+    v = x.to(torch.float32).requires_grad_(True)
+    energy = kl_energy(lj, v, cut)
+    assert energy.dtype == torch.float32
+    energy[1].backward()
+    assert torch.isfinite(v.grad).all()
+    step = -v.grad[1, 1] + v.grad[1, 0]  # how descent moves particle 1 relative to particle 0
+    assert float(step[0]) > 0  # apart along the x axis they are displaced on
+
+
 def test_non_finite_loss_stops_with_a_reason(dw4, train_data):
     poisoned = train_data.clone()
     poisoned[:] = float("nan")
@@ -143,3 +182,21 @@ def test_best_validation_needs_validation_data(dw4, train_data):
         fit(flow, dw4, train_data, TrainConfig(iterations=2, selection="best-validation"))
     with pytest.raises(ConfigError, match="unknown model selection"):
         TrainConfig(selection="best")
+
+
+def test_fit_uses_the_kl_energy_cut_it_is_given():
+    """The reverse-KL term of fit goes through kl_energy: with the cut, LJ-13 samples of the
+    untrained Gaussian flow (clashing particles) give a loss of the cut's size, without it a raw
+    energy many orders larger; the same seed draws the same samples."""
+    lj = eqbench.get_system("lj13")
+    kl = {}
+    for cut in (None, 100.0):
+        flow = eqbench.build_model("gaussian", lj)
+        config = TrainConfig(iterations=1, lambda_start=1.0, lambda_end=1.0, kl_batch_size=64, seed=3,
+                             kl_energy_cut=cut)
+        torch.manual_seed(0)
+        result = fit(flow, lj, None, config, progress=False)
+        kl[cut] = result.history[0]["kl"]
+    assert kl[None] > 1e6 and kl[100.0] < 300, kl
+    with pytest.raises(ConfigError, match="kl_energy_cut"):
+        TrainConfig(kl_energy_cut=float("nan"))

@@ -36,6 +36,7 @@ def test_every_profile_of_a_training_task_carries_the_papers_training_settings(t
         else:
             assert lr == 5e-3
         assert params["grad_clip"] == "off"  # the paper clips nothing (C.1)
+        assert params["kl_energy_cut"] == "off"  # nor regularises the energy
 
 
 def test_training_settings_are_settable_and_recorded_per_cell():
@@ -63,6 +64,8 @@ def test_a_task_that_does_not_train_refuses_training_settings():
     ({"grad_clip": 0}, "grad_clip must be \"off\" or a number > 0"),
     ({"lr_warmup": -1}, "lr_warmup must be an integer >= 0"),
     ({"kl_batch_size": 0}, "kl_batch_size must be an integer >= 1"),
+    ({"kl_energy_cut": "on"}, "kl_energy_cut must be \"off\" or a finite energy in kT"),
+    ({"kl_energy_cut": float("inf")}, "kl_energy_cut must be \"off\" or a finite energy in kT"),
 ])
 def test_bad_training_settings_are_one_line_errors_naming_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -299,7 +299,8 @@ def training_options(params: Mapping[str, Any]) -> dict[str, Any]:
     check_training_settings(p)
     return {"optimizer": p["optimizer"], "lr": float(p["lr"]), "weight_decay": float(p["weight_decay"]),
             "grad_clip": None if p["grad_clip"] == "off" else float(p["grad_clip"]),
-            "schedule": p["schedule"], "lr_warmup": int(p["lr_warmup"]), "kl_batch_size": int(p["kl_batch_size"])}
+            "schedule": p["schedule"], "lr_warmup": int(p["lr_warmup"]), "kl_batch_size": int(p["kl_batch_size"]),
+            "kl_energy_cut": None if p["kl_energy_cut"] == "off" else float(p["kl_energy_cut"])}
 
 
 def train_flow(
