@@ -3,7 +3,8 @@
 # evaluation standard"): density estimation at the peers' n_train = 1,000 (test NLL, KL(p‖q) with
 # its error from the cached log Z, energy W1/W2, distance-histogram TV, coordinate W2 plain and
 # aligned) for the kernel flow, real NVP and the G-residual flow, three seeds, on dw4, lj13 and
-# lj55. Cells live in studies/standard-metrics/cells/; a cell's id hashes eqbench's source, so
+# lj55; on lj55 also bg-reweighting (reverse and forward ESS, the same metrics before and after
+# reweighting) of the kernel flow and real NVP, with and without kl_energy_cut. Cells live in studies/standard-metrics/cells/; a cell's id hashes eqbench's source, so
 # resume them from a worktree of the commit named in studies/README.md:
 #
 #   git worktree add ../eqbench-sm <commit>
