@@ -132,6 +132,20 @@ def test_peer_nll_sits_beside_the_cells_at_the_peers_training_size(tmp_path: Pat
     assert "kernel-flow → " not in side.replace("kernel-flow → kernel-flow", "")
 
 
+def test_a_training_target_setting_is_named_even_on_a_row_of_its_own(tmp_path: Path) -> None:
+    """kl_energy_cut changes what the flow is trained towards: a lone row that used it says so,
+    one at the paper's value ("off") or from before the setting existed does not."""
+    results = write(tmp_path,
+                    cell("bg-reweighting", "real-nvp", "lj55", "quick", 0, [("ess_fraction", 0.001)],
+                         kl_energy_cut=1000),
+                    cell("bg-reweighting", "kernel-flow", "lj55", "quick", 0, [("ess_fraction", 0.002)],
+                         kl_energy_cut="off"),
+                    cell("bg-reweighting", "kernel-flow", "lj13", "quick", 0, [("ess_fraction", 0.3)]))
+    table = with_settings(pd.read_csv(results / "results.csv"))
+    label = dict(zip(table["model"] + "/" + table["system"], table["settings"]))
+    assert label == {"real-nvp/lj55": "kl_energy_cut=1000", "kernel-flow/lj55": "", "kernel-flow/lj13": ""}
+
+
 def test_seeds_of_one_settings_key_are_averaged(tmp_path: Path) -> None:
     results = write(tmp_path, *[cell("density-estimation", "kernel-flow", "dw4", "quick", s, [("nll_test", v)])
                                 for s, v in enumerate([10.0, 12.0, 14.0])])

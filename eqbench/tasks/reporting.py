@@ -307,15 +307,20 @@ def _settings_labels(table: pandas.DataFrame) -> list[str]:
         groups.setdefault(idt, []).append(key)
     labels: dict[str, str] = {}
     for members in groups.values():
-        if len(members) == 1:
-            labels[members[0]] = ""
-            continue
         names = sorted({n for m in members for n in flats[m]} - {"variant", "n_train"})
-        differing = [n for n in names if len({flats[m].get(n, "–") for m in members}) > 1]
+        differing = [n for n in names if len({flats[m].get(n, "–") for m in members}) > 1] if len(members) > 1 else []
         for m in members:
-            parts = [f"{n}={flats[m].get(n, '–')}" for n in differing]
+            # A setting that changes the training target is named even on a row of its own.
+            named = [n for n, paper in ALWAYS_NAMED.items()
+                     if n not in differing and flats[m].get(n, json.dumps(paper)) != json.dumps(paper)]
+            parts = [f"{n}={flats[m].get(n, '–')}" for n in named + differing]
             labels[m] = ", ".join(parts)  # empty: only n_train differs
     return [labels[k] for k in table["settings_key"]]
+
+
+#: Settings named in every row's ``settings`` label whenever they depart from the paper's value:
+#: they change what the flow is trained towards, so a row without them would read as the paper's.
+ALWAYS_NAMED = {"kl_energy_cut": "off"}
 
 
 def capabilities_known(rows: pandas.DataFrame) -> bool:
