@@ -262,7 +262,8 @@ class EnergyTraining(Task):
                 records.append(ctx.record(
                     "reverse_kl", float(-log_w.mean()) + log_z["log_z"],
                     f"nats, KL(q‖p) = kl_estimate + log Z over the same {log_w.size} samples; log Z = "
-                    f"{log_z['log_z']:.4f} ± {log_z['log_z_stderr']:.4f} by {log_z_method(log_z)} (a lower bound, so this "
+                    f"{log_z['log_z']:.4f} ± {log_z['log_z_stderr']:.4f} by {log_z_method(log_z)} "
+                    "(a lower bound, so this "
                     "KL is too)"))
         return records
 

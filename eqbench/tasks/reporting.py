@@ -101,7 +101,8 @@ NLL_CONVENTION = (
     "and, for LJ-13, the single-count LJ energy: shown beside, not comparable number for number. "
     "kl_test = NLL_test − H(p), the forward KL(p‖q) ≥ 0 in nats: H(p) = ⟨u⟩ of the test split + log Z on "
     "the same subspace, log Z by forward annealed importance sampling (LJ-55: with resampling, SMC; cached "
-    "per machine; a lower bound, the unit names the estimator and the forward/reverse gap), kl_test_stderr its standard error (NLL, log Z and ⟨u⟩ in quadrature)."
+    "per machine; a lower bound, the unit names the estimator and the forward/reverse gap), "
+    "kl_test_stderr its standard error (NLL, log Z and ⟨u⟩ in quadrature)."
 )
 
 #: What the sample-quality metrics mean, for the conventions text of every report section that shows them.
