@@ -214,18 +214,19 @@ def _check(record: Any, system: ParticleSystem, settings: AISSettings) -> str | 
     return None
 
 
-def log_z_method(record: dict[str, Any]) -> str:
+def log_z_method(record: dict[str, Any], direction: str = "forward") -> str:
     """How a cached record's log Z was estimated, for the units of the numbers built on it:
-    ``"forward AIS"``, or ``"forward SMC (AIS with resampling)"`` where the record's forward run
-    resampled its populations (:class:`eqbench.free_energy.AISSettings` ``resample_ess``; LJ-55).
-    Both are lower bounds in expectation of log Z.
+    ``"<direction> AIS"``, or ``"<direction> SMC (AIS with resampling)"`` where the record's
+    forward run resampled its populations (:class:`eqbench.free_energy.AISSettings`
+    ``resample_ess``; LJ-55; the reverse run uses the same settings). The forward estimate is a
+    lower bound in expectation of log Z, the reverse one an upper bound.
 
     Example:
-        >>> log_z_method({"forward": {"resamplings": 12}}), log_z_method({"forward": {}})
-        ('forward SMC (AIS with resampling)', 'forward AIS')
+        >>> log_z_method({"forward": {"resamplings": 12}}), log_z_method({"forward": {}}, "reverse")
+        ('forward SMC (AIS with resampling)', 'reverse AIS')
     """
     forward = record.get("forward") or {}
-    return "forward SMC (AIS with resampling)" if forward.get("resamplings") is not None else "forward AIS"
+    return f"{direction} {'SMC (AIS with resampling)' if forward.get('resamplings') is not None else 'AIS'}"
 
 
 def load_log_z(system: ParticleSystem, settings: AISSettings | None = None, *,

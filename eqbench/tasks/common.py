@@ -275,10 +275,9 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str, *,
     kl = free_energy.kl_from_nll(float(values.mean()), nll_stderr, h)
     gap = record.get("bidirectional_gap")
     estimate = f", from an NLL that is an {flow.density_estimate}" if flow.iw_draws is not None else ""
-    method = log_z_method(record)
     unit = (f"nats, KL(p‖q) = NLL_test - H(p), H(p) = {h.entropy:.4f} ± {h.entropy_stderr:.4f} "
-            f"(⟨u⟩ of eqbench's test split + log Z by {method}, a lower bound"
-            + (f"; reverse {method.split(' ', 1)[1]} {gap:+.3f} above it" if gap is not None else "") + f"){estimate}"
+            f"(⟨u⟩ of eqbench's test split + log Z by {log_z_method(record)}, a lower bound"
+            + (f"; {log_z_method(record, 'reverse')} {gap:+.3f} above it" if gap is not None else "") + f"){estimate}"
             + (f"; NLL_test on the {detail}" if detail else ""))
     return [ctx.record("kl_test", kl.kl, unit),
             ctx.record("kl_test_stderr", kl.stderr, "nats, standard error of kl_test: NLL over the scored test "

@@ -263,8 +263,7 @@ class EnergyTraining(Task):
                     "reverse_kl", float(-log_w.mean()) + log_z["log_z"],
                     f"nats, KL(q‖p) = kl_estimate + log Z over the same {log_w.size} samples; log Z = "
                     f"{log_z['log_z']:.4f} ± {log_z['log_z_stderr']:.4f} by {log_z_method(log_z)} "
-                    "(a lower bound, so this "
-                    "KL is too)"))
+                    "(a lower bound, so this KL is too)"))
         return records
 
     def forward_records(self, ctx: CellContext, flow: Flow, test: torch.Tensor) -> list[Record]:

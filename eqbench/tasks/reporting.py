@@ -309,7 +309,7 @@ def _settings_labels(table: pandas.DataFrame) -> list[str]:
     labels: dict[str, str] = {}
     for members in groups.values():
         names = sorted({n for m in members for n in flats[m]} - {"variant", "n_train"})
-        differing = [n for n in names if len({flats[m].get(n, "–") for m in members}) > 1] if len(members) > 1 else []
+        differing = [n for n in names if len({flats[m].get(n, "–") for m in members}) > 1]  # none for one key
         for m in members:
             # A setting that changes the training target is named even on a row of its own.
             named = [n for n, paper in ALWAYS_NAMED.items()
