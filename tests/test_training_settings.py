@@ -66,6 +66,9 @@ def test_a_task_that_does_not_train_refuses_training_settings():
     ({"kl_batch_size": 0}, "kl_batch_size must be an integer >= 1"),
     ({"kl_energy_cut": "on"}, "kl_energy_cut must be \"off\" or a finite energy in kT"),
     ({"kl_energy_cut": float("inf")}, "kl_energy_cut must be \"off\" or a finite energy in kT"),
+    ({"micro_batch": 0}, "micro_batch must be \"off\" or an integer >= 1"),
+    ({"micro_batch": 8.0}, "micro_batch must be \"off\" or an integer >= 1"),
+    ({"micro_batch": True}, "micro_batch must be \"off\" or an integer >= 1"),
 ])
 def test_bad_training_settings_are_one_line_errors_naming_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -286,8 +286,9 @@ def kl_records(ctx: CellContext, flow: Flow, scored: ScoredLogQ, metric: str, *,
 
 def training_options(params: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`eqbench.train.TrainConfig` fields a cell's training settings set (optimizer,
-    lr, weight decay, clipping, schedule, warm-up, KL batch size; :data:`eqbench.config.TRAINING_DEFAULTS`
-    for any the parameters lack), so that every task trains by the same settings.
+    lr, weight decay, clipping, schedule, warm-up, KL batch size, energy cut, micro-batch;
+    :data:`eqbench.config.TRAINING_DEFAULTS` for any the parameters lack), so that every task
+    trains by the same settings.
 
     Example:
         >>> training_options({"lr": 1e-3, "grad_clip": "off"})["lr"], training_options({})["grad_clip"]
@@ -300,7 +301,8 @@ def training_options(params: Mapping[str, Any]) -> dict[str, Any]:
     return {"optimizer": p["optimizer"], "lr": float(p["lr"]), "weight_decay": float(p["weight_decay"]),
             "grad_clip": None if p["grad_clip"] == "off" else float(p["grad_clip"]),
             "schedule": p["schedule"], "lr_warmup": int(p["lr_warmup"]), "kl_batch_size": int(p["kl_batch_size"]),
-            "kl_energy_cut": None if p["kl_energy_cut"] == "off" else float(p["kl_energy_cut"])}
+            "kl_energy_cut": None if p["kl_energy_cut"] == "off" else float(p["kl_energy_cut"]),
+            "micro_batch": None if p["micro_batch"] == "off" else int(p["micro_batch"])}
 
 
 def train_flow(
