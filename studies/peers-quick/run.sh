@@ -24,9 +24,14 @@ EN=(--set 'n_val={default=500, en-flow=100}' --set 'validate_every={default=50, 
 $S --task density-estimation --model g-resflow kernel-flow --system dw4 lj13
 $S --task density-estimation --model se3-acf en-flow --system dw4 "${EN[@]}"
 $L --task density-estimation --model se3-acf --system lj13
+# en-flow on LJ-13 holds 12-17 GB at batch 64: run it alone on a 24 GB machine, or from a commit
+# with the training setting micro_batch (8e45f01 on) add --set micro_batch=16 (~3 GB; new cells).
 $L --task density-estimation --model en-flow --system lj13 "${EN[@]}"
 $S --task bg-reweighting --model g-resflow se3-acf kernel-flow --system dw4
 $S --task bg-reweighting --model g-resflow kernel-flow --system lj13
+# The same with the regularised KL energy (the setting exists from 5fb9a2f on; run from a worktree
+# of 5fb9a2f, as the cells here were):
+$S --task bg-reweighting --model kernel-flow --system lj13 --set kl_energy_cut=1000
 # Training and sampling cost against the kernel flow and the E(n) CNF, timed in one cell each:
 $S --task timing --model en-flow se3-acf g-resflow --system dw4 lj13
 # Training from the energy alone (the coupling-flow paper's DW-4 experiment):
