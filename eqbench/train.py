@@ -219,11 +219,11 @@ def _grad_norm(flow: Flow) -> float:
     return math.sqrt(total)
 
 
-Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+_Terms = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 def _whole_batch_backward(flow: Flow, system: ParticleSystem, config: TrainConfig, lam: float,
-                          batch: torch.Tensor | None) -> Terms:
+                          batch: torch.Tensor | None) -> _Terms:
     """One pass over the whole batch and one backward pass of ``(1 - λ) NLL + λ KL (+ penalty)``;
     returns ``(loss, nll, kl, penalty)``. Skips the backward pass when the loss is not finite."""
     ref = next(flow.parameters())
@@ -243,23 +243,22 @@ def _whole_batch_backward(flow: Flow, system: ParticleSystem, config: TrainConfi
 
 
 def _chunked_backward(flow: Flow, system: ParticleSystem, config: TrainConfig, lam: float,
-                      batch: torch.Tensor | None) -> Terms:
+                      batch: torch.Tensor | None) -> _Terms:
     """:func:`_whole_batch_backward` with one backward pass per chunk of ``config.micro_batch``
     rows, each term weighted by its chunk's share, so the gradients add up to the same loss's."""
     ref = next(flow.parameters())
     zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
-    nll, kl, penalty_total, penalty_seen = zero, zero, zero, False
+    nll, kl, penalty_total = zero, zero, None
     size = config.micro_batch
     last_term = "kl" if lam > 0.0 else "nll"
 
     def backward(term: torch.Tensor, weight: float, share: float, which: str) -> torch.Tensor:
-        nonlocal penalty_total, penalty_seen
+        nonlocal penalty_total
         piece = weight * term
         penalty = flow.training_penalty()
         if penalty is not None and which == last_term:
-            penalty_seen = True
             piece = piece + share * penalty
-            penalty_total = penalty_total + share * penalty.detach()
+            penalty_total = (0.0 if penalty_total is None else penalty_total) + share * penalty.detach()
         if torch.isfinite(piece):
             piece.backward()
         return term.detach()
@@ -278,8 +277,8 @@ def _chunked_backward(flow: Flow, system: ParticleSystem, config: TrainConfig, l
             term = (kl_energy(system, samples, config.kl_energy_cut) + log_q).sum() / config.kl_batch_size
             kl = kl + backward(term, lam, n / config.kl_batch_size, "kl")
             left -= n
-    loss = (1.0 - lam) * nll + lam * kl + penalty_total
-    return loss, nll, kl, penalty_total if penalty_seen else None
+    loss = (1.0 - lam) * nll + lam * kl + (0.0 if penalty_total is None else penalty_total)
+    return loss, nll, kl, penalty_total
 
 
 def fit(
