@@ -176,6 +176,20 @@ def test_importance_weighted_estimate_converges_with_k(dw4):
     assert spreads[3] < 0.3 * spreads[0] and spreads[2] < spreads[0]
 
 
+def test_importance_weighted_estimate_does_not_depend_on_the_pass_size(dw4, monkeypatch):
+    """The K·B rows are evaluated in passes of ``_ROWS_PER_PASS``: passes that split the draws of
+    one configuration, that do not divide K·B, or one pass for all give the same estimate."""
+    from eqbench.flows import augmented
+    flow = _small(dw4, base_aux_scale=0.12).double()
+    x, _ = flow.sample(7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one_pass = flow.log_prob(x, iw_draws=20, generator=torch.Generator().manual_seed(3))
+        for rows in (1, 13, 64):
+            monkeypatch.setattr(augmented, "_ROWS_PER_PASS", rows)
+            torch.testing.assert_close(flow.log_prob(x, iw_draws=20, generator=torch.Generator().manual_seed(3)),
+                                       one_pass, rtol=0, atol=1e-12)
+
+
 def test_estimate_matches_the_exact_marginal_of_an_identity_flow(dw4):
     """With every spline at the identity, q(x, a) = N_U(x) N(a; x, σ_b² I): the marginal is the
     CoM-free normal, known exactly; the estimate must approach it (normalising constants right).
