@@ -23,10 +23,15 @@ EN=(--set 'n_val={default=500, en-flow=100}' --set 'validate_every={default=50, 
     --set 'n_test={default=2000, en-flow=500}' --set 'n_train_eval={default=1000, en-flow=100}')
 $S --task density-estimation --model g-resflow kernel-flow --system dw4 lj13
 $S --task density-estimation --model se3-acf en-flow --system dw4 "${EN[@]}"
-$L --task density-estimation --model se3-acf --system lj13
-# en-flow on LJ-13 holds 12-17 GB at batch 64: run it alone on a 24 GB machine, or from a commit
-# with the training setting micro_batch (8e45f01 on) add --set micro_batch=16 (~3 GB; new cells).
-$L --task density-estimation --model en-flow --system lj13 "${EN[@]}"
+# se3-acf on LJ-13: its cells are from a worktree of d145fb3 (K = 20 scoring in passes of 512
+# rows, twice as fast as 10946e0's passes on a loaded machine; the numbers do not change). The
+# peers' protocol, n = 1,000, first; the other sizes by dropping the n_train setting.
+$L --task density-estimation --model se3-acf --system lj13 --set 'n_train=[1000]'
+# en-flow on LJ-13 holds 12-17 GB at batch 64: its cells are from a worktree of ffd2d3f with the
+# training setting micro_batch=32 (the same gradient as the whole batch, ~6 GB, so it runs beside
+# another cell on a 24 GB machine; micro_batch exists from 8e45f01 on).
+$L --task density-estimation --model en-flow --system lj13 "${EN[@]}" --set micro_batch=32 --set 'n_train=[1000]'
+
 $S --task bg-reweighting --model g-resflow se3-acf kernel-flow --system dw4
 $S --task bg-reweighting --model g-resflow kernel-flow --system lj13
 # The same with the regularised KL energy (the setting exists from 5fb9a2f on; run from a worktree
@@ -34,7 +39,7 @@ $S --task bg-reweighting --model g-resflow kernel-flow --system lj13
 $S --task bg-reweighting --model kernel-flow --system lj13 --set kl_energy_cut=1000
 # Training and sampling cost against the kernel flow and the E(n) CNF, timed in one cell each:
 $S --task timing --model en-flow se3-acf g-resflow --system dw4 lj13
-# Training from the energy alone (the coupling-flow paper's DW-4 experiment):
+# Training from the energy alone (the coupling-flow paper's DW-4 experiment), from a worktree of d145fb3:
 $S --task energy-training --model kernel-flow real-nvp g-resflow se3-acf --system dw4
 # The coupling flow at its authors' budget (~3,200 iterations of batch 32; quick runs 400 of 64):
 $PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 5400 --jobs "$JOBS" \
