@@ -57,11 +57,18 @@ data: $(STAMP)
 	$(PY) -m eqbench data --jobs 2 > $(VENV)/data-diagnostics.txt
 	@echo "reference data ready (diagnostics: $(VENV)/data-diagnostics.txt)"
 
+# One single-threaded pytest worker per core (TEST_JOBS, default 2, the machine CI runs on): the
+# suite is hundreds of small independent tests, so two workers halve its wall time where two
+# torch threads in one process would slow it. --dist loadfile keeps each file in one worker, so
+# a file's tests that share a built wheel or a module-scoped fixture never race each other.
+TEST_JOBS ?= 2
+PYTEST_PARALLEL := -n $(TEST_JOBS) --dist loadfile
+
 test: data
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_PARALLEL)
 
 test-all: data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 # `pip install .` / a wheel must work outside the checkout: build the sdist and, from it, the wheel
 # (as pip does from an sdist) into $(DIST)/, install the wheel with its dependencies into a fresh
