@@ -7,7 +7,8 @@ Use it in a plugin's own tests::
 
 The checks (DESIGN "Registry"; issue "Models"): finite shapes; samples CoM-free; ``sample`` and
 ``log_prob`` agree, and ``log_prob`` does not depend on the module's training mode (scores are
-exact unless an estimator is asked for by name); ``inverse(forward(z)) ≈ z``; ``log|det|`` against the brute-force Jacobian;
+exact unless an estimator is asked for by name); ``sample_positions`` draws ``sample``'s
+configurations with the same generator; ``inverse(forward(z)) ≈ z``; ``log|det|`` against the brute-force Jacobian;
 for CNFs the divergence against the autograd trace; each *claimed* symmetry holds under random
 rotations, reflections, permutations and translations, and each unclaimed one of rotation and
 permutation is shown to be broken; every parameter gets a gradient of the training objective
@@ -122,6 +123,7 @@ def check_flow(
 
     # 1-2. sampling: shapes, finiteness, CoM-free; sample and log_prob agree ------------------
     x, _ = _check_samples(flow, system, gen, batch, density_tol, ok)
+    _check_sample_positions(flow, batch, seed, roundtrip_tol, ok)
 
     # 3. inverse(forward(z)) round trip -------------------------------------------------------
     z = torch.randn(batch, n, d, generator=gen, dtype=dtype)
@@ -280,6 +282,20 @@ def _check_samples(flow: Flow, system: ParticleSystem, gen: torch.Generator, bat
     return x, log_q
 
 
+def _check_sample_positions(flow: Flow, batch: int, seed: int, tol: float, ok: Callable[..., None]) -> None:
+    """``sample_positions`` (the configurations without ``log q``, used by metrics that never weight
+    them) draws what ``sample`` draws with an equally seeded generator: a model that overrides it to
+    skip its density must not change the samples the benchmark scores."""
+    name = type(flow).__name__
+    with torch.no_grad():
+        x_ref, _ = flow.sample(batch, generator=torch.Generator().manual_seed(seed))
+        x = flow.sample_positions(batch, generator=torch.Generator().manual_seed(seed))
+    assert x.shape == x_ref.shape, f"{name}: sample_positions shape {tuple(x.shape)}, sample's {tuple(x_ref.shape)}"
+    dev = _max_rel(x, x_ref)
+    assert dev < tol, f"{name}: sample_positions differs from sample's configurations by {dev:.2e}"
+    ok("sample_positions_match_sample", dev)
+
+
 def _check_symmetries(flow: Flow, system: ParticleSystem, z: torch.Tensor, gen: torch.Generator,
                       symmetry_tol: float, broken_tol: float, ok: Callable[..., None]) -> None:
     """Each claimed symmetry holds under random group elements; unclaimed rotation and
@@ -340,6 +356,7 @@ def check_flow_quick(flow: Flow, system: ParticleSystem, *, batch: int = 2, seed
                                     symmetry_tol, broken_tol, ok)
             return report
         _check_samples(twin, system, gen, batch, density_tol, ok)
+        _check_sample_positions(twin, batch, seed, density_tol, ok)
         z = torch.randn(batch, system.n_particles, system.n_dims, generator=gen, dtype=torch.float64)
         z = z if getattr(twin, "com_augmented", False) else remove_com(z)
         _check_symmetries(twin, system, z, gen, symmetry_tol, broken_tol, ok)
@@ -404,6 +421,7 @@ def _check_augmented_samples(flow: Flow, system: ParticleSystem, seed: int, batc
         f"{name}: sample() must return sample_joint's x with log q(x, a) - log π(a|x) (x off by {dev_x:.2e}, " \
         f"log-density by {dev:.2e})"
     ok("sample_is_joint_minus_aux", dev)
+    _check_sample_positions(flow, batch, seed, density_tol, ok)
 
     _check_mode_independence(flow, x[:2], ok)
     return x, a

@@ -78,6 +78,26 @@ class Flow(nn.Module, ABC):
         x, logdet = self.forward(z)
         return x, self.prior.log_prob(z) - logdet
 
+    def sample_positions(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` configurations without their ``log q``: what :meth:`sample` draws with the same
+        ``generator``, for callers that only look at the configurations (sample metrics, minima).
+
+        The default is :meth:`sample`'s ``x``. Models whose density costs far more than their
+        transform override it: a CNF without a closed-form divergence pays one backward pass per
+        coordinate per solver step for ``log q`` (:meth:`eqbench.flows.cnf.CNF.sample_positions`
+        integrates the velocity alone). The contract (:func:`eqbench.testing.check_flow`) holds an
+        override to :meth:`sample`'s configurations.
+
+        Example:
+            >>> import torch, eqbench
+            >>> flow = eqbench.build_model("kernel-flow", "dw4")
+            >>> x = flow.sample_positions(3, generator=torch.Generator().manual_seed(0))
+            >>> x_ref, _ = flow.sample(3, generator=torch.Generator().manual_seed(0))
+            >>> bool(torch.allclose(x, x_ref))
+            True
+        """
+        return self.sample(n, generator=generator)[0]
+
     # ------------------------------------------------------------------ what the numbers are
     @property
     def density_estimate(self) -> str | None:

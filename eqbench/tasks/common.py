@@ -42,6 +42,7 @@ __all__ = [
     "train_flow",
     "training_options",
     "selection_records",
+    "sample_positions",
     "sample_with_log_q",
     "show_progress",
     "variant_name",
@@ -377,6 +378,23 @@ def sample_with_log_q(flow: Flow, n: int, *, batch_size: int = 1000, seed: int =
             xs.append(x)
             log_qs.append(log_q)
     return torch.cat(xs), torch.cat(log_qs)
+
+
+def sample_positions(flow: Flow, n: int, *, batch_size: int = 1000, seed: int = 0,
+                     progress: bool | None = None, desc: str = "sample") -> torch.Tensor:
+    """``n`` configurations without ``log q`` (:meth:`eqbench.flows.base.Flow.sample_positions`),
+    in batches without gradients: the configurations :func:`sample_with_log_q` draws with the same
+    seed and batch size, for metrics that never weight them."""
+    import torch
+    from tqdm.auto import tqdm
+
+    flow.eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        starts = range(0, n, batch_size)
+        xs = [flow.sample_positions(min(batch_size, n - start), generator=generator)
+              for start in tqdm(starts, desc=desc, disable=not show_progress(progress), leave=False)]
+    return torch.cat(xs)
 
 
 def check_finite(records: list, what: str = "") -> None:

@@ -24,8 +24,9 @@ backward pass per coordinate per ODE step, so ``n_test`` and ``n_train_eval`` (t
 configurations scored) are profile settings too; each record's unit says the trace was exact.
 
 **Sample quality** (the field's evaluation standard since 2023; iDEM, Akhound-Sadegh et al. 2024):
-after scoring, ``n_metric_samples`` configurations are drawn from the trained flow (with their
-exact ``log q``, :func:`eqbench.tasks.common.sample_with_log_q`) and compared with the ``n_test``
+after scoring, ``n_metric_samples`` configurations are drawn from the trained flow (without
+``log q``, which nothing here weights: :func:`eqbench.tasks.common.sample_positions`; a CNF
+integrates its velocity alone) and compared with the ``n_test``
 test configurations by :func:`eqbench.tasks.common.sample_quality_records`: ``energy_w1_flow``,
 ``energy_w2_flow`` (kT, over the samples of finite energy), ``distance_w2_flow``,
 ``dist_tv_flow`` (200-bin interatomic-distance histogram TV), ``coord_w2_flow`` and
@@ -60,7 +61,7 @@ from eqbench.tasks.common import (
     nll_records,
     positive_int,
     sample_quality_records,
-    sample_with_log_q,
+    sample_positions,
     selection_records,
     split_detail,
     train_flow,
@@ -188,7 +189,7 @@ class DensityEstimation(Task):
 
         p = ctx.params
         start = time.perf_counter()
-        x, _ = sample_with_log_q(flow, p["n_metric_samples"], seed=ctx.seed, progress=ctx.progress)
+        x = sample_positions(flow, p["n_metric_samples"], seed=ctx.seed, progress=ctx.progress)
         records = [ctx.record("sample_wall_s", time.perf_counter() - start, "s")]
         x64 = x.detach().to("cpu", torch.float64)
         test64 = test.detach().to("cpu", torch.float64)

@@ -16,8 +16,8 @@ round in ``step``):
 - ``flow``: the model is trained on the training set, then each of ``rounds`` rounds draws
   ``n_samples`` configurations from it (one training per cell, independent sampling rounds:
   Table 1's training row has no spread, so its rounds shared one training set). Only positions
-  are needed, so continuous flows integrate the velocity with the cheapest trace they have
-  (closed form, else one Hutchinson probe) instead of the exact log-density.
+  are needed, so continuous flows integrate the velocity alone (``Flow.sample_positions``),
+  without any trace.
 - ``training``: the training set itself, counted once (step 0).
 - ``mcmc-short``: "an independent equilibrium MCMC trajectory having the same amount of samples
   as the training set" (§7.5): ``mcmc_short_samples`` samples per round, independent of the
@@ -793,27 +793,18 @@ def _trained_flow(ctx: CellContext, s: Settings, train: torch.Tensor, record: Re
 def _flow_positions(flow: Flow, n: int, generator: torch.Generator, batch_size: int = 1000) -> torch.Tensor:
     """``n`` samples of ``flow`` (positions only, float64 on the CPU).
 
-    Counting minima needs no density, so a continuous flow integrates its velocity with the
-    cheapest trace it has (closed form, else one Hutchinson probe, whose value is discarded):
-    brute-force traces would make 10,000 gradient-flow samples cost minutes. Other flows
-    sample as usual.
+    Counting minima needs no density: :meth:`~eqbench.flows.base.Flow.sample_positions` (a
+    continuous flow integrates its velocity alone; brute-force traces would make 10,000
+    SchNet-flow samples cost minutes).
     """
     import torch
 
-    from eqbench.flows.cnf import CNF
-
     flow.eval()
-    ref = next(flow.parameters())
     chunks = []
     with torch.no_grad():
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
-            if isinstance(flow, CNF):
-                z = flow.prior.sample(m, generator=generator, dtype=ref.dtype, device=ref.device)
-                method = "exact" if flow.has_closed_form_divergence else "hutchinson"
-                x, _ = flow.integrate(z, 0.0, 1.0, method=method)
-            else:
-                x, _ = flow.sample(m, generator=generator)
+            x = flow.sample_positions(m, generator=generator)
             chunks.append(x.detach().to(device="cpu", dtype=torch.float64))
     return torch.cat(chunks)
 
