@@ -195,18 +195,25 @@ class CNF(Flow):
         noise = rademacher_like(x0) if method == "hutchinson" else None
         dynamics = _Dynamics(self, method, noise)
         state = (x0, torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device))
+        xs, logdets = self._solve(dynamics, state, x0, t0, t1, adjoint=True)
+        return xs[-1], logdets[-1]
+
+    def _solve(self, dynamics: nn.Module, state, like: torch.Tensor, t0: float, t1: float, *, adjoint: bool):
+        """One solve on the configured solver: DTO's fixed RK4 grid, or OTD's dopri5 (through the
+        adjoint when ``adjoint``); sets :attr:`last_solve_nfe`. ``like`` gives dtype and device."""
         nfe_before = self.nfe
-        times = torch.tensor([t0, t1], dtype=x0.dtype, device=x0.device)
+        times = torch.tensor([t0, t1], dtype=like.dtype, device=like.device)
         if self.solver.mode == "dto":
-            xs, logdets = odeint(dynamics, state, times, method="rk4",
-                                 options={"step_size": abs(t1 - t0) / self.solver.steps})
-        else:
+            out = odeint(dynamics, state, times, method="rk4", options={"step_size": abs(t1 - t0) / self.solver.steps})
+        elif adjoint:
             params = tuple(p for p in self.parameters() if p.requires_grad)
-            xs, logdets = odeint_adjoint(dynamics, state, times, method="dopri5", atol=self.solver.atol,
-                                         rtol=self.solver.rtol, adjoint_params=params)
+            out = odeint_adjoint(dynamics, state, times, method="dopri5", atol=self.solver.atol,
+                                 rtol=self.solver.rtol, adjoint_params=params)
+        else:
+            out = odeint(dynamics, state, times, method="dopri5", atol=self.solver.atol, rtol=self.solver.rtol)
         #: Evaluations of this solve's forward pass (OTD's adjoint pass adds to ``nfe`` later).
         self.last_solve_nfe = self.nfe - nfe_before
-        return xs[-1], logdets[-1]
+        return out
 
     def forward(self, z: torch.Tensor, *, divergence: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x, log|det ∂x/∂z|)``; the trace by ``divergence`` (default ``eval_divergence``, exact)."""
@@ -251,15 +258,7 @@ class CNF(Flow):
         """
         ref = self._reference_tensor()
         z = self.prior.sample(n, generator=generator, dtype=ref.dtype, device=ref.device)
-        dynamics = _Velocity(self)
-        times = torch.tensor([0.0, 1.0], dtype=z.dtype, device=z.device)
-        nfe_before = self.nfe
-        if self.solver.mode == "dto":
-            xs = odeint(dynamics, z, times, method="rk4", options={"step_size": 1.0 / self.solver.steps})
-        else:
-            xs = odeint(dynamics, z, times, method="dopri5", atol=self.solver.atol, rtol=self.solver.rtol)
-        self.last_solve_nfe = self.nfe - nfe_before
-        return xs[-1]
+        return self._solve(_Velocity(self), z, z, 0.0, 1.0, adjoint=False)[-1]
 
     @property
     def training_estimator(self) -> dict[str, Any]:

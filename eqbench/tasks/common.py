@@ -381,15 +381,17 @@ def sample_with_log_q(flow: Flow, n: int, *, batch_size: int = 1000, seed: int =
 
 
 def sample_positions(flow: Flow, n: int, *, batch_size: int = 1000, seed: int = 0,
-                     progress: bool | None = None, desc: str = "sample") -> torch.Tensor:
+                     generator: torch.Generator | None = None, progress: bool | None = None,
+                     desc: str = "sample") -> torch.Tensor:
     """``n`` configurations without ``log q`` (:meth:`eqbench.flows.base.Flow.sample_positions`),
     in batches without gradients: the configurations :func:`sample_with_log_q` draws with the same
-    seed and batch size, for metrics that never weight them."""
+    seed and batch size, for metrics that never weight them. A ``generator`` (drawn on across
+    calls, as metastable-states' rounds do) replaces the one seeded with ``seed``."""
     import torch
     from tqdm.auto import tqdm
 
     flow.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     with torch.no_grad():
         starts = range(0, n, batch_size)
         xs = [flow.sample_positions(min(batch_size, n - start), generator=generator)

@@ -145,7 +145,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext, Task
-from eqbench.tasks.common import show_progress, train_flow, training_options
+from eqbench.tasks.common import sample_positions, show_progress, train_flow, training_options
 
 from eqbench.tasks.reporting import (
     NOT_MEASURED,
@@ -799,14 +799,8 @@ def _flow_positions(flow: Flow, n: int, generator: torch.Generator, batch_size: 
     """
     import torch
 
-    flow.eval()
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, n, batch_size):
-            m = min(batch_size, n - start)
-            x = flow.sample_positions(m, generator=generator)
-            chunks.append(x.detach().to(device="cpu", dtype=torch.float64))
-    return torch.cat(chunks)
+    x = sample_positions(flow, n, batch_size=batch_size, generator=generator, progress=False)
+    return x.to(device="cpu", dtype=torch.float64)
 
 
 def _round_records(record: RecordFn, s: Settings, census: MinimaCensus, training: MinimaCensus | None, step: int) -> None:
