@@ -17,6 +17,8 @@ S="$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 36
 # The LJ-13 cells of the two expensive peers take 60-80 min each on one free core (the time limit is
 # not part of a cell's identity, so a longer one resumes the same cells).
 L="$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 7200 --results $R --jobs $JOBS"
+# en-flow on LJ-13: 86-105 min alone, more when anything shares its core.
+LL="$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 14400 --results $R --jobs $JOBS"
 # en-flow scores and samples with the exact trace (~0.8 s per LJ-13 configuration on one core): its
 # scoring sets are cut the same way on every system, as the quick profile now does by default.
 EN=(--set 'n_val={default=500, en-flow=100}' --set 'validate_every={default=50, en-flow=100}'
@@ -32,7 +34,7 @@ $L --task density-estimation --model se3-acf --system lj13 --set 'n_train=[1000]
 # another cell on a 24 GB machine; micro_batch exists from 8e45f01 on).
 # They run with --time-limit 14400 (seed 1 once ran out of 7,200 s beside the test suite; the limit
 # is not part of a cell's identity, so the rerun kept its id).
-${L/--time-limit 7200/--time-limit 14400} --task density-estimation --model en-flow --system lj13 "${EN[@]}" --set micro_batch=32 --set 'n_train=[1000]'
+$LL --task density-estimation --model en-flow --system lj13 "${EN[@]}" --set micro_batch=32 --set 'n_train=[1000]'
 
 $S --task bg-reweighting --model g-resflow se3-acf kernel-flow --system dw4
 # Not run yet (README "Not measured yet"): en-flow on DW-4 (~70 min per cell), and the peers on
