@@ -22,6 +22,7 @@ from eqbench import components
 from eqbench.config import TRAINING_DEFAULTS, TRAINING_HELP
 from eqbench.errors import EqbenchError, UnknownNameError
 from eqbench.registry import MODELS, SYSTEMS, TASKS, Registry
+from eqbench.snapshots import DEFAULT_SNAPSHOT_EVERY_S, check_snapshot_interval
 from eqbench.workers import check_time_limit
 
 EXAMPLES = """\
@@ -373,12 +374,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from eqbench.config import parse_overrides
 
     time_limit = check_time_limit(args.time_limit)
+    every = check_snapshot_interval(args.snapshot_every)
     overrides = parse_overrides(args.set or [])
     seed = _seed_overrides(args, overrides)
     _set_threads(args.threads)
     results = run(args.task, args.model, args.system, args.profile, seed=seed, device=args.device,
                   overrides=overrides, results_dir=args.results, rerun=args.rerun, artifacts=not args.no_artifacts,
-                  time_limit_s=time_limit)
+                  time_limit_s=time_limit, snapshot_every_s=every)
     return _finish(args, args.task, results)
 
 
@@ -456,6 +458,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from eqbench.sweep import plan_sweep, sweep
 
     time_limit = check_time_limit(args.time_limit)
+    every = check_snapshot_interval(args.snapshot_every)
     if args.threads < 0:  # the workers set it; the parent only checks it
         raise EqbenchError(f"--threads must be >= 0 (0 = cores / jobs), got {args.threads}")
     overrides = parse_overrides(args.set or [])
@@ -479,7 +482,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     plan, results = sweep(args.task, args.model, args.system, args.profile, executor=args.executor, jobs=args.jobs,
                           threads=args.threads or None, device=args.device, time_limit_s=time_limit,
                           address=args.address, slurm=slurm, on_plan=announce, artifacts=not args.no_artifacts,
-                          **common)
+                          snapshot_every_s=every, **common)
     for model, system, reason in plan.unsupported:
         print(f"skipped {model} on {system}: {reason}")
     failed = [r for r in results if r.status != "ok"]
@@ -854,6 +857,11 @@ def _cell_arguments(p: argparse.ArgumentParser, *, sweep: bool = False, time_lim
                        help="a cell running longer becomes a failed cell \"cell exceeded its time limit of N s\" "
                             "(a positive number; local and SLURM workers, not dask); the worker it ran in is "
                             "replaced" + ("" if sweep else ". With a limit, cells run in a worker process"))
+        p.add_argument("--snapshot-every", type=str, default=str(int(DEFAULT_SNAPSHOT_EVERY_S)), metavar="SECONDS",
+                       help="save each cell's training state this often (default %(default)s; 0 = every iteration, "
+                            "'off' = never), so a cell stopped by --time-limit or a killed run continues its "
+                            "training when run again, with the numbers an uninterrupted run gives; --rerun "
+                            "starts afresh")
 
 
 def _default_results(args: argparse.Namespace) -> str:

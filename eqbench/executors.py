@@ -40,6 +40,7 @@ from typing import Any
 from eqbench.errors import CellTimeout, ConfigError
 from eqbench.records import CellResult, CellStore, now_iso, provenance
 from eqbench.planning import CellPlan
+from eqbench.snapshots import DEFAULT_SNAPSHOT_EVERY_S
 from eqbench.workers import Outcome, WorkerPool, time_limit_reason, worker_slot
 
 __all__ = [
@@ -69,6 +70,8 @@ class CellJob:
     time_limit_s: float | None = None
     #: Keep each cell's model and samples (:mod:`eqbench.artifacts`) beside its record.
     artifacts: bool = True
+    #: Seconds between training snapshots (:mod:`eqbench.snapshots`); ``None``: none.
+    snapshot_every_s: float | None = DEFAULT_SNAPSHOT_EVERY_S
 
 
 def _claim_path(store: CellStore, plan: CellPlan) -> Path:
@@ -152,7 +155,9 @@ def execute_cell(job: CellJob) -> CellResult:
     device = _worker_device(job.device)
     result = run_cell_limited(job.plan, device=device, time_limit_s=job.time_limit_s, progress=False,
                               results_root=store.root,
-                              artifacts_dir=store.artifact_dir(job.plan.task, job.plan.cell_id) if job.artifacts else None)
+                              artifacts_dir=store.artifact_dir(job.plan.task, job.plan.cell_id) if job.artifacts else None,
+                              snapshot_dir=store.snapshot_dir(job.plan.task, job.plan.cell_id),
+                              snapshot_every_s=job.snapshot_every_s)
     store.write(result)
     claim.unlink(missing_ok=True)
     return result

@@ -371,9 +371,21 @@ class CellStore:
         cell_file = self.path(task, cell_id)
         return self.root / "artifacts" / cell_file.parent.name / cell_id
 
+    def snapshot_dir(self, task: str, cell_id: str) -> Path:
+        """Where a running cell keeps its training snapshots (:mod:`eqbench.snapshots`):
+        ``root/cells/<task>/.snapshots/<cell_id>/``, gone once the cell is stored as finished."""
+        cell_file = self.path(task, cell_id)
+        return cell_file.parent / ".snapshots" / cell_id
+
+    def remove_snapshots(self, task: str, cell_id: str) -> None:
+        """Forget a cell's training snapshots (it finished, or is to be run again from the start)."""
+        shutil.rmtree(self.snapshot_dir(task, cell_id), ignore_errors=True)
+
     def write(self, cell: CellResult) -> Path:
         """Atomically write ``cell`` over any earlier result of the same cell; return its path.
 
+        A finished cell's training snapshots are removed after it is written; a failed cell keeps
+        them, so that a rerun after a time limit or a killed worker resumes its training.
         A write that fails (a full disk, a directory made read-only meanwhile) raises
         :class:`~eqbench.errors.OutputError` (one line) and leaves no partial file behind."""
         if cell.status not in _STATUSES:
@@ -381,6 +393,8 @@ class CellStore:
         path = self.path(cell.task, cell.cell_id)
         text = json.dumps(cell.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n"
         _write_or_explain(path, text, "cell")
+        if cell.status == "ok":
+            self.remove_snapshots(cell.task, cell.cell_id)
         return path
 
     def remove_orphaned_temps(self) -> list[Path]:

@@ -23,6 +23,7 @@ from eqbench.errors import CellTimeout, EqbenchError
 from eqbench.planning import CellPlan, check_data_for, code_versions, default_results_dir, plan_cells
 from eqbench.records import CellResult, CellStore, Record, check_results_dir, now_iso, provenance
 from eqbench.registry import MODELS, SYSTEMS, TASKS
+from eqbench.snapshots import DEFAULT_SNAPSHOT_EVERY_S, SnapshotPlan, check_snapshot_interval
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext
 from eqbench.workers import ProgressLines, WorkerPool, check_time_limit, time_limit, time_limit_reason
 
@@ -90,13 +91,17 @@ def preflight(plans: Sequence[CellPlan]) -> list[CellPlan]:
 
 def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = None,
              artifacts_dir: str | Path | None = None, results_root: str | Path | None = None,
-             flow: Any = None) -> CellResult:
+             flow: Any = None, snapshot_dir: str | Path | None = None,
+             snapshot_every_s: float | None = DEFAULT_SNAPSHOT_EVERY_S) -> CellResult:
     """Run one cell in this process; failures become a failed :class:`CellResult`, never an exception.
 
     ``artifacts_dir``: where the cell keeps its model and samples (:mod:`eqbench.artifacts`;
     ``None`` keeps nothing); the cell lists them relative to ``results_root``. ``flow``: an
     already-built flow the task scores instead of building one (``ctx.extras["flow"]``; the
-    ``evaluate`` task, :func:`eqbench.evaluation.evaluate`).
+    ``evaluate`` task, :func:`eqbench.evaluation.evaluate`). ``snapshot_dir``: where training
+    saves its state every ``snapshot_every_s`` seconds and resumes from an earlier run's
+    (:mod:`eqbench.snapshots`; ``None`` for either: no snapshots); a cell that resumed says so in
+    ``provenance["resumed"]``.
 
     A plan without ``model_info`` (a sweep's cells: the sweep's parent process never runs model
     code, which may crash it) gets its :func:`preflight` here, in the worker, once per process
@@ -104,6 +109,8 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
     """
     started, start = now_iso(), time.perf_counter()
     status, reason, records = "ok", "", []
+    snapshots = SnapshotPlan(Path(snapshot_dir), snapshot_every_s) \
+        if snapshot_dir is not None and snapshot_every_s is not None else None
     writer = ArtifactWriter(Path(artifacts_dir), root=Path(results_root) if results_root else None) \
         if artifacts_dir is not None else None
     try:
@@ -115,7 +122,8 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
         torch.manual_seed(plan.seed)
         ctx = CellContext(task=plan.task, model=plan.model, system=SYSTEMS.get(plan.system)(),
                           params=plan.params, seed=plan.seed, device=device, progress=progress,
-                          artifacts=writer, code=dict(plan.code), extras={} if flow is None else {"flow": flow})
+                          artifacts=writer, code=dict(plan.code), extras={} if flow is None else {"flow": flow},
+                          snapshots=snapshots)
         records = TASKS.get(plan.task).run_cell(ctx)
         bad = [r.metric for r in records if not math.isfinite(r.value)]
         if bad:
@@ -127,9 +135,12 @@ def run_cell(plan: CellPlan, *, device: str = "cpu", progress: bool | None = Non
         reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
         if not isinstance(exc, EqbenchError):
             reason += f" [{traceback.extract_tb(exc.__traceback__)[-1].name}]"
+    where = provenance(device)
+    if snapshots is not None and snapshots.resumed:
+        where["resumed"] = snapshots.describe()
     return CellResult(task=plan.task, cell_id=plan.cell_id, config=plan.config, status=status, reason=reason,
                       started_at=started, duration_s=time.perf_counter() - start,
-                      provenance=provenance(device), records=records, model_info=dict(plan.model_info),
+                      provenance=where, records=records, model_info=dict(plan.model_info),
                       artifacts=dict(writer.manifest) if writer is not None else {})
 
 
@@ -162,18 +173,21 @@ def failed_result(plan: CellPlan, reason: str, device: str, *, started_at: str |
 
 def run_cell_limited(plan: CellPlan, *, device: str = "cpu", time_limit_s: float | None = None,
                      progress: bool | None = None, artifacts_dir: str | Path | None = None,
-                     results_root: str | Path | None = None) -> CellResult:
+                     results_root: str | Path | None = None, snapshot_dir: str | Path | None = None,
+                     snapshot_every_s: float | None = DEFAULT_SNAPSHOT_EVERY_S) -> CellResult:
     """:func:`run_cell` under a time limit (:func:`eqbench.workers.time_limit`), armed after the
     cell's heavy imports (:func:`prepare_cell`). A cell in which the limit fired is a failed
     cell with reason "cell exceeded its time limit of N s", whatever the cell's code made of the
-    exception; the process is then tainted (a :class:`~eqbench.workers.WorkerPool` worker retires)."""
+    exception; the process is then tainted (a :class:`~eqbench.workers.WorkerPool` worker retires).
+    Its training snapshots (``snapshot_dir``) stay, so running the cell again resumes it."""
     prepare_cell(plan)
     started, start = now_iso(), time.perf_counter()
     result, limit = None, None
     try:
         with time_limit(time_limit_s) as limit:
             result = run_cell(plan, device=device, progress=progress, artifacts_dir=artifacts_dir,
-                              results_root=results_root)
+                              results_root=results_root, snapshot_dir=snapshot_dir,
+                              snapshot_every_s=snapshot_every_s)
     except CellTimeout:
         pass
     except BaseException:
@@ -185,14 +199,15 @@ def run_cell_limited(plan: CellPlan, *, device: str = "cpu", time_limit_s: float
     return result
 
 
-def _cell_in_worker(job: tuple[CellPlan, str, float | None, bool | None, str | None, str | None, int]) -> CellResult:
+def _cell_in_worker(job: tuple[CellPlan, str, float | None, bool | None, str | None, str | None, int,
+                                str | None, float | None]) -> CellResult:
     """One cell of :func:`run` with a time limit, in a :class:`~eqbench.workers.WorkerPool` worker."""
-    plan, device, limit, progress, artifacts_dir, results_root, threads = job
+    plan, device, limit, progress, artifacts_dir, results_root, threads, snapshot_dir, every = job
     import torch
 
     torch.set_num_threads(max(1, threads))
     return run_cell_limited(plan, device=device, time_limit_s=limit, progress=progress, artifacts_dir=artifacts_dir,
-                            results_root=results_root)
+                            results_root=results_root, snapshot_dir=snapshot_dir, snapshot_every_s=every)
 
 
 def _preflight_in_worker(job: tuple[list[CellPlan], float | None, int]) -> list[CellPlan] | None:
@@ -237,6 +252,7 @@ def run(
     progress: bool | None = None,
     artifacts: bool = True,
     time_limit_s: float | None = None,
+    snapshot_every_s: float | None = DEFAULT_SNAPSHOT_EVERY_S,
 ) -> list[CellResult]:
     """Run every cell of a task profile for one model and system.
 
@@ -256,6 +272,11 @@ def run(
     breaks the next one. Without a terminal (``progress=None``, stderr not a TTY) a line per
     finished cell, and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`).
 
+    ``snapshot_every_s``: training saves its state this often (seconds; ``None``: never) under
+    ``<results_dir>/cells/<task>/.snapshots/``, so a cell stopped by its limit or killed resumes
+    its training when run again, with the numbers an uninterrupted run gives
+    (:mod:`eqbench.snapshots`); ``rerun`` starts such a cell afresh.
+
     Example:
         >>> import eqbench, tempfile
         >>> cells = eqbench.run("test-nll", "gaussian", "dw2", "smoke", results_dir=tempfile.mkdtemp())
@@ -265,6 +286,7 @@ def run(
     from eqbench.tasks.common import show_progress
 
     limit = check_time_limit(time_limit_s)
+    snapshot_every_s = check_snapshot_interval(snapshot_every_s)
     device = resolve_device(device)
     plans = plan_cells(task, model, system, profile, seed=seed, overrides=overrides)
     store = CellStore(check_results_dir(default_results_dir(profile) if results_dir is None else results_dir))
@@ -293,12 +315,16 @@ def run(
                             continue
                         checked.update((p.cell_id, p) for p in (preflight([plan]) if pool is None else [plan]))
                     artifacts_dir = store.artifact_dir(plan.task, plan.cell_id) if artifacts else None
+                    if rerun:
+                        store.remove_snapshots(plan.task, plan.cell_id)
+                    snapshot_dir = store.snapshot_dir(plan.task, plan.cell_id)
                     if pool is None:
                         result = run_cell(checked[plan.cell_id], device=device, progress=progress,
-                                          artifacts_dir=artifacts_dir, results_root=store.root)
+                                          artifacts_dir=artifacts_dir, results_root=store.root,
+                                          snapshot_dir=snapshot_dir, snapshot_every_s=snapshot_every_s)
                     else:
                         result = _run_cell_limited_in(pool, checked[plan.cell_id], device, limit, progress,
-                                                      artifacts_dir, store.root)
+                                                      artifacts_dir, store.root, snapshot_dir, snapshot_every_s)
                 store.write(result)
                 results.append(result)
                 lines.update(result.status == "ok")
@@ -331,9 +357,10 @@ def _preflight_limited(pool: WorkerPool, todo: list[CellPlan], limit: float,
 
 
 def _run_cell_limited_in(pool: WorkerPool, plan: CellPlan, device: str, limit: float, progress: bool | None,
-                         artifacts_dir: Path | None, root: Path) -> CellResult:
+                         artifacts_dir: Path | None, root: Path, snapshot_dir: Path,
+                         snapshot_every_s: float | None) -> CellResult:
     outcome = pool.call(_cell_in_worker, (plan, device, limit, progress, str(artifacts_dir) if artifacts_dir else None,
-                                          str(root), _torch_threads()))
+                                          str(root), _torch_threads(), str(snapshot_dir), snapshot_every_s))
     if outcome.kind == "ok":
         return outcome.value
     return failed_result(plan, _worker_reason(outcome, limit), device)

@@ -21,6 +21,7 @@ from eqbench.errors import ConfigError
 from eqbench.executors import CellJob, SlurmOptions, make_executor, remove_stale_claims, run_jobs
 from eqbench.records import CellResult, CellStore, check_results_dir
 from eqbench.registry import MODELS, SYSTEMS, TASKS
+from eqbench.snapshots import DEFAULT_SNAPSHOT_EVERY_S, check_snapshot_interval
 from eqbench.workers import ProgressLines, check_time_limit
 from eqbench.planning import CellPlan, NoCellsError, check_data_for, default_results_dir, plan_cells
 
@@ -136,6 +137,7 @@ def sweep(
     progress: bool | None = None,
     on_plan: Callable[[SweepPlan], None] | None = None,
     artifacts: bool = True,
+    snapshot_every_s: float | None = DEFAULT_SNAPSHOT_EVERY_S,
 ) -> tuple[SweepPlan, list[CellResult]]:
     """Plan and run a sweep; returns the plan and the results of the cells run now.
 
@@ -147,8 +149,13 @@ def sweep(
     ``time_limit_s`` (a positive number, checked before any work): a cell running longer becomes
     a failed cell "cell exceeded its time limit of N s"; a local worker in which it fired is
     replaced. Without a terminal (``progress=None``, stderr not a TTY) a line per finished cell,
-    and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`)."""
+    and one a minute in between, goes to stderr (:class:`~eqbench.workers.ProgressLines`).
+
+    ``snapshot_every_s``: each cell's training saves its state this often (``None``: never), so
+    a cell stopped by its limit, or a killed sweep, resumes mid-training when run again, with the
+    numbers of an uninterrupted run (:mod:`eqbench.snapshots`); ``rerun`` starts cells afresh."""
     time_limit_s = check_time_limit(time_limit_s)
+    snapshot_every_s = check_snapshot_interval(snapshot_every_s)
     results_dir = check_results_dir(default_results_dir(profile) if results_dir is None else results_dir)  # before any work
     plan = plan_sweep(task, models, systems, profile, seeds=seeds, overrides=overrides,
                       results_dir=results_dir, rerun=rerun)
@@ -156,9 +163,13 @@ def sweep(
         on_plan(plan)
     if not plan.todo:
         return plan, []
+    if rerun:
+        store = CellStore(results_dir)
+        for cell in plan.todo:
+            store.remove_snapshots(cell.task, cell.cell_id)
     results = run_cells(plan.todo, results_dir, executor=executor, jobs=jobs, threads=threads, device=device,
                         time_limit_s=time_limit_s, address=address, slurm=slurm, progress=progress,
-                        artifacts=artifacts, desc=f"sweep {task}")
+                        artifacts=artifacts, desc=f"sweep {task}", snapshot_every_s=snapshot_every_s)
     return plan, results
 
 
@@ -176,6 +187,7 @@ def run_cells(
     progress: bool | None = None,
     artifacts: bool = True,
     desc: str = "cells",
+    snapshot_every_s: float | None = DEFAULT_SNAPSHOT_EVERY_S,
 ) -> list[CellResult]:
     """Run planned cells (of any tasks) on one executor, in the given order; returns their results.
 
@@ -197,8 +209,8 @@ def run_cells(
         from eqbench.devices import resolve_device
 
         device = resolve_device(device)
-    jobs_list = [CellJob(cell, str(results_dir), device, threads or default_threads(jobs), time_limit_s, artifacts)
-                 for cell in cells]
+    jobs_list = [CellJob(cell, str(results_dir), device, threads or default_threads(jobs), time_limit_s, artifacts,
+                         snapshot_every_s) for cell in cells]
     runner = make_executor(executor, jobs=jobs, results_dir=results_dir, address=address, slurm=slurm)
     bar = tqdm(total=len(jobs_list), desc=desc, disable=not show_progress(progress), unit="cell")
     lines = ProgressLines(desc, len(jobs_list), enabled=progress is None and not show_progress(None))

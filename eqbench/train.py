@@ -43,6 +43,10 @@ iterations). With a ``validation`` set (the reference pool's validation split, d
 train and test), :func:`fit` scores the exact NLL on it every ``validate_every`` iterations and,
 with ``selection="best-validation"``, restores the parameters of the best one at the end, as the
 E(n)-equivariant-flow protocol does. ``"last"`` keeps the last iteration (the paper's text).
+
+Snapshots (``snapshot``): with a :class:`~eqbench.snapshots.SnapshotSlot`, :func:`fit` saves its
+whole state every ``every_s`` seconds and resumes from it when called again with the same
+settings and data, so a killed run continues bit for bit (:mod:`eqbench.snapshots`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -60,6 +64,7 @@ from eqbench.config import OPTIMIZERS, SCHEDULES
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
 from eqbench.geometry import apply_permutation, random_orthogonal, random_permutations
+from eqbench.snapshots import SnapshotSlot, fingerprint, load_snapshot, save_snapshot
 from eqbench.systems.base import ParticleSystem
 
 __all__ = ["SELECTIONS", "TrainConfig", "TrainResult", "augment", "fit", "kl_energy", "lambda_at", "lr_factor",
@@ -142,6 +147,12 @@ class TrainResult:
     selected_iteration: int = 0
     #: Seconds spent scoring the validation set (not included in ``wall_s``).
     validation_wall_s: float = 0.0
+    #: Iterations already done by the snapshot this fit resumed from (:mod:`eqbench.snapshots`),
+    #: or ``None``: it ran from the start. ``wall_s`` then counts the training of every run.
+    resumed_from_iteration: int | None = None
+    #: Wall-clock seconds (training and validation) this fit spent in the earlier runs it resumed
+    #: from: what a caller timing the call adds to say how long the training took.
+    earlier_wall_s: float = 0.0
 
 
 def kl_energy(system: ParticleSystem, samples: torch.Tensor, cut: float | None = None) -> torch.Tensor:
@@ -289,12 +300,15 @@ def fit(
     *,
     progress: bool | None = None,
     validation: torch.Tensor | None = None,
+    snapshot: SnapshotSlot | None = None,
 ) -> TrainResult:
     """Train ``flow`` in place; returns a :class:`TrainResult` (never raises on divergence).
 
     ``validation``: configurations whose exact mean NLL is recorded before training, every
     ``config.validate_every`` iterations and after the last; needed by
     ``selection="best-validation"``, which then returns the best checkpoint's parameters.
+    ``snapshot``: where to save the training state every ``snapshot.every_s`` seconds, and to
+    resume from if an earlier run of the same fit left one (module docstring).
 
     Example:
         >>> import eqbench
@@ -319,6 +333,15 @@ def fit(
     optimizer = _optimizer(flow, config)
     if validation is not None:
         validation = validation.to(device=ref.device, dtype=ref.dtype)
+    key = fingerprint(asdict(config), data, validation) if snapshot is not None else ""
+    saved = load_snapshot(snapshot.path, key) if snapshot is not None else None
+    if saved is not None and saved["final"]:  # this fit finished in an earlier run: its outcome
+        flow.load_state_dict(saved["flow"])
+        _set_random_state(saved["random"], ref.device)
+        flow.eval()
+        done_before: TrainResult = saved["result"]
+        return replace(done_before, resumed_from_iteration=done_before.iterations_done,
+                       earlier_wall_s=done_before.wall_s + done_before.validation_wall_s)
     scores: list[tuple[int, float]] = []
     validation_wall = [0.0]
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -338,12 +361,36 @@ def fit(
             best = (value, done_so_far, {k: v.detach().clone() for k, v in flow.state_dict().items()})
 
     start = time.perf_counter()
-    checkpoint(0)
-    flow.train()
     history: list[dict[str, float]] = []
-    status, reason, done = "ok", "", 0
+    status, reason, done, earlier_s, resumed_from = "ok", "", 0, 0.0, None
+    if saved is not None:  # an earlier run stopped mid-training: continue exactly where it was
+        flow.load_state_dict(saved["flow"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        _set_random_state(saved["random"], ref.device)
+        history, scores, best = saved["history"], saved["validation"], saved["best"]
+        validation_wall[0], done, earlier_s = saved["validation_wall_s"], saved["done"], saved["elapsed_s"]
+        resumed_from = done
+    else:
+        checkpoint(0)
+    last_saved, wrote = start, False
+
+    def elapsed() -> float:
+        return earlier_s + time.perf_counter() - start
+
+    def state(final: bool) -> dict[str, Any]:
+        common = {"fingerprint": key, "final": final, "flow": flow.state_dict(),
+                  "random": _random_state(ref.device)}
+        if final:
+            return {**common, "result": result}
+        return {**common, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "history": history, "validation": scores, "best": best, "validation_wall_s": validation_wall[0],
+                "done": done, "elapsed_s": elapsed()}
+
+    flow.train()
     show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(range(config.iterations), desc=f"train {type(flow).__name__}", disable=not show, leave=False)
+    bar = tqdm(range(done, config.iterations), desc=f"train {type(flow).__name__}", disable=not show, leave=False,
+               initial=done, total=config.iterations)
     for iteration in bar:
         lam = lambda_at(config, iteration)
         nfe_before = getattr(flow, "nfe", 0)
@@ -375,21 +422,39 @@ def fit(
                      **({} if penalty is None else {"penalty": penalty.item()}),
                      "lambda": lam, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
                      "nfe": float(getattr(flow, "nfe", 0) - nfe_before),  # forward + backward, this iteration
-                     "wall_s": time.perf_counter() - start}
+                     "wall_s": elapsed()}
             history.append(entry)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if validation is not None and (done % config.validate_every == 0 or done == config.iterations):
             checkpoint(done)
             flow.train()
+        if snapshot is not None and done < config.iterations and time.perf_counter() - last_saved >= snapshot.every_s:
+            save_snapshot(snapshot.path, state(final=False))
+            last_saved, wrote = time.perf_counter(), True
     bar.close()
     flow.eval()
     selected = done
     if status == "ok" and best is not None:
         flow.load_state_dict(best[2])
         selected = best[1]
-    return TrainResult(status, reason, done, time.perf_counter() - start - validation_wall[0], history,
-                       asdict(config), validation=scores, selected_iteration=selected,
-                       validation_wall_s=validation_wall[0])
+    result = TrainResult(status, reason, done, elapsed() - validation_wall[0], history, asdict(config),
+                         validation=scores, selected_iteration=selected, validation_wall_s=validation_wall[0],
+                         resumed_from_iteration=resumed_from, earlier_wall_s=earlier_s)
+    if snapshot is not None and (wrote or resumed_from is not None or elapsed() >= snapshot.every_s):
+        save_snapshot(snapshot.path, state(final=True))
+    return result
+
+
+def _random_state(device: torch.device) -> dict[str, Any]:
+    """torch's global random state (and the CUDA device's), which the training estimators draw from."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_random_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def mean_nll(flow: Flow, x: torch.Tensor, batch_size: int = 500, **options: Any) -> float:

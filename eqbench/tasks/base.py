@@ -62,6 +62,9 @@ class CellContext:
     artifacts: ArtifactWriter | None = None
     #: Code versions of the cell (:func:`eqbench.planning.code_versions`), kept with its model.
     code: Mapping[str, str] = field(default_factory=dict)
+    #: Where training saves and resumes snapshots (:class:`eqbench.snapshots.SnapshotPlan`);
+    #: ``None``: training is not saved mid-way.
+    snapshots: Any = None
 
     def keep_model(self, flow: Any, model_config: Mapping[str, Any] | None = None) -> None:
         """Keep the model this cell scored (its state and how to rebuild it), if artifacts are kept."""

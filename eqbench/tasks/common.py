@@ -325,6 +325,8 @@ def train_flow(
     or ``"last"``, :data:`eqbench.train.SELECTIONS`) and ``validate_every`` decide which
     checkpoint is returned. Raises ``FloatingPointError`` with the loop's reason when training
     diverges, so the runner records the cell as failed instead of scoring a broken model.
+    With ``ctx.snapshots`` the fit saves its state as it goes and resumes from an earlier run's
+    (:mod:`eqbench.snapshots`).
     """
     from eqbench.train import TrainConfig, TrainResult, fit
 
@@ -338,7 +340,12 @@ def train_flow(
                          lambda_start=lambda_start, lambda_end=lambda_end, seed=ctx.seed + seed_offset,
                          selection=str(p.get("model_selection", "last")) if validation is not None else "last",
                          validate_every=int(p.get("validate_every", 50)))
-    result = fit(flow, ctx.system, train, config, progress=ctx.progress, validation=validation)
+    plan = ctx.snapshots
+    result = fit(flow, ctx.system, train, config, progress=ctx.progress, validation=validation,
+                 snapshot=plan.next_slot() if plan is not None else None)
+    if plan is not None and result.resumed_from_iteration is not None:
+        plan.resumed.append({"fit": int(plan.calls - 1), "iteration": int(result.resumed_from_iteration),
+                             "of": int(iterations)})
     if result.status != "ok":
         raise FloatingPointError(result.reason)
     return result
