@@ -27,7 +27,7 @@ $S --task density-estimation --model g-resflow kernel-flow --system dw4 lj13
 $S --task density-estimation --model se3-acf en-flow --system dw4 "${EN[@]}"
 # se3-acf on LJ-13: its cells are from a worktree of d145fb3 (K = 20 scoring in passes of 512
 # rows, twice as fast as 10946e0's passes on a loaded machine; the numbers do not change). The
-# peers' protocol, n = 1,000, first; the other sizes by dropping the n_train setting.
+# peers' protocol, n = 1,000.
 $L --task density-estimation --model se3-acf --system lj13 --set 'n_train=[1000]'
 # en-flow on LJ-13 holds 12-17 GB at batch 64: its cells are from a worktree of ffd2d3f with the
 # training setting micro_batch=32 (the same gradient as the whole batch, ~6 GB, so it runs beside
@@ -35,15 +35,24 @@ $L --task density-estimation --model se3-acf --system lj13 --set 'n_train=[1000]
 # They run with --time-limit 14400 (seed 1 once ran out of 7,200 s beside the test suite; the limit
 # is not part of a cell's identity, so the rerun kept its id).
 $LL --task density-estimation --model en-flow --system lj13 "${EN[@]}" --set micro_batch=32 --set 'n_train=[1000]'
+# The sizes 10 and 100 of both on LJ-13: from the resumable worktree of e2a27bd (below), the
+# same settings as their n = 1,000 cells.
+$LL --task density-estimation --model se3-acf --system lj13 --set 'n_train=[10,100]'
+$LL --task density-estimation --model en-flow --system lj13 "${EN[@]}" --set micro_batch=32 --set 'n_train=[10,100]'
 
 $S --task bg-reweighting --model g-resflow se3-acf kernel-flow --system dw4
-# Not run yet (README "Not measured yet"): en-flow on DW-4 (~70 min per cell), and the peers on
-# LJ-13 with the regularised KL energy the kernel flow needs there; en-flow's scoring sets cut
-# like its density-estimation cells (~6 h per cell even so).
-# $L --task bg-reweighting --model en-flow --system dw4
-# $L --task bg-reweighting --model se3-acf en-flow --system lj13 --set kl_energy_cut=1000 \
-#    --set 'n_samples={default=10000, en-flow=1000}' --set 'n_test={default=10000, en-flow=500}' --set micro_batch=32 \
-#    --time-limit 28800
+# The cells below are hours long on a CPU core and come from a worktree of e2a27bd, the first
+# commit whose cells save training snapshots (every 600 s, --snapshot-every): a cell stopped by
+# its limit or a killed sweep continues its training when the same command runs again, with the
+# numbers of an uninterrupted run, so one cell may span several sessions.
+#   git worktree add --detach ../eqbench-e2a27bd e2a27bd
+# en-flow on DW-4 (~85 min per cell), then the peers on LJ-13 with the regularised KL energy the
+# kernel flow needs there; en-flow's scoring sets cut like its density-estimation cells (~6 h
+# per cell even so).
+$LL --task bg-reweighting --model en-flow --system dw4
+$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 28800 --results "$R" --jobs "$JOBS" \
+  --task bg-reweighting --model se3-acf en-flow --system lj13 --set kl_energy_cut=1000 \
+  --set 'n_samples={default=10000, en-flow=1000}' --set 'n_test={default=10000, en-flow=500}' --set micro_batch=32
 $S --task bg-reweighting --model g-resflow kernel-flow --system lj13
 # The same with the regularised KL energy (the setting exists from 5fb9a2f on; run from a worktree
 # of 5fb9a2f, as the cells here were):
