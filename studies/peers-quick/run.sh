@@ -53,6 +53,9 @@ $LL --task bg-reweighting --model en-flow --system dw4
 $PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 28800 --results "$R" --jobs "$JOBS" \
   --task bg-reweighting --model se3-acf en-flow --system lj13 --set kl_energy_cut=1000 \
   --set 'n_samples={default=10000, en-flow=1000}' --set 'n_test={default=10000, en-flow=500}' --set micro_batch=32
+# The authors' LJ-13 loss adds a frame penalty (weight 10) to the coupling flow's; its effect on
+# the density-estimation NLL (the same protocol as the n = 1,000 cells above, from e2a27bd):
+$LL --task density-estimation --model se3-acf --system lj13 --set 'n_train=[1000]' --set 'model_config={frame_penalty=10}'
 $S --task bg-reweighting --model g-resflow kernel-flow --system lj13
 # The same with the regularised KL energy (the setting exists from 5fb9a2f on; run from a worktree
 # of 5fb9a2f, as the cells here were):
