@@ -37,6 +37,7 @@ from typing import Any
 
 from eqbench.atomic import atomic_write_bytes
 from eqbench.errors import ConfigError
+from eqbench.workers import as_seconds
 
 __all__ = ["DEFAULT_SNAPSHOT_EVERY_S", "SnapshotPlan", "SnapshotSlot", "check_snapshot_interval", "fingerprint",
            "load_snapshot", "save_snapshot"]
@@ -56,10 +57,7 @@ def check_snapshot_interval(value: Any) -> float | None:
     """
     if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
         return None
-    try:
-        seconds = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        seconds = math.nan
+    seconds = as_seconds(value)
     if not (math.isfinite(seconds) and seconds >= 0):
         shown = value if isinstance(value, str) else repr(value)
         raise ConfigError(f"--snapshot-every (snapshot_every_s) must be a number of seconds >= 0 or 'off', got {shown}")
@@ -73,6 +71,8 @@ class SnapshotSlot:
     path: Path
     #: Seconds of training between snapshots (0: after every iteration).
     every_s: float
+    #: Which training call of the cell this is (0, 1, ... in the order the task trains).
+    index: int = 0
 
 
 @dataclass
@@ -88,7 +88,7 @@ class SnapshotPlan:
     """
 
     directory: Path
-    every_s: float = 600.0
+    every_s: float = DEFAULT_SNAPSHOT_EVERY_S
     _calls: int = field(default=0, repr=False)
     #: ``{"fit": k, "iteration": i, "of": n}`` for every training call that resumed from a snapshot.
     resumed: list[dict[str, int]] = field(default_factory=list)
@@ -99,7 +99,7 @@ class SnapshotPlan:
         return self._calls
 
     def next_slot(self) -> SnapshotSlot:
-        slot = SnapshotSlot(Path(self.directory) / f"fit-{self._calls}.pt", float(self.every_s))
+        slot = SnapshotSlot(Path(self.directory) / f"fit-{self._calls}.pt", float(self.every_s), self._calls)
         self._calls += 1
         return slot
 

@@ -52,15 +52,21 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 # ---------------------------------------------------------------------------------- time limits
+def as_seconds(value: Any) -> float:
+    """``value`` (a number or its text, as a command line gives it) as seconds; NaN when it is
+    not a number (booleans included), for the callers' one-line errors."""
+    try:
+        return float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def check_time_limit(value: Any) -> float | None:
     """``value`` as a time limit in seconds (``None``: no limit), or a one-line
     :class:`~eqbench.errors.ConfigError`: a limit must be a positive, finite number."""
     if value is None:
         return None
-    try:
-        seconds = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        seconds = math.nan
+    seconds = as_seconds(value)
     if not (math.isfinite(seconds) and seconds > 0):
         shown = value if isinstance(value, str) else repr(value)
         raise ConfigError(f"--time-limit (time_limit_s) must be a positive number of seconds, got {shown}")

@@ -340,12 +340,11 @@ def train_flow(
                          lambda_start=lambda_start, lambda_end=lambda_end, seed=ctx.seed + seed_offset,
                          selection=str(p.get("model_selection", "last")) if validation is not None else "last",
                          validate_every=int(p.get("validate_every", 50)))
-    plan = ctx.snapshots
-    result = fit(flow, ctx.system, train, config, progress=ctx.progress, validation=validation,
-                 snapshot=plan.next_slot() if plan is not None else None)
-    if plan is not None and result.resumed_from_iteration is not None:
-        plan.resumed.append({"fit": int(plan.calls - 1), "iteration": int(result.resumed_from_iteration),
-                             "of": int(iterations)})
+    slot = ctx.snapshots.next_slot() if ctx.snapshots is not None else None
+    result = fit(flow, ctx.system, train, config, progress=ctx.progress, validation=validation, snapshot=slot)
+    if slot is not None and result.resumed_from_iteration is not None:
+        ctx.snapshots.resumed.append({"fit": slot.index, "iteration": int(result.resumed_from_iteration),
+                                      "of": int(iterations)})
     if result.status != "ok":
         raise FloatingPointError(result.reason)
     return result
