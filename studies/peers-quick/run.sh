@@ -64,7 +64,10 @@ $S --task bg-reweighting --model kernel-flow --system lj13 --set kl_energy_cut=1
 $S --task timing --model en-flow se3-acf g-resflow --system dw4 lj13
 # Training from the energy alone (the coupling-flow paper's DW-4 experiment), from a worktree of d145fb3:
 $S --task energy-training --model kernel-flow real-nvp g-resflow se3-acf --system dw4
-$S --task energy-training --model kernel-flow --system lj13 --set kl_energy_cut=1000
+$S --task energy-training --model kernel-flow real-nvp --system lj13 --set kl_energy_cut=1000
+# The coupling flow trained from the LJ-13 energy alone: hours per cell on a CPU core, so from the
+# resumable worktree of e2a27bd (above).
+$LL --task energy-training --model se3-acf --system lj13 --set kl_energy_cut=1000
 # The coupling flow at its authors' budget (~3,200 iterations of batch 32; quick runs 400 of 64):
 $PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 5400 --jobs "$JOBS" \
   --results "${R%/}-budget" --task density-estimation --model se3-acf --system dw4 \
