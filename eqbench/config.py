@@ -55,7 +55,8 @@ TRAINING_HELP: dict[str, str] = {
     "optimizer": f"one of {', '.join(OPTIMIZERS)} (paper: adamw)",
     "lr": "learning rate, > 0 (paper: 5e-3)",
     "weight_decay": "decoupled (adamw) or L2 (adam) weight decay, >= 0 (paper: 0.01)",
-    "grad_clip": "\"off\" or the largest gradient norm, > 0 (paper: off)",
+    "grad_clip": "\"off\", the largest gradient norm (> 0), or \"dynamic\": the coupling-flow authors' guard "
+                 "(clip to 2x the median norm of the last 100 steps, skip steps above 20x) (paper: off)",
     "schedule": f"one of {', '.join(SCHEDULES)} (paper: constant)",
     "lr_warmup": "iterations of linear warm-up from lr 0, >= 0 (paper: 0)",
     "kl_batch_size": "flow samples per reverse-KL step, >= 1 (paper: 64)",
@@ -177,8 +178,9 @@ def check_training_settings(params: Mapping[str, Any]) -> None:
     if not _number(params, "weight_decay") >= 0:
         raise ConfigError(f"weight_decay must be >= 0, got {params['weight_decay']!r}")
     clip = params["grad_clip"]
-    if clip != "off" and not (not isinstance(clip, bool) and isinstance(clip, int | float) and 0 < clip < math.inf):
-        raise ConfigError(f"grad_clip must be \"off\" or a number > 0 (finite), got {clip!r}")
+    if clip not in ("off", "dynamic") and not (
+            not isinstance(clip, bool) and isinstance(clip, int | float) and 0 < clip < math.inf):
+        raise ConfigError(f"grad_clip must be \"off\", \"dynamic\" or a number > 0 (finite), got {clip!r}")
     cut = params.get("kl_energy_cut", "off")
     if cut != "off" and not (not isinstance(cut, bool) and isinstance(cut, int | float) and math.isfinite(cut)):
         raise ConfigError(f"kl_energy_cut must be \"off\" or a finite energy in kT, got {cut!r}")

@@ -4,8 +4,9 @@
 ``L_KL = ⟨u(x) + log q(x)⟩_{x~q}`` (reverse KL up to the constant log Z). λ follows a linear
 schedule from ``lambda_start`` to ``lambda_end`` (paper B.3: 0 → 0.5 after ML pre-training).
 Defaults are the paper's protocol: AdamW, lr 5e-3, weight decay 0.01, batch 64 (C.1, C.3), no
-gradient clipping, a constant learning rate. Optimiser (AdamW or Adam), clipping, and a cosine
-schedule with linear warm-up are settings (:data:`eqbench.config.TRAINING_DEFAULTS`), because a
+gradient clipping, a constant learning rate. Optimiser (AdamW or Adam), clipping (a fixed norm, or
+``"dynamic"``: the coupling-flow authors' median-based clip-and-skip guard,
+:mod:`eqbench.grad_guard`), and a cosine schedule with linear warm-up are settings (:data:`eqbench.config.TRAINING_DEFAULTS`), because a
 flow brought from elsewhere may need its own: one step at a learning rate it was not made for
 can undo its training. Data augmentation
 (random rotation/reflection and permutation of each batch) is an option for any model (the
@@ -63,6 +64,7 @@ from tqdm.auto import tqdm
 from eqbench.config import OPTIMIZERS, SCHEDULES
 from eqbench.errors import ConfigError
 from eqbench.flows.base import Flow
+from eqbench.grad_guard import GRAD_GUARD_SETTING, GradientGuard
 from eqbench.geometry import apply_permutation, random_orthogonal, random_permutations
 from eqbench.snapshots import SnapshotSlot, fingerprint, load_snapshot, save_snapshot
 from eqbench.systems.base import ParticleSystem
@@ -87,8 +89,9 @@ class TrainConfig:
     lambda_end: float = 0.0
     kl_batch_size: int = 64
     augment: bool = False
-    #: Largest gradient norm, or ``None``: no clipping (the paper's protocol).
-    grad_clip: float | None = None
+    #: Largest gradient norm, ``"dynamic"`` (the coupling-flow authors' guard,
+    #: :mod:`eqbench.grad_guard`), or ``None``: no clipping (the paper's protocol).
+    grad_clip: float | str | None = None
     #: u_high of the KL term's regularised energy (:func:`kl_energy`), or ``None``: the raw
     #: energy (the paper's protocol).
     kl_energy_cut: float | None = None
@@ -116,8 +119,9 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be None (off) or > 0, got {self.grad_clip}")
+        if self.grad_clip is not None and self.grad_clip != GRAD_GUARD_SETTING and not (
+                not isinstance(self.grad_clip, str) and self.grad_clip > 0):
+            raise ConfigError(f"grad_clip must be None (off), {GRAD_GUARD_SETTING!r} or > 0, got {self.grad_clip!r}")
         if self.kl_energy_cut is not None and not math.isfinite(self.kl_energy_cut):
             raise ConfigError(f"kl_energy_cut must be None (off) or a finite energy in kT, got {self.kl_energy_cut}")
         if self.optimizer not in OPTIMIZERS:
@@ -153,6 +157,8 @@ class TrainResult:
     #: Wall-clock seconds (training and validation) this fit spent in the earlier runs it resumed
     #: from: what a caller timing the call adds to say how long the training took.
     earlier_wall_s: float = 0.0
+    #: Steps the gradient guard did not apply (``grad_clip="dynamic"``), or ``None``: no guard.
+    skipped_steps: int | None = None
 
 
 def kl_energy(system: ParticleSystem, samples: torch.Tensor, cut: float | None = None) -> torch.Tensor:
@@ -331,6 +337,7 @@ def fit(
     if data is not None:
         data = data.to(device=ref.device, dtype=ref.dtype)
     optimizer = _optimizer(flow, config)
+    guard = GradientGuard.authors() if config.grad_clip == GRAD_GUARD_SETTING else None
     if validation is not None:
         validation = validation.to(device=ref.device, dtype=ref.dtype)
     key = fingerprint(asdict(config), data, validation) if snapshot is not None else ""
@@ -369,6 +376,8 @@ def fit(
         generator.set_state(saved["generator"])
         _set_random_state(saved["random"], ref.device)
         history, scores, best = saved["history"], saved["validation"], saved["best"]
+        if guard is not None:
+            guard.load_state_dict(saved["guard"])
         validation_wall[0], done, earlier_s = saved["validation_wall_s"], saved["done"], saved["elapsed_s"]
         resumed_from = done
     else:
@@ -385,7 +394,7 @@ def fit(
             return {**common, "result": result}
         return {**common, "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "history": history, "validation": scores, "best": best, "validation_wall_s": validation_wall[0],
-                "done": done, "elapsed_s": elapsed()}
+                "done": done, "elapsed_s": elapsed(), "guard": None if guard is None else guard.state_dict()}
 
     flow.train()
     show = sys.stderr.isatty() if progress is None else progress
@@ -411,17 +420,25 @@ def fit(
         if not math.isfinite(grad_norm):
             status, reason = "failed", f"non-finite gradient at iteration {iteration} (loss={loss.item():.4g})"
             break
-        if config.grad_clip is not None:
+        skip = False
+        if guard is not None:
+            decision = guard.admit(grad_norm)
+            skip = decision.skip
+            if not skip and grad_norm > decision.limit:
+                torch.nn.utils.clip_grad_norm_(flow.parameters(), decision.limit)
+        elif config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(flow.parameters(), config.grad_clip)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * lr_factor(config, iteration)
-        optimizer.step()
+        if not skip:
+            optimizer.step()
         done = iteration + 1
         if iteration % config.log_every == 0 or done == config.iterations:
             entry = {"iteration": iteration, "loss": loss.item(), "nll": nll.item(), "kl": kl.item(),
                      **({} if penalty is None else {"penalty": penalty.item()}),
                      "lambda": lam, "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
                      "nfe": float(getattr(flow, "nfe", 0) - nfe_before),  # forward + backward, this iteration
+                     **({} if guard is None else {"skipped_steps": float(guard.skipped)}),
                      "wall_s": elapsed()}
             history.append(entry)
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -439,7 +456,8 @@ def fit(
         selected = best[1]
     result = TrainResult(status, reason, done, elapsed() - validation_wall[0], history, asdict(config),
                          validation=scores, selected_iteration=selected, validation_wall_s=validation_wall[0],
-                         resumed_from_iteration=resumed_from, earlier_wall_s=earlier_s)
+                         resumed_from_iteration=resumed_from, earlier_wall_s=earlier_s,
+                         skipped_steps=None if guard is None else guard.skipped)
     if snapshot is not None and (wrote or resumed_from is not None or elapsed() >= snapshot.every_s):
         save_snapshot(snapshot.path, state(final=True))
     return result

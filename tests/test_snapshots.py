@@ -3,6 +3,8 @@ the parameters, validation curve and records of one uninterrupted fit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -106,6 +108,35 @@ def test_without_restoring_the_random_state_the_fit_differs(dw4, tmp_path, monke
     flow = _build("node", dw4, seed=0)
     fit(flow, dw4, train, CONFIG, validation=val, progress=False, snapshot=slot)
     assert not all(torch.equal(a, b) for a, b in zip(flow.state_dict().values(), reference.state_dict().values()))
+
+
+@pytest.mark.parametrize("restore_guard", [True, False])
+def test_stopped_fit_with_the_gradient_guard_resumes_bit_for_bit(restore_guard, dw4, tmp_path, monkeypatch):
+    """The guard's window of gradient norms is training state too: resumed with it, the fit is the
+    uninterrupted one; resumed with a fresh window (the negative control), it is not."""
+    from eqbench.grad_guard import GradientGuard
+
+    # Window 3 and a clip factor of 0.5, so the guard clips every step from the third on.
+    monkeypatch.setattr(train_module.GradientGuard, "authors",
+                        classmethod(lambda cls: cls(window=3, clip_factor=0.5)))
+    config = dataclasses.replace(CONFIG, grad_clip="dynamic")
+    train, val = _data()
+    reference = _build("kernel-flow", dw4, seed=0)
+    whole = fit(reference, dw4, train, config, validation=val, progress=False)
+    slot = SnapshotSlot(tmp_path / "fit-0.pt", every_s=0.0)
+    real_lambda_at = train_module.lambda_at
+    _stop_at(monkeypatch, 4)
+    with pytest.raises(Stop):
+        fit(_build("kernel-flow", dw4, seed=0), dw4, train, config, validation=val, progress=False, snapshot=slot)
+    monkeypatch.setattr(train_module, "lambda_at", real_lambda_at)
+    if not restore_guard:
+        monkeypatch.setattr(GradientGuard, "load_state_dict", lambda self, state: None)
+    flow = _build("kernel-flow", dw4, seed=0)
+    resumed = fit(flow, dw4, train, config, validation=val, progress=False, snapshot=slot)
+    same = all(torch.equal(a, b) for a, b in zip(flow.state_dict().values(), reference.state_dict().values()))
+    assert same is restore_guard
+    if restore_guard:
+        assert resumed.validation == whole.validation and resumed.skipped_steps == whole.skipped_steps
 
 
 def test_finished_fit_is_not_trained_again(dw4, tmp_path, monkeypatch):

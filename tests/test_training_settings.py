@@ -61,7 +61,8 @@ def test_a_task_that_does_not_train_refuses_training_settings():
     ({"lr": 0}, "lr must be > 0"),
     ({"lr": "fast"}, "lr must be a number"),
     ({"weight_decay": -1e-3}, "weight_decay must be >= 0"),
-    ({"grad_clip": 0}, "grad_clip must be \"off\" or a number > 0"),
+    ({"grad_clip": 0}, "grad_clip must be \"off\", \"dynamic\" or a number > 0"),
+    ({"grad_clip": "median"}, "grad_clip must be \"off\", \"dynamic\" or a number > 0"),
     ({"lr_warmup": -1}, "lr_warmup must be an integer >= 0"),
     ({"kl_batch_size": 0}, "kl_batch_size must be an integer >= 1"),
     ({"kl_energy_cut": "on"}, "kl_energy_cut must be \"off\" or a finite energy in kT"),
@@ -107,6 +108,28 @@ def test_profile_per_model_table_reaches_the_training_loop(monkeypatch):
     assert result.status == "ok", result.reason
     (config,) = seen
     assert (config.lr, config.schedule, config.optimizer, config.grad_clip) == (2e-3, "cosine", "adam", 50.0)
+
+
+def test_a_cell_trained_with_the_gradient_guard_says_how_often_it_skipped(monkeypatch):
+    import eqbench.train
+    from eqbench.runner import run_cell
+
+    seen = []
+    real_fit = eqbench.train.fit
+
+    def spy(flow, system, data, config, **kwargs):
+        seen.append(config)
+        return real_fit(flow, system, data, config, **kwargs)
+
+    monkeypatch.setattr(eqbench.train, "fit", spy)
+    plan = plan_cells("test-nll", "kernel-flow", "dw2", "smoke", overrides={"grad_clip": "dynamic", "iterations": 3})[0]
+    result = run_cell(plan)
+    assert result.status == "ok", result.reason
+    assert [c.grad_clip for c in seen] == ["dynamic"]
+    skipped = [r for r in result.records if r.metric == "skipped_steps"]
+    assert [r.value for r in skipped] == [0] and "gradient guard" in skipped[0].unit
+    plain = run_cell(plan_cells("test-nll", "kernel-flow", "dw2", "smoke", overrides={"iterations": 3})[0])
+    assert not [r for r in plain.records if r.metric == "skipped_steps"]
 
 
 def test_lr_schedule_warms_up_linearly_and_cosine_decays_to_zero():
@@ -158,3 +181,63 @@ def test_grad_clip_bounds_the_gradient_the_optimiser_sees(monkeypatch):
     _, result = _toy_fit(grad_clip=1e-3)
     assert max(norms) <= 1e-3 * (1 + 1e-6)
     assert max(h["grad_norm"] for h in result.history) > 1e-3  # the unclipped norm is what history records
+
+
+def test_dynamic_guard_follows_the_authors_rule_step_by_step():
+    """The median rule by hand: 34 unbounded steps (window 100 starts 66 x 1e30 + 34 empty), then
+    clip to 2 m and skip above 20 m, m the median of the window before the step."""
+    from eqbench.grad_guard import GradientGuard
+
+    guard = GradientGuard.authors()
+    for _ in range(33):
+        decision = guard.admit(1000.0)  # a huge spike would pass too: nothing is bounded yet
+        assert not decision.skip and decision.limit > 1e29
+    decision = guard.admit(1.0)  # 33 x 1e30 and 33 x 1000: the middle pair averages to ~5e29
+    assert decision.limit > 1e29
+    decision = guard.admit(1.0)  # 32 x 1e30, 33 x 1000, 1: the median is now 1000
+    assert decision == (decision.__class__(skip=False, limit=2000.0))
+    assert guard.admit(20_000.0).skip is False  # exactly 20 m is allowed ...
+    assert guard.admit(20_001.0).skip is True  # ... above it is not
+    assert guard.skipped == 1
+
+
+def test_dynamic_guard_clips_and_skips_inside_the_training_loop(monkeypatch):
+    import eqbench.train
+    from eqbench.grad_guard import GradientGuard
+
+    # A short window, so the guard acts within the toy fit's six steps (bounded from the third).
+    monkeypatch.setattr(eqbench.train.GradientGuard, "authors", classmethod(lambda cls: cls(window=3)))
+    real_norm = eqbench.train._grad_norm
+    seen = []
+
+    def spiky_norm(flow):
+        factor = {4: 3.0, 5: 1e6}.get(len(seen) + 1, 1.0)  # the 4th: above 2 m, the 5th: above 20 m
+        for p in flow.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        seen.append(real_norm(flow))
+        return seen[-1]
+
+    monkeypatch.setattr(eqbench.train, "_grad_norm", spiky_norm)
+    steps, applied = [], []
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        total = sum(float(p.grad.pow(2).sum()) for g in self.param_groups for p in g["params"] if p.grad is not None)
+        applied.append(math.sqrt(total))
+        steps.append(len(seen))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    _, guarded = _toy_fit(grad_clip="dynamic")
+    replay = GradientGuard(window=3)
+    decisions = [replay.admit(norm) for norm in seen]
+    assert [d.skip for d in decisions] == [False, False, False, False, True, False]
+    assert steps == [1, 2, 3, 4, 6]  # the fifth gradient was not applied
+    assert guarded.skipped_steps == 1 and guarded.history[-1]["skipped_steps"] == 1
+    expected = [min(seen[i], decisions[i].limit) for i in (0, 1, 2, 3, 5)]
+    assert applied == pytest.approx(expected, rel=1e-5)
+    assert decisions[3].limit < seen[3]  # the 4th was clipped ...
+    assert applied[3] == pytest.approx(decisions[3].limit, rel=1e-5)  # ... to 2x the median
+    unguarded = _toy_fit()[1]
+    assert unguarded.skipped_steps is None and "skipped_steps" not in unguarded.history[-1]

@@ -112,7 +112,7 @@ from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.common import (DISTANCE_UNIT, FINITE_ENERGY_UNIT, augmentation_cells, augmentation_reason,
                                   check_finite, check_kl_setting, check_sample_metric_settings, check_test_source,
                                   community_missing, community_missing_reason, forward_ess_records, fraction,
-                                  load_test_split, nll_records, positive_int, sample_quality_records,
+                                  guard_records, load_test_split, nll_records, positive_int, sample_quality_records,
                                   sample_with_log_q, score_log_q, show_progress, split_detail, train_flow,
                                   with_detail)
 
@@ -297,6 +297,7 @@ class BGReweighting(Task):
                             augment=p["augment"], lambda_start=0.0, lambda_end=p["lambda_end"], seed_offset=1)
         earlier = pretrained.earlier_wall_s + result.earlier_wall_s  # runs a resumed cell continued
         records.append(ctx.record("train_wall_s", time.perf_counter() - start + earlier, "s"))
+        records += guard_records(ctx, pretrained, result)
         ctx.keep_model(flow)
         if result.history:
             last = result.history[-1]

@@ -41,6 +41,7 @@ __all__ = [
     "forward_ess_records",
     "train_flow",
     "training_options",
+    "guard_records",
     "selection_records",
     "sample_positions",
     "sample_with_log_q",
@@ -300,10 +301,30 @@ def training_options(params: Mapping[str, Any]) -> dict[str, Any]:
     p = {**TRAINING_DEFAULTS, **{k: v for k, v in params.items() if k in TRAINING_DEFAULTS}}
     check_training_settings(p)
     return {"optimizer": p["optimizer"], "lr": float(p["lr"]), "weight_decay": float(p["weight_decay"]),
-            "grad_clip": None if p["grad_clip"] == "off" else float(p["grad_clip"]),
+            "grad_clip": _grad_clip(p["grad_clip"]),
             "schedule": p["schedule"], "lr_warmup": int(p["lr_warmup"]), "kl_batch_size": int(p["kl_batch_size"]),
             "kl_energy_cut": None if p["kl_energy_cut"] == "off" else float(p["kl_energy_cut"]),
             "micro_batch": None if p["micro_batch"] == "off" else int(p["micro_batch"])}
+
+
+def _grad_clip(setting: Any) -> float | str | None:
+    """The :class:`eqbench.train.TrainConfig` value of the ``grad_clip`` setting."""
+    from eqbench.grad_guard import GRAD_GUARD_SETTING
+
+    if setting == "off":
+        return None
+    return GRAD_GUARD_SETTING if setting == GRAD_GUARD_SETTING else float(setting)
+
+
+def guard_records(ctx: CellContext, *results: TrainResult) -> list[Record]:
+    """``skipped_steps``: the training steps the gradient guard did not apply, summed over the
+    cell's training phases (none without ``grad_clip="dynamic"``), so a guarded run says how
+    often the guard acted."""
+    counts = [r.skipped_steps for r in results if r.skipped_steps is not None]
+    if not counts:
+        return []
+    return [ctx.record("skipped_steps", sum(counts), "count, steps the gradient guard did not apply "
+                                                      "(grad_clip = dynamic)")]
 
 
 def train_flow(

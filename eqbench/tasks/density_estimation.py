@@ -57,6 +57,7 @@ from eqbench.tasks.common import (
     check_test_source,
     community_missing,
     community_missing_reason,
+    guard_records,
     load_test_split,
     nll_records,
     positive_int,
@@ -166,6 +167,7 @@ class DensityEstimation(Task):
                    ctx.record("fit_wall_s", time.perf_counter() - start + result.earlier_wall_s
                               - result.validation_wall_s, "s")]
         records += selection_records(ctx, result)
+        records += guard_records(ctx, result)
         if result.history:
             records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats, training estimator"))
             for entry in result.history:

@@ -104,8 +104,8 @@ from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
 from eqbench.tasks.bg_reweighting import TASK as BG_REWEIGHTING
 from eqbench.tasks.common import (KL_SETTING, check_finite, check_kl_setting, check_sample_metric_settings,
-                                  forward_ess_records, nll_records, positive_int, sample_with_log_q, score_log_q,
-                                  train_flow)
+                                  forward_ess_records, guard_records, nll_records, positive_int, sample_with_log_q,
+                                  score_log_q, train_flow)
 from eqbench.tasks.reporting import SAMPLE_METRIC_CONVENTION, HtmlTable, TaskSection, fmt, pm, seed_stats
 
 if TYPE_CHECKING:
@@ -186,6 +186,7 @@ class EnergyTraining(Task):
                             lambda_start=1.0, lambda_end=1.0)
         records.append(ctx.record("train_wall_s", time.perf_counter() - start + result.earlier_wall_s, "s"))
         records.append(ctx.record("iterations_done", result.iterations_done, "iterations"))
+        records += guard_records(ctx, result)
         ctx.keep_model(flow)
         kl_unit = f"kT, training estimator: mean of u + log q over one batch of {p['kl_batch_size']} (KL - log Z)"
         if result.history:

@@ -145,7 +145,7 @@ from typing import TYPE_CHECKING, Any
 from eqbench.errors import ConfigError
 from eqbench.records import Record
 from eqbench.tasks.base import REFERENCE_MODEL, CellContext, Task
-from eqbench.tasks.common import sample_positions, show_progress, train_flow, training_options
+from eqbench.tasks.common import guard_records, sample_positions, show_progress, train_flow, training_options
 
 from eqbench.tasks.reporting import (
     NOT_MEASURED,
@@ -772,15 +772,19 @@ def _trained_flow(ctx: CellContext, s: Settings, train: torch.Tensor, record: Re
     data = train.to(device=ctx.device, dtype=dtype)
     record("n_parameters", flow.n_parameters, "count")
     start = time.perf_counter()
-    result, earlier = None, 0.0  # earlier: seconds of the runs a resumed cell continued
+    result, earlier, phases = None, 0.0, []  # earlier: seconds of the runs a resumed cell continued
     if s.ml_iterations:
         result = train_flow(ctx, flow, data, iterations=s.ml_iterations, batch_size=s.batch_size)
         earlier += result.earlier_wall_s
+        phases.append(result)
     if s.mix_iterations:
         result = train_flow(ctx, flow, data, iterations=s.mix_iterations, batch_size=s.batch_size,
                             lambda_start=s.mix_lambda, lambda_end=s.mix_lambda, seed_offset=1)
         earlier += result.earlier_wall_s
+        phases.append(result)
     record("train_wall_s", time.perf_counter() - start + earlier, "s")
+    for guarded in guard_records(ctx, *phases):
+        record(guarded.metric, guarded.value, guarded.unit)
     # Maximum likelihood evaluates no energy; a λ-mix step with λ > 0 evaluates the energy (and,
     # through autograd, its gradient) of kl_batch_size flow samples.
     kl_steps = result.iterations_done if s.mix_iterations and s.mix_lambda > 0 and result is not None else 0

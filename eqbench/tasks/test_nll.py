@@ -17,7 +17,7 @@ from typing import Any
 
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import check_finite, mean_nll, nll_records, positive_int, train_flow
+from eqbench.tasks.common import check_finite, guard_records, mean_nll, nll_records, positive_int, train_flow
 
 __all__ = ["TestNLL", "TASK", "mean_nll"]
 
@@ -60,6 +60,7 @@ class TestNLL(Task):
         if result.history:
             records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats"))
         records.append(ctx.record("fit_wall_s", time.perf_counter() - start + result.earlier_wall_s, "s"))
+        records += guard_records(ctx, result)
         records += nll_records(ctx, flow, train, "nll_train")
         records += nll_records(ctx, flow, test, "nll_test")
         check_finite(records)
