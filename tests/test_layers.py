@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eqbench"
 #: Lowest first. A module may import its own layer and the layers below.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "resources", "atomic", "versions", "registry", "geometry", "config", "devices", "capabilities",
-     "workers", "snapshots"),
+     "workers", "snapshots", "grad_guard"),
     ("systems", "records"),
     ("free_energy",),  # log Z by AIS: the yardstick of the data layer (data.log_z caches it)
     ("flows", "data", "components", "artifacts"),

@@ -53,6 +53,14 @@ $LL --task bg-reweighting --model en-flow --system dw4
 $PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 28800 --results "$R" --jobs "$JOBS" \
   --task bg-reweighting --model se3-acf en-flow --system lj13 --set kl_energy_cut=1000 \
   --set 'n_samples={default=10000, en-flow=1000}' --set 'n_test={default=10000, en-flow=500}' --set micro_batch=32
+# The coupling-flow authors' gradient guard (grad_clip = dynamic: clip to 2x the median norm of the
+# last 100 steps, skip above 20x; their LJ-13 configurations use it) on the same se3-acf cells, from
+# a worktree of 5d98fc2 (the first commit with the setting; snapshots as e2a27bd). The unguarded
+# cells' training histories are in histories/ (seed 1: the λ-mix diverges from iteration ~340).
+#   git worktree add --detach ../eqbench-5d98fc2 5d98fc2
+$PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 28800 --results "$R" --jobs "$JOBS" \
+  --task bg-reweighting --model se3-acf --system lj13 --set kl_energy_cut=1000 --set grad_clip=dynamic \
+  --set 'n_samples={default=10000, en-flow=1000}' --set 'n_test={default=10000, en-flow=500}' --set micro_batch=32
 # The authors' LJ-13 loss adds a frame penalty (weight 10) to the coupling flow's; its effect on
 # the density-estimation NLL (the same protocol as the n = 1,000 cells above, from e2a27bd):
 $LL --task density-estimation --model se3-acf --system lj13 --set 'n_train=[1000]' --set 'model_config={frame_penalty=10}'
