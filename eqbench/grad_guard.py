@@ -70,7 +70,8 @@ class GradientGuard:
     skip_factor: float = _AUTHORS["skip_factor"]
     #: Steps not applied so far.
     skipped: int = 0
-    norms: deque[float] = field(init=False)
+    #: The window; ``None`` marks an empty slot (the authors' NaN), ignored by the median.
+    norms: deque[float | None] = field(init=False)
 
     def __post_init__(self) -> None:
         if self.window < 3:
@@ -78,7 +79,6 @@ class GradientGuard:
         if not 0 < self.clip_factor <= self.skip_factor:
             raise ValueError(f"need 0 < clip_factor <= skip_factor, got {self.clip_factor}, {self.skip_factor}")
         filled = int(self.window * 2 / 3)
-        # ``None`` is an empty slot (the authors' NaN), ignored by the median.
         self.norms = deque([_UNBOUNDED] * filled + [None] * (self.window - filled), maxlen=self.window)
 
     @classmethod
