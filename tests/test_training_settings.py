@@ -88,10 +88,9 @@ def test_per_model_tables_give_each_model_its_value():
                    overrides={"lr": {"default": 5e-3, "realnvp": 1e-3}})
 
 
-def test_profile_per_model_table_reaches_the_training_loop(monkeypatch):
-    """The value a cell records is the value the optimiser got."""
+def _spy_on_fit(monkeypatch) -> list:
+    """The TrainConfig of every call of eqbench.train.fit, in order."""
     import eqbench.train
-    from eqbench.runner import run_cell
 
     seen = []
     real_fit = eqbench.train.fit
@@ -101,6 +100,14 @@ def test_profile_per_model_table_reaches_the_training_loop(monkeypatch):
         return real_fit(flow, system, data, config, **kwargs)
 
     monkeypatch.setattr(eqbench.train, "fit", spy)
+    return seen
+
+
+def test_profile_per_model_table_reaches_the_training_loop(monkeypatch):
+    """The value a cell records is the value the optimiser got."""
+    from eqbench.runner import run_cell
+
+    seen = _spy_on_fit(monkeypatch)
     plan = plan_cells("test-nll", "kernel-flow", "dw2", "smoke",
                       overrides={"lr": {"default": 5e-3, "kernel-flow": 2e-3}, "schedule": "cosine",
                                  "optimizer": "adam", "grad_clip": 50.0, "iterations": 3})[0]
@@ -111,17 +118,9 @@ def test_profile_per_model_table_reaches_the_training_loop(monkeypatch):
 
 
 def test_a_cell_trained_with_the_gradient_guard_says_how_often_it_skipped(monkeypatch):
-    import eqbench.train
     from eqbench.runner import run_cell
 
-    seen = []
-    real_fit = eqbench.train.fit
-
-    def spy(flow, system, data, config, **kwargs):
-        seen.append(config)
-        return real_fit(flow, system, data, config, **kwargs)
-
-    monkeypatch.setattr(eqbench.train, "fit", spy)
+    seen = _spy_on_fit(monkeypatch)
     plan = plan_cells("test-nll", "kernel-flow", "dw2", "smoke", overrides={"grad_clip": "dynamic", "iterations": 3})[0]
     result = run_cell(plan)
     assert result.status == "ok", result.reason
