@@ -76,6 +76,9 @@ $S --task energy-training --model kernel-flow real-nvp --system lj13 --set kl_en
 # The coupling flow trained from the LJ-13 energy alone: hours per cell on a CPU core, so from the
 # resumable worktree of e2a27bd (above).
 $LL --task energy-training --model se3-acf --system lj13 --set kl_energy_cut=1000
+# Seed 0 of these diverges (non-finite gradient at iteration 568); the same cells with the authors'
+# gradient guard, from the worktree of 5d98fc2 (above):
+$LL --task energy-training --model se3-acf --system lj13 --set kl_energy_cut=1000 --set grad_clip=dynamic
 # The coupling flow at its authors' budget (~3,200 iterations of batch 32; quick runs 400 of 64):
 $PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 5400 --jobs "$JOBS" \
   --results "${R%/}-budget" --task density-estimation --model se3-acf --system dw4 \
