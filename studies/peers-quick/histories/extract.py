@@ -1,12 +1,16 @@
-"""Write the training history of a bg-reweighting cell's two fits as CSV, from the final snapshots the
-cell leaves while it scores (copied aside before the cell finishes and removes them).
+"""Write the training history of a cell's fits as CSV, from the final snapshots the cell leaves while it
+scores (copied aside before the cell finishes and removes them) or, for a failed cell, keeps.
 
-Usage: python extract.py OUT.csv CELL_ID fit-0.pt fit-1.pt
+A bg-reweighting cell has two fits (maximum likelihood, then the λ-mix); an energy-training cell has
+one (reverse KL).
+
+Usage: python extract.py OUT.csv CELL_ID fit-0.pt [fit-1.pt]
 """
 import csv, sys, torch
 out, cell, *files = sys.argv[1:]
 rows = []
-for phase, f in zip(("ml", "lambda-mix"), files):
+phases = ("ml", "lambda-mix") if len(files) == 2 else ("reverse-kl",)
+for phase, f in zip(phases, files):
     s = torch.load(f, weights_only=False, map_location="cpu")
     r = s["result"]
     for e in r.history:
