@@ -79,6 +79,14 @@ $LL --task energy-training --model se3-acf --system lj13 --set kl_energy_cut=100
 # Seed 0 of these diverges (non-finite gradient at iteration 568); the same cells with the authors'
 # gradient guard, from the worktree of 5d98fc2 (above):
 $LL --task energy-training --model se3-acf --system lj13 --set kl_energy_cut=1000 --set grad_clip=dynamic
+# Their training losses, histories/se3-acf-lj13-energy.png (the failed seed 0's history was read from
+# its last snapshot: python histories/extract.py OUT.csv 337e872da71ab367 .snapshots/.../fit-0.pt):
+#   H=histories C=cells/energy-training
+#   python $H/plot_energy.py $H/se3-acf-lj13-energy.png \
+#     "seed 0 (failed: non-finite gradient)::$H/se3-acf-lj13-energy-seed0-337e872da71ab367.csv" \
+#     "seed 1::$C/8118263f64b0e59f.json" "seed 2::$C/190975ca2dead1e6.json" \
+#     "seed 0, guard::$C/bded997bd02f3aa1.json" "seed 1, guard::$C/4b9e988ae846b7d3.json" \
+#     "seed 2, guard::$C/579eb8cf81108601.json"
 # The coupling flow at its authors' budget (~3,200 iterations of batch 32; quick runs 400 of 64):
 $PY -m eqbench sweep --profile quick --no-artifacts --no-plot --time-limit 5400 --jobs "$JOBS" \
   --results "${R%/}-budget" --task density-estimation --model se3-acf --system dw4 \
