@@ -11,6 +11,7 @@ Usage: python plot_energy.py OUT.png "LABEL::cell.json|history.csv" ...
 import json
 import re
 import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -18,13 +19,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from eqbench.records import CellResult
+
 
 def loss_history(path: str) -> pd.DataFrame:
     if path.endswith(".csv"):
         d = pd.read_csv(path)
         return d[["iteration", "loss"]]
-    records = json.load(open(path))["records"]
-    rows = [(r["step"], r["value"]) for r in records if r["metric"] == "kl_loss" and r["step"] is not None]
+    cell = CellResult.from_dict(json.loads(Path(path).read_text()))
+    rows = [(r.step, r.value) for r in cell.records if r.metric == "kl_loss" and r.step is not None]
     return pd.DataFrame(rows, columns=["iteration", "loss"])
 
 
