@@ -39,6 +39,23 @@ def check_sample_quality(table, variant=""):
     units = table[(table["variant"].fillna("") == variant)].set_index("metric")["unit"]
     assert "200 bins" in units["dist_tv_flow"] and "importance-weighted" in units["dist_tv_reweighted"]
     assert "not squared" in units["coord_w2_flow"] and "aligned" in units["coord_w2_aligned_flow"]
+def check_training_curve(table, params, variant=""):
+    """Both phases' logged curve: ML steps below pretrain_iterations, the λ-mix's from there on, the
+    KL term only where the λ-mix weighs it, and each curve ends at the cell's final training loss."""
+    pretrain, mix = params["pretrain_iterations"], params["mix_iterations"]
+    nll_steps, nll = _stepped(table, "nll_loss", variant)
+    assert nll_steps[0] == 0 and nll_steps[-1] == pretrain + mix - 1 and (np.diff(nll_steps) > 0).all()
+    assert (nll_steps < pretrain).sum() >= 2 and (nll_steps >= pretrain).sum() >= 2  # first and last of each
+    assert pretrain - 1 in nll_steps and pretrain in nll_steps
+    assert nll[-1] == _scalar(table, "final_nll_loss", variant)
+    kl_steps, kl = _stepped(table, "kl_loss", variant)
+    assert len(kl_steps) >= 1 and set(kl_steps) <= set(nll_steps[nll_steps >= pretrain])
+    assert mix == 1 or pretrain not in kl_steps  # λ = 0 at the mix's first step: no KL term to log
+    assert kl_steps[-1] == nll_steps[-1] and kl[-1] == _scalar(table, "final_kl_loss", variant)
+    unit = {m: table.loc[table["metric"] == m, "unit"].iloc[0] for m in ("nll_loss", "kl_loss")}
+    assert "one batch" in unit["nll_loss"] and "KL - log Z" in unit["kl_loss"]
+
+
 HISTOGRAMS = ("energy_edge", "energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc")
 FREE_ENERGY = ("distance_edge", "free_energy_exact", "free_energy_flow", "free_energy_reweighted",
                "free_energy_reweighted_std", "free_energy_rmse_reweighted")
@@ -75,6 +92,7 @@ def test_smoke_every_model_dw4(model, tmp_path):
         # The MCMC reference is this system's, whatever the model: DW-4 energies near -22.5 kT.
         assert -24.5 < _scalar(table, "mean_energy_mcmc", variant) < -20.5
         check_sample_quality(table, variant)
+        check_training_curve(table, results[0].config["params"], variant)
         steps, edges = _stepped(table, "energy_edge", variant)
         assert (steps == np.arange(len(edges))).all() and (np.diff(edges) > 0).all()
         for name in ("energy_hist_flow", "energy_hist_reweighted", "energy_hist_mcmc"):
@@ -110,7 +128,7 @@ def test_smoke_dw2_free_energy_profile(model, tmp_path):
     if model == "real-nvp":
         assert not set(HUTCHINSON) & set(table["metric"])  # no divergence to estimate
     plots = tmp_path / "plots" / "bg-reweighting"
-    for stem in ("energy_histograms_dw2", "free_energy_dw2"):
+    for stem in ("energy_histograms_dw2", "free_energy_dw2", "training_dw2"):
         assert (plots / f"{stem}.png").stat().st_size > 0 and (plots / f"{stem}.svg").stat().st_size > 0
 
 

@@ -142,6 +142,7 @@ if TYPE_CHECKING:
     import torch
 
     from eqbench.flows.cnf import CNF
+    from eqbench.train import TrainResult
 
 __all__ = ["BGReweighting", "TASK", "FREE_ENERGY_SYSTEM", "energy_edges", "FINITE_ENERGY_UNIT",
            "check_reweighting_settings"]
@@ -202,6 +203,27 @@ def sample_cnf_log_q(
                     xs.append(x)
                 log_qs[method].append(log_rho - logdet)
     return torch.cat(xs), {method: torch.cat(parts) for method, parts in log_qs.items()}
+
+
+def _training_curve_records(ctx: CellContext, pretrained: TrainResult, mixed: TrainResult,
+                            pretrain_iterations: int) -> list[Record]:
+    """The logged training curve of both phases: ``nll_loss`` (one batch's NLL) at every logged
+    step, and ``kl_loss`` (one sampled batch's KL - log Z) where the λ-mix weighs it (λ > 0).
+
+    Steps count over both phases, the λ-mix's from ``pretrain_iterations`` on, so a cell's JSON
+    shows where a run left the data (the λ-mix blow-ups of an unguarded coupling flow on LJ-13)
+    without its snapshots, which go when the cell finishes.
+    """
+    records = []
+    for offset, fit in ((0, pretrained), (pretrain_iterations, mixed)):
+        for entry in fit.history:
+            step = offset + int(entry["iteration"])
+            records.append(ctx.record("nll_loss", entry["nll"], "nats, training estimator (one batch)",
+                                      step=step))
+            if entry["lambda"] > 0.0:
+                records.append(ctx.record("kl_loss", entry["kl"], "kT, training estimator (KL - log Z, "
+                                          "one sampled batch)", step=step))
+    return records
 
 
 def check_reweighting_settings(params: Mapping[str, Any]) -> None:
@@ -303,6 +325,7 @@ class BGReweighting(Task):
             last = result.history[-1]
             records.append(ctx.record("final_nll_loss", last["nll"], "nats, training estimator"))
             records.append(ctx.record("final_kl_loss", last["kl"], "kT, training estimator (KL - log Z)"))
+        records += _training_curve_records(ctx, pretrained, result, p["pretrain_iterations"])
         start = time.perf_counter()
         records += nll_records(ctx, flow, train, "nll_train")
         test_on_device = test.to(device=ctx.device, dtype=dtype)
@@ -495,7 +518,9 @@ class BGReweighting(Task):
     def plot(self, table: pandas.DataFrame, out_dir: Path) -> list[Path]:
         """Energy histograms per system (flow, reweighted, MCMC; one panel per model variant, Fig. 6,
         10) and, for DW-2, the free-energy profiles with bootstrap bands (Fig. 3b). Each panel shows
-        the lowest seed of its model variant (bins depend on that seed's test subset)."""
+        the lowest seed of its model variant (bins depend on that seed's test subset). Then the
+        training curves of every cell (``training_<system>``), where a λ-mix that leaves the data
+        shows."""
         written: list[Path] = []
         for system, rows in table.groupby("system", sort=True):
             panels = _panels(rows)
@@ -503,6 +528,9 @@ class BGReweighting(Task):
                 written += _plot_energy(system, panels, out_dir)
             if any("free_energy_exact" in set(cell["metric"]) for _, cell in panels):
                 written += _plot_free_energy(system, panels, out_dir)
+            curves = rows[rows["metric"].isin(("nll_loss", "kl_loss")) & rows["step"].notna()]
+            if (curves["metric"] == "nll_loss").any():
+                written += _plot_training(str(system), curves, out_dir)
         return written
 
     def report_section(self) -> TaskSection:
@@ -577,6 +605,33 @@ def _plot_energy(system: str, panels: list[tuple[str, pandas.DataFrame]], out_di
         ax.set_ylabel("density")
         ax.legend(fontsize="x-small")
     return save_figure(fig, out_dir, f"energy_histograms_{system}")
+
+
+def _plot_training(system: str, curves: pandas.DataFrame, out_dir: Path) -> list[Path]:
+    """The training NLL (both phases) and KL term (the λ-mix) against iteration, one line per
+    settings key and seed. Where a run blew up (beyond ±1,000), a symmetric-log axis, linear
+    within ±100, keeps the ordinary range readable beside it."""
+    from eqbench.plots import new_figure, save_figure
+    from eqbench.tasks.reporting import short_name, with_settings
+
+    curves = with_settings(curves)
+    fig, axes = new_figure(2, width=4.6, height=3.4)
+    for ax, metric, label in ((axes[0], "nll_loss", "NLL per batch (nats)"),
+                              (axes[1], "kl_loss", "⟨u + log q⟩ per batch (kT)")):
+        rows = curves[curves["metric"] == metric]
+        for (_, seed), group in rows.groupby(["settings_key", "seed"], sort=True):
+            group = group.sort_values("step")
+            ax.plot(group["step"].astype(float), group["value"].astype(float), linewidth=1.0,
+                    marker="." if len(group) < 3 else None, label=f"{short_name(group.iloc[0])} seed {int(seed)}")
+        if not rows.empty and rows["value"].abs().max() > 1e3:
+            ax.set_yscale("symlog", linthresh=100.0)
+        ax.set_xlabel("iteration (ML, then the λ-mix)")
+        ax.set_ylabel(label)
+        if not rows.empty:
+            ax.legend(fontsize="x-small")
+    axes[0].set_title(f"{system}: training NLL", fontsize="small")
+    axes[1].set_title(f"{system}: KL term where λ > 0", fontsize="small")
+    return save_figure(fig, out_dir, f"training_{system}")
 
 
 def _plot_free_energy(system: str, panels: list[tuple[str, pandas.DataFrame]], out_dir: Path) -> list[Path]:
