@@ -39,6 +39,8 @@ def check_sample_quality(table, variant=""):
     units = table[(table["variant"].fillna("") == variant)].set_index("metric")["unit"]
     assert "200 bins" in units["dist_tv_flow"] and "importance-weighted" in units["dist_tv_reweighted"]
     assert "not squared" in units["coord_w2_flow"] and "aligned" in units["coord_w2_aligned_flow"]
+
+
 def check_training_curve(table, params, variant=""):
     """Both phases' logged curve: ML steps below pretrain_iterations, the λ-mix's from there on, the
     KL term only where the λ-mix weighs it, and each curve ends at the cell's final training loss."""

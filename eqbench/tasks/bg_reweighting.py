@@ -612,17 +612,13 @@ def _plot_training(system: str, curves: pandas.DataFrame, out_dir: Path) -> list
     settings key and seed. Where a run blew up (beyond ±1,000), a symmetric-log axis, linear
     within ±100, keeps the ordinary range readable beside it."""
     from eqbench.plots import new_figure, save_figure
-    from eqbench.tasks.reporting import short_name, with_settings
+    from eqbench.tasks.reporting import draw_curves
 
-    curves = with_settings(curves)
     fig, axes = new_figure(2, width=4.6, height=3.4)
     for ax, metric, label in ((axes[0], "nll_loss", "NLL per batch (nats)"),
                               (axes[1], "kl_loss", "⟨u + log q⟩ per batch (kT)")):
         rows = curves[curves["metric"] == metric]
-        for (_, seed), group in rows.groupby(["settings_key", "seed"], sort=True):
-            group = group.sort_values("step")
-            ax.plot(group["step"].astype(float), group["value"].astype(float), linewidth=1.0,
-                    marker="." if len(group) < 3 else None, label=f"{short_name(group.iloc[0])} seed {int(seed)}")
+        draw_curves(ax, rows)
         if not rows.empty and rows["value"].abs().max() > 1e3:
             ax.set_yscale("symlog", linthresh=100.0)
         ax.set_xlabel("iteration (ML, then the λ-mix)")

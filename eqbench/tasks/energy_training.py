@@ -366,15 +366,11 @@ def _plot_kl(system: str, curves: pandas.DataFrame, out_dir: Path) -> list[Path]
     """Training KL estimate (mean of u + log q per logged batch) against iteration, one line per
     settings key and seed."""
     from eqbench.plots import new_figure, save_figure
-    from eqbench.tasks.reporting import short_name, with_settings
+    from eqbench.tasks.reporting import draw_curves
 
-    curves = with_settings(curves) if "settings" not in curves.columns else curves
     fig, axes = new_figure(1, width=5.0, height=3.6)
     ax = axes[0]
-    for (key, seed), group in curves.groupby(["settings_key", "seed"], sort=True):
-        group = group.sort_values("step")
-        ax.plot(group["step"].astype(float), group["value"].astype(float), linewidth=1.0,
-                label=f"{short_name(group.iloc[0])} seed {int(seed)}")
+    draw_curves(ax, curves)
     ax.set_xlabel("iteration")
     ax.set_ylabel("⟨u + log q⟩ per batch (kT)")
     ax.set_title(f"{system}: reverse-KL training", fontsize="small")

@@ -46,6 +46,7 @@ __all__ = [
     "capabilities_known",
     "concat_rows",
     "describe",
+    "draw_curves",
     "fmt",
     "has_capability",
     "is_equivariant_flow",
@@ -420,6 +421,16 @@ def short_name(stat: Any, *, system: bool = False) -> str:
     if stat["variant"]:
         name += f" ({stat['variant']})"
     return name + (f" {stat['settings']}" if stat["settings"] else "")
+
+
+def draw_curves(ax: Any, curves: pandas.DataFrame) -> None:
+    """One line per settings key and seed of a stepped metric (a training curve) on ``ax``,
+    labelled ``<model> seed <n>``; a curve of one or two logged points gets markers so it shows."""
+    curves = with_settings(curves)
+    for (_, seed), group in curves.groupby(["settings_key", "seed"], sort=True):
+        group = group.sort_values("step")
+        ax.plot(group["step"].astype(float), group["value"].astype(float), linewidth=1.0,
+                marker="." if len(group) < 3 else None, label=f"{short_name(group.iloc[0])} seed {int(seed)}")
 
 
 def describe(stat: Any, digits: int = 4) -> str:
