@@ -17,6 +17,8 @@ from eqbench.flows.augmented import AugmentedFlow, GaussianAuxiliary
 from eqbench.flows.augmented_coupling import AugmentedCouplingFlow, FrameCoupling, build
 from eqbench.flows.frames import gram_schmidt_frame, right_handed_frame
 from eqbench.geometry import com_free_basis, random_reflections, random_rotations, remove_com
+from eqbench.tasks.base import CellContext
+from eqbench.tasks.common import training_loss_records
 from eqbench.testing import check_flow, check_flow_quick
 from eqbench.train import TrainConfig, fit
 
@@ -420,5 +422,18 @@ def test_frame_penalty_enters_the_training_loss_only(lj13):
                  TrainConfig(iterations=2, batch_size=4, lr=1e-4, seed=0, log_every=1))
     assert result.status == "ok" and all(entry["penalty"] > 0 for entry in result.history)
     assert all(entry["loss"] > entry["nll"] for entry in result.history)
+    # The task records say the loss holds the penalty, and give the penalty's share step by step.
+    ctx = CellContext(task="density-estimation", model="se3-acf", system=lj13, params={"n_train": 8}, seed=0)
+    records = {(r.metric, r.step): r for r in training_loss_records(ctx, result)}
+    for entry in result.history:
+        loss, share = records[("train_loss", entry["iteration"])], records[("train_penalty", entry["iteration"])]
+        assert loss.value == entry["loss"] and share.value == entry["penalty"]
+        assert "training penalty" in loss.unit
+        assert loss.value - share.value == pytest.approx(entry["nll"], rel=1e-5)
+    assert records[("final_train_penalty", None)].value == result.history[-1]["penalty"]
+    plain_result = fit(_small(lj13), lj13, x, TrainConfig(iterations=2, batch_size=4, lr=1e-4, seed=0, log_every=1))
+    plain_records = training_loss_records(ctx, plain_result)
+    assert {r.metric for r in plain_records} == {"final_train_loss", "train_loss"}
+    assert all(r.unit == "nats, training estimator" for r in plain_records)
     with pytest.raises(ConfigError, match="frame_penalty"):
         build(lj13, {"frame_penalty": -1.0})

@@ -327,6 +327,31 @@ def guard_records(ctx: CellContext, *results: TrainResult) -> list[Record]:
                                                       "(grad_clip = dynamic)")]
 
 
+def training_loss_records(ctx: CellContext, result: TrainResult, *, curve: bool = True) -> list[Record]:
+    """``final_train_loss`` and, with ``curve``, ``train_loss`` at every logged step.
+
+    A model with a training penalty (se3-acf's ``frame_penalty``) trains on the NLL estimate plus
+    that penalty, so its loss is not an NLL: the unit then says so, and ``train_penalty`` /
+    ``final_train_penalty`` record the penalty's share, so the NLL part is the difference.
+    """
+    if not result.history:
+        return []
+    penalised = any("penalty" in entry for entry in result.history)
+    unit = "nats, training estimator" + (" + training penalty (train_penalty)" if penalised else "")
+    last = result.history[-1]
+    records = [ctx.record("final_train_loss", last["loss"], unit)]
+    if penalised:
+        records.append(ctx.record("final_train_penalty", last.get("penalty", 0.0), "nats, the model's training penalty"))
+    if curve:
+        for entry in result.history:
+            step = int(entry["iteration"])
+            records.append(ctx.record("train_loss", entry["loss"], unit, step=step))
+            if penalised:
+                records.append(ctx.record("train_penalty", entry.get("penalty", 0.0),
+                                          "nats, the model's training penalty", step=step))
+    return records
+
+
 def train_flow(
     ctx: CellContext,
     flow: Flow,

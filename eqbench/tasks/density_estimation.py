@@ -66,6 +66,7 @@ from eqbench.tasks.common import (
     selection_records,
     split_detail,
     train_flow,
+    training_loss_records,
 )
 
 from eqbench.tasks.reporting import (
@@ -168,11 +169,7 @@ class DensityEstimation(Task):
                               - result.validation_wall_s, "s")]
         records += selection_records(ctx, result)
         records += guard_records(ctx, result)
-        if result.history:
-            records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats, training estimator"))
-            for entry in result.history:
-                records.append(ctx.record("train_loss", entry["loss"], "nats, training estimator",
-                                          step=int(entry["iteration"])))
+        records += training_loss_records(ctx, result)
         start = time.perf_counter()
         records += nll_records(ctx, flow, train[:p["n_train_eval"]], "nll_train")
         records += nll_records(ctx, flow, val, "nll_val")
@@ -332,10 +329,12 @@ def _report_section() -> TaskSection:
                     "(selected_iteration; 'best-validation': lowest exact NLL on the validation split, disjoint "
                     "from train and test). nll_test_k1_gap: for an importance-weighted NLL (real NVP, unit 'IW "
                     "estimate K=…'), the one-draw NLL minus the K-draw one. Sample quality: n_metric_samples "
-                    "flow samples of the scored model against the test split, not reweighted. "
+                    "flow samples of the scored model against the test split, not reweighted. final_train_loss / "
+                    "train_loss: the training objective; for a model trained with a penalty (se3-acf's "
+                    "frame_penalty) it includes it, and final_train_penalty / train_penalty give its share. "
                     + SAMPLE_METRIC_CONVENTION,
         metrics=("nll_train", "nll_val", "nll_test", "nll_test_k1_gap", "kl_test", "kl_test_stderr",
-                 "selected_iteration", "final_train_loss",
+                 "selected_iteration", "final_train_loss", "final_train_penalty",
                  "n_parameters", "energy_w1_flow", "energy_w2_flow", "dist_tv_flow", "coord_w2_flow",
                  "coord_w2_aligned_flow"),
         baseline=lambda r: r["table"] == "§7.4" or r["metric"] == "nll_test" or r["metric"] == "n_parameters",

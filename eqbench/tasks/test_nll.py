@@ -17,7 +17,8 @@ from typing import Any
 
 from eqbench.records import Record
 from eqbench.tasks.base import CellContext, Task
-from eqbench.tasks.common import check_finite, guard_records, mean_nll, nll_records, positive_int, train_flow
+from eqbench.tasks.common import (check_finite, guard_records, mean_nll, nll_records, positive_int, train_flow,
+                                  training_loss_records)
 
 __all__ = ["TestNLL", "TASK", "mean_nll"]
 
@@ -57,8 +58,7 @@ class TestNLL(Task):
         result = train_flow(ctx, flow, train, iterations=p["iterations"], batch_size=p["batch_size"],
                             augment=bool(p.get("augment", False)))
         ctx.keep_model(flow)
-        if result.history:
-            records.append(ctx.record("final_train_loss", result.history[-1]["loss"], "nats"))
+        records += training_loss_records(ctx, result, curve=False)
         records.append(ctx.record("fit_wall_s", time.perf_counter() - start + result.earlier_wall_s, "s"))
         records += guard_records(ctx, result)
         records += nll_records(ctx, flow, train, "nll_train")
