@@ -420,7 +420,8 @@ def build(system: ParticleSystem, config: Mapping[str, Any] | None = None) -> Au
     ``head_hidden`` ([64, 64]), ``bins`` (8), ``bound`` (10), ``transform`` (spline | affine),
     ``projection`` (cartesian), ``frame`` (right-handed | gram-schmidt), ``aux_scale`` and
     ``base_aux_scale`` (0.1), ``iw_draws`` (K = 20), ``init_scale`` (0.01), ``frame_penalty`` (0: off;
-    the authors' LJ-13 loss uses 10), ``dtype``.
+    the authors' LJ-13 loss uses 10; it acts only where a frame has two vectors to keep apart, so
+    in 3-D, or in 2-D with ``frame="gram-schmidt"``: a 2-D right-handed frame has one), ``dtype``.
 
     Example:
         >>> import eqbench
