@@ -338,17 +338,16 @@ def training_loss_records(ctx: CellContext, result: TrainResult, *, curve: bool 
         return []
     penalised = any("penalty" in entry for entry in result.history)
     unit = "nats, training estimator" + (" + training penalty (train_penalty)" if penalised else "")
+    penalty_unit = "nats, the model's training penalty"
     last = result.history[-1]
     records = [ctx.record("final_train_loss", last["loss"], unit)]
     if penalised:
-        records.append(ctx.record("final_train_penalty", last.get("penalty", 0.0), "nats, the model's training penalty"))
-    if curve:
-        for entry in result.history:
-            step = int(entry["iteration"])
-            records.append(ctx.record("train_loss", entry["loss"], unit, step=step))
-            if penalised:
-                records.append(ctx.record("train_penalty", entry.get("penalty", 0.0),
-                                          "nats, the model's training penalty", step=step))
+        records.append(ctx.record("final_train_penalty", last.get("penalty", 0.0), penalty_unit))
+    for entry in result.history if curve else ():
+        step = int(entry["iteration"])
+        records.append(ctx.record("train_loss", entry["loss"], unit, step=step))
+        if penalised:
+            records.append(ctx.record("train_penalty", entry.get("penalty", 0.0), penalty_unit, step=step))
     return records
 
 

@@ -425,8 +425,10 @@ def short_name(stat: Any, *, system: bool = False) -> str:
 
 def draw_curves(ax: Any, curves: pandas.DataFrame) -> None:
     """One line per settings key and seed of a stepped metric (a training curve) on ``ax``,
-    labelled ``<model> seed <n>``; a curve of one or two logged points gets markers so it shows."""
-    curves = with_settings(curves)
+    labelled ``<model> seed <n>``; a curve of one or two logged points gets markers so it shows.
+    Settings labels the caller derived from the whole table are kept (a subset could label them
+    differently)."""
+    curves = with_settings(curves) if "settings" not in curves.columns else curves
     for (_, seed), group in curves.groupby(["settings_key", "seed"], sort=True):
         group = group.sort_values("step")
         ax.plot(group["step"].astype(float), group["value"].astype(float), linewidth=1.0,
